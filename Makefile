@@ -1,0 +1,35 @@
+# pacsai — the README's two commands: `make demo` (the main job) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.pacsai-installed
+# The CPU wheel lies on disk here; elsewhere fall back to whatever torch the platform offers.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup demo test bench ui lab clean
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)" || $(PIP) install -q "torch>=2.2"
+	$(PIP) install -q -e ".[learning,viewer,test]"
+	$(PY) -m ipykernel install --sys-prefix --name pacsai --display-name "pacsai (Python 3)" >/dev/null
+	@touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/pacsai demo
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) benchmarks/run_all.py
+
+ui: setup
+	$(VENV)/bin/pacsai ui
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,3 @@
+from pacsai.cli import main
+
+raise SystemExit(main())

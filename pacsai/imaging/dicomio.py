@@ -1,0 +1,250 @@
+"""Low-level DICOM reading shared by every ``pacsai.imaging`` reader.
+
+A *source* is a folder, one file, a list of paths, or a list of :class:`pydicom.Dataset` (mixing paths and
+datasets is allowed). :func:`load_datasets` turns it into datasets, and every failure names the file and the fix:
+
+* a folder is read non-recursively; files that are not DICOM at all (``LICENSE``, a reference ``.nii.gz``) are
+  skipped and logged, because real exports carry such companions; a path named explicitly that is not DICOM is
+  an error;
+* files without the 128-byte preamble / ``DICM`` prefix but starting with a plausible group-0002/0008 element
+  (old ACR-NEMA-style exports, e.g. pydicom's ``rt_tiny/rtstruct.dcm``) are read with ``force=True``;
+* a truncated file raises :class:`pacsai.errors.DicomFileError` instead of yielding a silently short dataset
+  (pydicom returns whatever it parsed before the end of the file).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import pydicom
+from pydicom.dataelem import RawDataElement
+from pydicom.errors import InvalidDicomError
+
+from pacsai.errors import DicomFileError
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+Source = Union[PathLike, pydicom.Dataset, Iterable[Union[PathLike, pydicom.Dataset]]]
+
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+# First bytes of a preamble-less file: a (0002,xxxx) or (0008,xxxx) tag, little or big endian.
+_PLAUSIBLE_HEADS = (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08")
+
+
+def load_datasets(source: Source, *, stop_before_pixels: bool = False) -> list[pydicom.Dataset]:
+    """Read a folder, a file, a list of paths or a list of datasets into pydicom datasets.
+
+    Parameters
+    ----------
+    source
+        A folder (read non-recursively; non-DICOM companions are skipped), one file path, a dataset, or an
+        iterable of paths and/or datasets. Datasets are passed through unchanged.
+    stop_before_pixels
+        Stop reading each file before its pixel data (fast header-only reads).
+
+    Returns
+    -------
+    list of pydicom.Dataset
+        In file-name order for a folder, in the given order otherwise. Each dataset read from a file has
+        ``ds.filename`` set.
+
+    Raises
+    ------
+    DicomFileError
+        The source is empty or missing, an explicitly named file is not DICOM, or a file is truncated.
+    """
+    items = _expand(source)
+    datasets = []
+    for item in items:
+        if isinstance(item, pydicom.Dataset):
+            datasets.append(item)
+        else:
+            datasets.append(read_file(item, stop_before_pixels=stop_before_pixels))
+    return datasets
+
+
+def read_file(
+    path: PathLike, *, stop_before_pixels: bool = False, defer_size: int | str | None = None
+) -> pydicom.Dataset:
+    """Read one DICOM file, refusing non-DICOM and truncated files with a :class:`DicomFileError`.
+
+    Parameters
+    ----------
+    path
+        The file.
+    stop_before_pixels
+        Do not read the pixel data.
+    defer_size
+        Passed to :func:`pydicom.dcmread`: values larger than this are read only when accessed.
+    """
+    path = Path(path)
+    try:
+        force = not _has_dicm_prefix(path)
+        if force and not _plausible_preambleless(path):
+            raise DicomFileError(
+                f"{path} is not a DICOM file (no 'DICM' prefix at byte 128 and no DICOM element at its start); "
+                "remove it from the list or pass the folder so non-DICOM files are skipped"
+            )
+        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, defer_size=defer_size, force=force)
+    except DicomFileError:
+        raise
+    except FileNotFoundError as err:
+        raise DicomFileError(f"{path} does not exist; check the path") from err
+    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, struct.error) as err:
+        raise DicomFileError(
+            f"{path} cannot be parsed as DICOM ({type(err).__name__}: {err}); the file is probably truncated or "
+            "corrupt: fetch it again from the PACS"
+        ) from err
+    if force and len(ds) == 0:
+        raise DicomFileError(f"{path} parsed to an empty dataset; it is not DICOM")
+    _check_not_truncated(ds, path)
+    if "PixelData" in ds and "Rows" in ds and "BitsAllocated" in ds:
+        check_pixel_data(ds)
+    return ds
+
+
+def describe(ds: pydicom.Dataset) -> str:
+    """A short name for a dataset in messages: its file name if read from disk, else its SOP Instance UID."""
+    filename = getattr(ds, "filename", None)
+    if isinstance(filename, (str, os.PathLike)) and str(filename):
+        return str(filename)
+    uid = ds.get("SOPInstanceUID") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPInstanceUID", "")
+    return f"dataset {uid}" if uid else "an in-memory dataset without SOPInstanceUID"
+
+
+def expected_pixel_bytes(ds: pydicom.Dataset) -> int:
+    """Bytes of native (uncompressed) PixelData the image attributes call for, without the padding byte."""
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    frames = int(ds.get("NumberOfFrames") or 1)
+    samples = int(ds.get("SamplesPerPixel") or 1)
+    bits = int(ds.BitsAllocated)
+    total_bits = rows * cols * frames * samples * bits
+    return (total_bits + 7) // 8
+
+
+def check_pixel_data(ds: pydicom.Dataset) -> None:
+    """Raise :class:`DicomFileError` when native PixelData is shorter than Rows × Columns × frames needs.
+
+    Compressed (encapsulated) pixel data is checked by the decoder instead.
+    """
+    if "PixelData" not in ds:
+        raise DicomFileError(f"{describe(ds)} has no PixelData; it is not an image (or it is truncated)")
+    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if tsyntax is not None and tsyntax.is_compressed:
+        return
+    elem = ds.get_item("PixelData")
+    length = _value_length(elem)
+    if length is None:
+        return
+    expected = expected_pixel_bytes(ds)
+    if length < expected:
+        raise DicomFileError(
+            f"{describe(ds)}: PixelData has {length} bytes but Rows×Columns×frames×BitsAllocated needs {expected}; "
+            "the file is truncated or its group 0028 attributes are wrong: fetch it again from the PACS"
+        )
+
+
+def decode_pixels(ds: pydicom.Dataset) -> np.ndarray:
+    """``ds.pixel_array`` with decoder failures turned into a :class:`DicomFileError` naming the file."""
+    check_pixel_data(ds)
+    try:
+        return ds.pixel_array
+    except (ValueError, RuntimeError, NotImplementedError, AttributeError, OSError) as err:
+        tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
+        raise DicomFileError(
+            f"{describe(ds)}: pixel data cannot be decoded (transfer syntax {tsyntax}: {err}); for compressed "
+            "data install pylibjpeg with pylibjpeg-openjpeg/-libjpeg/-rle, otherwise the file is corrupt"
+        ) from err
+
+
+def _expand(source: Source) -> list[PathLike | pydicom.Dataset]:
+    if isinstance(source, pydicom.Dataset):
+        return [source]
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.is_dir():
+            return _folder_files(path)
+        if not path.exists():
+            raise DicomFileError(f"{path} does not exist; pass a folder, a DICOM file or a list of them")
+        return [path]
+    if isinstance(source, (bytes, bytearray)):
+        raise DicomFileError("raw bytes are not a DICOM source; wrap them in pydicom.dcmread(io.BytesIO(...))")
+    try:
+        items: Sequence[PathLike | pydicom.Dataset] = list(source)
+    except TypeError as err:
+        raise DicomFileError(
+            f"cannot read DICOM from a {type(source).__name__}; pass a folder, paths or pydicom datasets"
+        ) from err
+    if not items:
+        raise DicomFileError("the DICOM source is an empty list; pass at least one file or dataset")
+    for item in items:
+        if not isinstance(item, (str, os.PathLike, pydicom.Dataset)):
+            raise DicomFileError(
+                f"a DICOM source list may hold paths and pydicom datasets only, not {type(item).__name__}"
+            )
+    return list(items)
+
+
+def _folder_files(folder: Path) -> list[PathLike | pydicom.Dataset]:
+    entries = sorted(folder.iterdir())
+    files: list[PathLike | pydicom.Dataset] = []
+    skipped = []
+    for entry in entries:
+        if not entry.is_file() or entry.name.startswith("."):
+            continue
+        if _has_dicm_prefix(entry) or _plausible_preambleless(entry):
+            files.append(entry)
+        else:
+            skipped.append(entry.name)
+    if skipped:
+        logger.info("skipped %d non-DICOM file(s) in %s: %s", len(skipped), folder, ", ".join(skipped[:5]))
+    if not files:
+        subdirs = [e.name for e in entries if e.is_dir()]
+        hint = f" (it has subfolders {', '.join(subdirs[:5])}: pass one of them)" if subdirs else ""
+        raise DicomFileError(f"no DICOM files in folder {folder}{hint}")
+    return files
+
+
+def _has_dicm_prefix(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        head = fh.read(132)
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def _plausible_preambleless(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    return len(head) == 8 and head[:2] in _PLAUSIBLE_HEADS
+
+
+def _value_length(elem: object) -> int | None:
+    """Length in bytes of an element's value as read (None where it cannot be told without reading)."""
+    value = elem.value if hasattr(elem, "value") else None
+    if isinstance(value, (bytes, bytearray)):
+        return len(value)
+    return None
+
+
+def _check_not_truncated(ds: pydicom.Dataset, path: Path) -> None:
+    """pydicom stops quietly at the end of a file: check that the last element's value is complete."""
+    if not ds._dict:  # noqa: SLF001 - the raw (unconverted) elements are the only place the declared length lives
+        return
+    last = ds._dict[max(ds._dict)]  # noqa: SLF001
+    if not isinstance(last, RawDataElement) or last.length == _UNDEFINED_LENGTH:
+        return
+    if last.value is not None:
+        short = len(last.value) < last.length
+    else:  # deferred read: compare the declared end of the value with the file size
+        short = last.value_tell + last.length > os.path.getsize(path)
+    if short:
+        raise DicomFileError(
+            f"{path} is truncated: element {last.tag} declares {last.length} bytes but the file ends early; "
+            "fetch it again from the PACS"
+        )
