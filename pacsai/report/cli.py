@@ -1,0 +1,93 @@
+"""``pacsai report``: one patient's planning report, or a cohort's."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _kv(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    return key, value
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="per-patient treatment-planning report (HTML/PDF/metrics.json, optionally back to the PACS)",
+        description="Pull a patient's planning CT, structures, dose and prior study from the PACS, compute the "
+        "planning metrics and write report.ipynb/.html/.pdf and metrics.json. Research use only.",
+    )
+    p.add_argument("patient_id", nargs="?", help="PatientID (omit with --cohort)")
+    p.add_argument("--pacs", default=None, help="DICOMweb URL or file:// store (default: PACSAI_PACS_URL or ./pacs)")
+    p.add_argument("--study", default="", help="StudyInstanceUID (default: the latest study with a CT)")
+    p.add_argument("--structures-from", choices=("pacs", "model"), default="pacs")
+    p.add_argument("--model", default="", help="model URI, e.g. models:/demo-thorax@champion")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default reports/<PatientID>)")
+    p.add_argument("--push", action=argparse.BooleanOptionalAction, default=False,
+                   help="store SEG/RTSTRUCT/SR/PDF in the patient's study")
+    p.add_argument("--ctv-margin", type=float, default=5.0, help="GTV→CTV margin, mm")
+    p.add_argument("--ptv-margin", type=float, default=5.0, help="CTV→PTV margin, mm")
+    p.add_argument("--constraints", default="thorax", help="constraint set (site name or YAML path)")
+    p.add_argument("--prescription", type=float, default=60.0, help="prescription dose, Gy")
+    p.add_argument("--fractions", type=int, default=30)
+    p.add_argument("--no-track", action="store_true", help="do not log an MLflow run")
+    p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--cohort", action="store_true", help="report every patient matching -f filters")
+    p.add_argument("-f", "--filter", type=_kv, action="append", default=[], metavar="KEY=VALUE",
+                   help="study-level QIDO filter for --cohort (e.g. PatientID='SYN*')")
+    p.add_argument("--workers", type=int, default=1, help="parallel reports (process pool)")
+    p.add_argument("--dask", default=None, metavar="ADDRESS", help="run the cohort on a Dask cluster")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pacsai.errors import ReportError
+    from pacsai.report.params import validate_parameters
+
+    def params_for(patient_id: str, study: str = ""):
+        return validate_parameters(
+            patient_id=patient_id, study_uid=study, pacs_url=args.pacs or "",
+            structures_from=args.structures_from, model_uri=args.model,
+            ctv_margin_mm=args.ctv_margin, ptv_margin_mm=args.ptv_margin,
+            constraint_set=args.constraints, prescription_gy=args.prescription, fractions=args.fractions,
+            smoke=args.smoke,
+        )
+
+    if args.cohort:
+        from pacsai.pacs import connect
+        from pacsai.report.batch import cohort_patients, run_cohort
+
+        patients = cohort_patients(connect(args.pacs), dict(args.filter))
+        if not patients:
+            raise ReportError(f"no patients match {dict(args.filter)}; check the filters with `pacsai pacs search`")
+        table = run_cohort(
+            [params_for(p) for p in patients], out_root=args.out or Path("reports"), workers=args.workers,
+            dask_address=args.dask, push=args.push, track=not args.no_track,
+        )
+        print(table.to_string(index=False))
+        failed = table[~table.ok]
+        if not failed.empty:
+            print(f"{len(failed)} of {len(table)} reports failed; re-run them with "
+                  f"`pacsai report PATIENT_ID` ({', '.join(failed.patient_id)})", file=sys.stderr)
+            return 1
+        return 0
+    if not args.patient_id:
+        raise ReportError("give a PATIENT_ID, or --cohort with -f filters")
+    from pacsai.report.run import run_report
+
+    result = run_report(params_for(args.patient_id, args.study), out_dir=args.out, push=args.push,
+                        track=not args.no_track)
+    print(f"report:  {result.html}")
+    print(f"pdf:     {result.pdf or 'not written (no Chromium found)'}")
+    print(f"metrics: {result.metrics}")
+    if result.pushed:
+        print(f"pushed:  {len(result.pushed['objects'])} objects ({result.pushed['stored']} new, "
+              f"{result.pushed['already_present']} already present)")
+    if result.mlflow_run_id:
+        print(f"mlflow:  run {result.mlflow_run_id}")
+    print(f"time:    {result.seconds:.1f} s")
+    return 0

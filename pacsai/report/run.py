@@ -1,0 +1,156 @@
+"""One patient's report, end to end: papermill → report.ipynb/html/pdf + metrics.json → PACS and MLflow."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pacsai.errors import PacsaiError, ReportError
+from pacsai.report import render
+from pacsai.report.params import ReportParameters
+from pacsai.report.summary import MASKS_FILE, METRICS_FILE
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReportResult:
+    """Where one report went."""
+
+    patient_id: str
+    out_dir: Path
+    notebook: Path
+    html: Path
+    pdf: Path | None
+    metrics: Path
+    pushed: dict[str, Any] = field(default_factory=dict)
+    mlflow_run_id: str | None = None
+    seconds: float = 0.0
+
+
+def default_out_dir(patient_id: str, root: Path = Path("reports")) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in patient_id)
+    return root / safe
+
+
+def run_report(
+    params: ReportParameters,
+    *,
+    out_dir: Path | None = None,
+    push: bool = False,
+    track: bool = True,
+    pdf: bool = True,
+) -> ReportResult:
+    """Execute the report template for one patient and write report.ipynb, report.html, report.pdf, metrics.json.
+
+    Parameters
+    ----------
+    params
+        Validated report parameters (see :class:`ReportParameters`).
+    out_dir
+        Output folder; default ``reports/<PatientID>/<StudyInstanceUID>/`` (the study is known after the run).
+    push
+        Store RTSTRUCT/SEG (model contours), the TID1500 SR and the Encapsulated PDF in the patient's study.
+    track
+        Log an MLflow run (``pacsai.kind=report``), pseudonymised.
+    """
+    start = time.perf_counter()
+    staging = (out_dir or default_out_dir(params.patient_id)).resolve()
+    staging.mkdir(parents=True, exist_ok=True)
+    notebook = staging / "report.ipynb"
+    values = params.model_dump(mode="json")
+    for key in ("alpha_beta_tumour_gy", "alpha_beta_oar_gy"):
+        values.pop(key)  # template defaults; not papermill parameters
+    values["out_dir"] = str(staging)
+    render.execute(render.find_template(), notebook, values, cwd=staging)
+    metrics_path = staging / METRICS_FILE
+    if not metrics_path.is_file():
+        raise ReportError(f"the report notebook did not write {metrics_path}; see {notebook}")
+    html = render.to_html(notebook, staging / "report.html")
+    pdf_path = render.to_pdf(html, staging / "report.pdf") if pdf else None
+    metrics = json.loads(metrics_path.read_text())
+    pushed: dict[str, Any] = {}
+    if push:
+        pushed = push_results(params, staging, metrics, pdf_path)
+    run_id = _track(params, staging, metrics, pdf_path) if track else None
+    return ReportResult(
+        patient_id=params.patient_id,
+        out_dir=staging,
+        notebook=notebook,
+        html=html,
+        pdf=pdf_path,
+        metrics=metrics_path,
+        pushed=pushed,
+        mlflow_run_id=run_id,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def push_results(
+    params: ReportParameters, folder: Path, metrics: dict[str, Any], pdf_path: Path | None
+) -> dict[str, Any]:
+    """Build the DICOM outputs from a finished report folder and store them in the patient's study."""
+    from pacsai.imaging import read_series
+    from pacsai.imaging.dicomio import load_datasets
+    from pacsai.imaging.geometry import like
+    from pacsai.pacs import connect
+    from pacsai.report.outputs import build_outputs, push_outputs
+
+    pacs = connect(params.pacs_url or None)
+    ct_ref = next(i for i in metrics["provenance"]["inputs"] if i["modality"] == "CT")
+    paths = pacs.retrieve_series(ct_ref["study_instance_uid"], ct_ref["series_instance_uid"], progress=False)
+    source = load_datasets(paths)
+    image = read_series(source)
+    with np.load(folder / MASKS_FILE) as data:
+        masks = {name: like(image, data[name].astype(bool), name=name) for name in data.files}
+    from_model = params.structures_from == "model"
+    measurements = {}
+    dvh = metrics.get("dvh") or {}
+    for row in metrics["structures"]:
+        if row["volume_cc"] <= 0:
+            continue
+        name = row["name"]
+        measurements[name] = {
+            "volume_cc": row["volume_cc"],
+            "longest_diameter_mm": row["longest_diameter_mm"],
+            "mean_dose_gy": (dvh.get(name) or {}).get("mean_gy"),
+            "max_dose_gy": (dvh.get(name) or {}).get("max_gy"),
+        }
+    datasets = build_outputs(
+        source_images=source,
+        masks={k: v for k, v in masks.items() if k in measurements},
+        measurements=measurements,
+        pdf_bytes=pdf_path.read_bytes() if pdf_path else None,
+        model_info=metrics["provenance"].get("model") or {},
+        params=metrics["provenance"]["parameters"],
+        include_seg=True,
+        include_rtstruct=from_model,
+    )
+    summary = push_outputs(pacs, datasets)
+    result = {
+        "objects": [f"{ds.Modality} {ds.SOPInstanceUID}" for ds in datasets],
+        "stored": summary.stored,
+        "already_present": summary.already_present,
+        "failed": [list(f) for f in summary.failed],
+    }
+    if summary.failed:
+        raise ReportError(f"pushing the report's DICOM objects failed for: {summary.failed}")
+    return result
+
+
+def _track(params: ReportParameters, folder: Path, metrics: dict[str, Any], pdf_path: Path | None) -> str | None:
+    try:
+        from pacsai import tracking
+    except ImportError:  # pragma: no cover - tracking is part of the package
+        return None
+    try:
+        return tracking.log_report(params=params, folder=folder, metrics=metrics, pdf=pdf_path)
+    except PacsaiError as err:
+        log.warning("report not tracked in MLflow: %s", err)
+        return None
