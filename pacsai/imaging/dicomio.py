@@ -19,7 +19,6 @@ import os
 import struct
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import pydicom
@@ -30,10 +29,11 @@ from pacsai.errors import DicomFileError
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, "os.PathLike[str]"]
-Source = Union[PathLike, pydicom.Dataset, Iterable[Union[PathLike, pydicom.Dataset]]]
+PathLike = str | os.PathLike[str]
+Source = PathLike | pydicom.Dataset | Iterable[PathLike | pydicom.Dataset]
 
 _UNDEFINED_LENGTH = 0xFFFFFFFF
+_PIXEL_DATA_TAG = pydicom.tag.Tag("PixelData")
 # First bytes of a preamble-less file: a (0002,xxxx) or (0008,xxxx) tag, little or big endian.
 _PLAUSIBLE_HEADS = (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08")
 
@@ -60,7 +60,7 @@ def load_datasets(source: Source, *, stop_before_pixels: bool = False) -> list[p
     DicomFileError
         The source is empty or missing, an explicitly named file is not DICOM, or a file is truncated.
     """
-    items = _expand(source)
+    items = expand_source(source)
     datasets = []
     for item in items:
         if isinstance(item, pydicom.Dataset):
@@ -85,14 +85,22 @@ def read_file(
         Passed to :func:`pydicom.dcmread`: values larger than this are read only when accessed.
     """
     path = Path(path)
+    force = False
     try:
-        force = not _has_dicm_prefix(path)
-        if force and not _plausible_preambleless(path):
-            raise DicomFileError(
-                f"{path} is not a DICOM file (no 'DICM' prefix at byte 128 and no DICOM element at its start); "
-                "remove it from the list or pass the folder so non-DICOM files are skipped"
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, defer_size=defer_size)
+        except InvalidDicomError:
+            # No preamble/'DICM': accept only files that start like a DICOM element (pydicom with force=True
+            # would otherwise "parse" any text file into garbage).
+            if not _plausible_preambleless(path):
+                raise DicomFileError(
+                    f"{path} is not a DICOM file (no 'DICM' prefix at byte 128 and no DICOM element at its "
+                    "start); remove it from the list or pass the folder so non-DICOM files are skipped"
+                ) from None
+            force = True
+            ds = pydicom.dcmread(
+                path, stop_before_pixels=stop_before_pixels, defer_size=defer_size, force=True
             )
-        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, defer_size=defer_size, force=force)
     except DicomFileError:
         raise
     except FileNotFoundError as err:
@@ -105,7 +113,8 @@ def read_file(
     if force and len(ds) == 0:
         raise DicomFileError(f"{path} parsed to an empty dataset; it is not DICOM")
     _check_not_truncated(ds, path)
-    if "PixelData" in ds and "Rows" in ds and "BitsAllocated" in ds:
+    pixel_elem = ds._dict.get(_PIXEL_DATA_TAG)  # peek without reading a deferred value
+    if getattr(pixel_elem, "value", None) is not None and "Rows" in ds and "BitsAllocated" in ds:
         check_pixel_data(ds)
     return ds
 
@@ -115,7 +124,9 @@ def describe(ds: pydicom.Dataset) -> str:
     filename = getattr(ds, "filename", None)
     if isinstance(filename, (str, os.PathLike)) and str(filename):
         return str(filename)
-    uid = ds.get("SOPInstanceUID") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPInstanceUID", "")
+    uid = ds.get("SOPInstanceUID") or getattr(
+        getattr(ds, "file_meta", None), "MediaStorageSOPInstanceUID", ""
+    )
     return f"dataset {uid}" if uid else "an in-memory dataset without SOPInstanceUID"
 
 
@@ -164,7 +175,8 @@ def decode_pixels(ds: pydicom.Dataset) -> np.ndarray:
         ) from err
 
 
-def _expand(source: Source) -> list[PathLike | pydicom.Dataset]:
+def expand_source(source: Source) -> list[PathLike | pydicom.Dataset]:
+    """The files (non-DICOM folder companions dropped) and datasets a source stands for, without reading them."""
     if isinstance(source, pydicom.Dataset):
         return [source]
     if isinstance(source, (str, os.PathLike)):
@@ -175,7 +187,9 @@ def _expand(source: Source) -> list[PathLike | pydicom.Dataset]:
             raise DicomFileError(f"{path} does not exist; pass a folder, a DICOM file or a list of them")
         return [path]
     if isinstance(source, (bytes, bytearray)):
-        raise DicomFileError("raw bytes are not a DICOM source; wrap them in pydicom.dcmread(io.BytesIO(...))")
+        raise DicomFileError(
+            "raw bytes are not a DICOM source; wrap them in pydicom.dcmread(io.BytesIO(...))"
+        )
     try:
         items: Sequence[PathLike | pydicom.Dataset] = list(source)
     except TypeError as err:
@@ -234,9 +248,9 @@ def _value_length(elem: object) -> int | None:
 
 def _check_not_truncated(ds: pydicom.Dataset, path: Path) -> None:
     """pydicom stops quietly at the end of a file: check that the last element's value is complete."""
-    if not ds._dict:  # noqa: SLF001 - the raw (unconverted) elements are the only place the declared length lives
+    if not ds._dict:  # the raw (unconverted) elements are the only place the declared length lives
         return
-    last = ds._dict[max(ds._dict)]  # noqa: SLF001
+    last = ds._dict[max(ds._dict)]
     if not isinstance(last, RawDataElement) or last.length == _UNDEFINED_LENGTH:
         return
     if last.value is not None:

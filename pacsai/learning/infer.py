@@ -1,0 +1,228 @@
+"""Segment a volume with a registered model: sliding-window inference, masks back on the input grid exactly.
+
+The model's MLflow metadata (``metadata["pacsai"]``, written by :func:`pacsai.learning.train.log_model`) says how
+it was trained; :func:`segment` repeats that preprocessing (:func:`pacsai.learning.dataset.preprocess_image`),
+runs the network on the training grid, and maps each structure's probability back onto the input grid by
+trilinear interpolation (label-probability resampling) before thresholding at 0.5. The returned masks have the
+input's shape and affine, whatever its spacing or orientation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import xarray as xr
+
+from pacsai.errors import TrackingError, VolumeError
+from pacsai.imaging.geometry import affine_of, like
+from pacsai.learning.dataset import PreprocessSpec, match_structures, preprocess_image, sample
+from pacsai.learning.train import Head, predict_probabilities
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedModel:
+    """A network with the metadata needed to apply it."""
+
+    net: torch.nn.Module
+    spec: PreprocessSpec
+    patch_size: tuple[int, int, int]
+    overlap: float
+    uri: str
+    head: Head
+
+
+def load_model(model: str, *, device: str | torch.device | None = None, settings: Any = None) -> LoadedModel:
+    """Load a model logged by pacsai from ``models:/name@alias``, ``models:/name/3`` or ``runs:/ID/model``."""
+    from pacsai import tracking
+
+    mlflow = tracking._mlflow()
+    uri = tracking.tracking_uri(settings=settings)
+    dev = (
+        torch.device(device)
+        if device is not None
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    try:
+        with tracking.using_store(uri):
+            import mlflow.pytorch
+
+            info = mlflow.models.get_model_info(model)
+            net = mlflow.pytorch.load_model(model, map_location=dev)
+    except Exception as err:
+        raise TrackingError(
+            f"cannot load model {model} from {uri}: {err}; check the URI (pacsai ui lists registered models)"
+        ) from err
+    meta = (info.metadata or {}).get("pacsai")
+    if not meta:
+        raise TrackingError(
+            f"model {model} has no pacsai metadata (preprocessing); it was not logged by pacsai"
+        )
+    spec = PreprocessSpec.from_dict(meta["preprocess"])
+    return LoadedModel(
+        net=net.to(dev).eval(),
+        spec=spec,
+        head=Head.from_dict(meta.get("head") or {}, spec.structures),
+        patch_size=tuple(int(p) for p in meta["patch_size"]),  # type: ignore[arg-type]
+        overlap=float(meta.get("overlap", 0.25)),
+        uri=model,
+    )
+
+
+def _device(net: torch.nn.Module) -> torch.device:
+    return next(net.parameters()).device
+
+
+def segment(
+    volume: xr.DataArray,
+    *,
+    model: str | LoadedModel,
+    structures: Sequence[str] | None = None,
+    return_uncertainty: bool = False,
+    threshold: float = 0.5,
+    settings: Any = None,
+) -> dict[str, xr.DataArray] | tuple[dict[str, xr.DataArray], dict[str, xr.DataArray]]:
+    """Segment ``volume`` (HU) → ``{structure: bool mask}`` on ``volume``'s grid.
+
+    Parameters
+    ----------
+    volume
+        The image, a pacsai volume (dims z, y, x; ``attrs["affine"]``) in HU.
+    model
+        A model URI (``models:/name@champion``, ``models:/name/3``, ``runs:/RUN/model``) or a
+        :class:`LoadedModel` (to reuse one across many volumes).
+    structures
+        Subset of the model's structures to return; default all.
+    return_uncertainty
+        Also return, per structure, a test-time-augmentation uncertainty map on the input grid: the
+        standard deviation of the probability over the plain prediction and flips along the
+        cranio-caudal (z) and antero-posterior (y) axes (no left-right flip: the model knows left from right).
+    threshold
+        Probability at or above which a voxel is inside.
+    settings
+        Settings (tracking URI); default :func:`pacsai.load_settings`.
+
+    Returns
+    -------
+    dict, or (dict, dict) with ``return_uncertainty``
+        Boolean masks (and float32 uncertainty maps) with exactly ``volume``'s shape and affine.
+    """
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, settings=settings)
+    names = list(loaded.spec.structures)
+    wanted = list(structures) if structures is not None else names
+    unknown = [s for s in wanted if s not in names]
+    if unknown:
+        raise VolumeError(f"model {loaded.uri} does not segment {unknown}; it knows {names}")
+    if volume.ndim != 3:
+        raise VolumeError(f"segment needs a 3D volume (z, y, x); got dims {volume.dims}")
+    image, _ = preprocess_image(volume, loaded.spec)
+    device = _device(loaded.net)
+    x = image.values[None]
+    probs = predict_probabilities(
+        loaded.net, x, patch_size=loaded.patch_size, device=device, overlap=loaded.overlap, head=loaded.head
+    )
+    spread = None
+    if return_uncertainty:
+        stack = [probs]
+        for axis in (1, 2):  # (C, z, y, x): flip z, then y
+            flipped = np.flip(x, axis=axis).copy()
+            p = predict_probabilities(
+                loaded.net,
+                flipped,
+                patch_size=loaded.patch_size,
+                device=device,
+                overlap=loaded.overlap,
+                head=loaded.head,
+            )
+            stack.append(np.flip(p, axis=axis))
+        spread = np.std(np.stack(stack), axis=0)
+        probs = np.mean(np.stack(stack), axis=0)
+    src, dst = affine_of(image), affine_of(volume)
+    masks: dict[str, xr.DataArray] = {}
+    uncertainty: dict[str, xr.DataArray] = {}
+    for name in wanted:
+        c = names.index(name)
+        prob = _to_input_grid(probs[c], src, dst, volume.shape)
+        masks[name] = like(volume, prob >= threshold, name=name, source_model=loaded.uri)
+        if spread is not None:
+            unc = _to_input_grid(spread[c], src, dst, volume.shape).astype(np.float32)
+            uncertainty[name] = like(volume, unc, name=f"{name}_uncertainty", source_model=loaded.uri)
+    if return_uncertainty:
+        return masks, uncertainty
+    return masks
+
+
+def _to_input_grid(
+    prob: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray, dst_shape: tuple[int, ...]
+) -> np.ndarray:
+    """Trilinear probability on the training grid → the input grid (0 outside the training crop).
+
+    Only the block of the input grid that the crop covers is interpolated: a 512×512 CT has far more
+    voxels outside the body box than inside.
+    """
+    out = np.zeros(dst_shape, dtype=np.float32)
+    nz, ny, nx = prob.shape
+    corners = np.array([[i, j, k, 1.0] for i in (-1, nx) for j in (-1, ny) for k in (-1, nz)])
+    to_dst = np.linalg.inv(dst_affine) @ src_affine
+    ijk = (corners @ to_dst.T)[:, :3]
+    lo = np.clip(np.floor(ijk.min(axis=0)).astype(int), 0, None)
+    hi = np.minimum(np.ceil(ijk.max(axis=0)).astype(int) + 1, np.array(dst_shape[::-1]))
+    if np.any(hi <= lo):
+        return out
+    block = dst_affine.copy()
+    block[:3, 3] = (dst_affine @ np.array([lo[0], lo[1], lo[2], 1.0]))[:3]
+    shape = (int(hi[2] - lo[2]), int(hi[1] - lo[1]), int(hi[0] - lo[0]))
+    out[lo[2] : hi[2], lo[1] : hi[1], lo[0] : hi[0]] = sample(
+        prob.astype(np.float32), src_affine, block, shape, order=1, cval=0.0
+    )
+    return out
+
+
+def evaluate_cohort(
+    pacs: Any,
+    cohort: Any,
+    *,
+    model: str | LoadedModel,
+    tolerance_mm: float = 2.0,
+    settings: Any = None,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Segment every image series of ``cohort`` and compare with its RTSTRUCT on the series' own grid.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per series × structure (:func:`pacsai.learning.evaluate.evaluate_structures` columns),
+        ``patient`` as in the cohort table (pass a pseudonymised cohort where the table goes to MLflow).
+    """
+    from tqdm.auto import tqdm
+
+    from pacsai.learning.dataset import load_reference
+    from pacsai.learning.evaluate import evaluate_structures
+
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, settings=settings)
+    tables = []
+    for row in tqdm(list(cohort.table.itertuples()), desc="evaluate", unit="series", disable=not progress):
+        available = match_structures(row.roi_names, loaded.spec.structures) if len(row.roi_names) else {}
+        wanted = [s for s in loaded.spec.structures if s in available] or list(loaded.spec.structures)
+        volume, truth = load_reference(pacs, row, wanted)
+        pred = segment(volume, model=loaded, structures=wanted)
+        tables.append(
+            evaluate_structures(pred, truth, tolerance_mm=tolerance_mm, patient=str(row.patient_id))
+        )
+    return pd.concat(tables, ignore_index=True)
+
+
+def segment_many(
+    volumes: Mapping[str, xr.DataArray], *, model: str, settings: Any = None, **options: Any
+) -> dict[str, dict[str, xr.DataArray]]:
+    """:func:`segment` for several volumes, loading the model once."""
+    loaded = load_model(model, settings=settings)
+    return {key: segment(vol, model=loaded, **options) for key, vol in volumes.items()}  # type: ignore[misc]

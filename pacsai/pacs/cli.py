@@ -1,0 +1,213 @@
+"""``pacsai pacs ping|search|pull|push``: talk to a PACS from the command line.
+
+Exit code 0 only on full success. Errors are one line on stderr (``pacsai.cli`` turns :class:`PacsaiError`
+into that). The password is read only from the environment or ``.env`` (``PACSAI_PACS_PASSWORD``), never from
+the command line, where other users could see it in the process list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from pacsai.errors import PacsError
+
+LEVEL_COLUMNS = {
+    "studies": [
+        "PatientID",
+        "PatientName",
+        "StudyDate",
+        "ModalitiesInStudy",
+        "StudyDescription",
+        "StudyInstanceUID",
+    ],
+    "series": [
+        "PatientID",
+        "StudyDate",
+        "Modality",
+        "SeriesNumber",
+        "SeriesDescription",
+        "SeriesInstanceUID",
+    ],
+    "instances": ["PatientID", "Modality", "InstanceNumber", "SOPInstanceUID"],
+}
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``pacs`` verb and its sub-verbs to the ``pacsai`` parser."""
+    parser = subparsers.add_parser(
+        "pacs",
+        help="talk to a PACS: ping, search, pull, push",
+        description="Talk to a DICOMweb PACS (--pacs URL) or the embedded store (default file://./pacs). "
+        "The password comes only from PACSAI_PACS_PASSWORD (environment or .env).",
+    )
+    sub = parser.add_subparsers(dest="pacs_verb", metavar="SUBVERB", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--pacs", metavar="URL", help="DICOMweb base URL or file://FOLDER (default PACSAI_PACS_URL)"
+        )
+        p.add_argument("--user", help="user for HTTP basic authentication (default PACSAI_PACS_USER)")
+        p.add_argument("--ca-bundle", metavar="FILE", help="CA bundle for the server's TLS certificate")
+        p.add_argument(
+            "--insecure", action="store_true", help="do not verify TLS certificates (testing only)"
+        )
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    ping = sub.add_parser("ping", help="check that the PACS answers and accepts the credentials")
+    common(ping)
+    ping.set_defaults(func=_ping)
+
+    search = sub.add_parser("search", help="search studies, series or instances")
+    common(search)
+    search.add_argument("--level", choices=["studies", "series", "instances"], default="studies")
+    search.add_argument(
+        "-f",
+        "--filter",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="filter by DICOM keyword, e.g. -f PatientID='STS*' -f StudyDate=20240101-20241231 (repeatable)",
+    )
+    search.add_argument(
+        "--json", action="store_true", help="print a JSON array of objects keyed by DICOM keyword"
+    )
+    search.set_defaults(func=_search)
+
+    pull = sub.add_parser("pull", help="retrieve a study or series into a folder")
+    common(pull)
+    pull.add_argument("--study", required=True, metavar="UID", help="StudyInstanceUID")
+    pull.add_argument(
+        "--series", metavar="UID", help="SeriesInstanceUID (default: every series of the study)"
+    )
+    pull.add_argument(
+        "--out", required=True, type=Path, metavar="DIR", help="folder; files go to DIR/<series>/"
+    )
+    pull.set_defaults(func=_pull)
+
+    push = sub.add_parser("push", help="store files and folders (recursively) on the PACS")
+    common(push)
+    push.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    push.set_defaults(func=_push)
+
+
+def _connect(args: argparse.Namespace) -> Any:
+    from pacsai.pacs import connect
+
+    if not getattr(args, "verbose", 0):
+        # urllib3 logs every retry at WARNING; the user gets one line saying what failed (pacsai -v shows them).
+        logging.getLogger("urllib3").setLevel(logging.ERROR)
+
+    return connect(
+        args.pacs,
+        user=args.user,
+        ca_bundle=args.ca_bundle,
+        verify=False if args.insecure else None,
+    )
+
+
+def _ping(args: argparse.Namespace) -> int:
+    with _connect(args) as pacs:
+        seconds = pacs.ping()
+        print(f"ok: {pacs.url} answered in {seconds * 1000:.0f} ms")
+    return 0
+
+
+def parse_filters(items: list[str]) -> dict[str, str]:
+    """``["KEY=VALUE", ...]`` → ``{KEY: VALUE}``; a malformed item raises :class:`PacsError`."""
+    filters: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise PacsError(f"filter {item!r} is not KEY=VALUE; e.g. -f PatientID='STS*'")
+        filters[key.strip()] = value
+    return filters
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    try:
+        import pandas as pd
+
+        if value is pd.NA:
+            return None
+    except ImportError:  # pragma: no cover
+        pass
+    return value
+
+
+def _search(args: argparse.Namespace) -> int:
+    filters = parse_filters(args.filter)
+    with _connect(args) as pacs:
+        frame = getattr(pacs, f"search_{args.level}")(**filters)
+    if args.json:
+        rows = [{k: _jsonable(v) for k, v in row.items()} for row in frame.to_dict(orient="records")]
+        json.dump(rows, sys.stdout)
+        sys.stdout.write("\n")
+        return 0
+    if frame.empty:
+        print(f"no {args.level} match", file=sys.stderr)
+        return 0
+    columns = [c for c in LEVEL_COLUMNS[args.level] if c in frame.columns]
+    with _pandas_display():
+        print(frame[columns].to_string(index=False))
+    return 0
+
+
+class _pandas_display:
+    def __enter__(self) -> None:
+        import pandas as pd
+
+        self._ctx = pd.option_context(
+            "display.width", shutil.get_terminal_size((160, 20)).columns, "display.max_colwidth", 70
+        )
+        self._ctx.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._ctx.__exit__(*exc)
+
+
+def _pull(args: argparse.Namespace) -> int:
+    progress = not args.no_progress
+    with _connect(args) as pacs:
+        if args.series:
+            series = {args.series: pacs.retrieve_series(args.study, args.series, progress=progress)}
+        else:
+            series = pacs.retrieve_study(args.study, progress=progress)
+    total = 0
+    for series_uid, paths in series.items():
+        folder = args.out / series_uid
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise PacsError(f"cannot create {folder}: {err}; pick a writable --out folder") from err
+        for path in paths:
+            target = folder / path.name
+            tmp = folder / f".{path.name}.part"
+            # A copy, not a link: editing the output must never change the shared cache.
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, target)
+            total += 1
+    print(f"pulled {total} instance(s) in {len(series)} series into {args.out}")
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    with _connect(args) as pacs:
+        summary = pacs.store(args.paths, progress=not args.no_progress)
+    print(summary)
+    return 0 if summary.ok else 1

@@ -1,0 +1,542 @@
+"""Dose-volume histograms, DVH metrics and plan quality indices.
+
+Definitions (DESIGN.md, "Clinical definitions"; ICRU 83 for the notation):
+
+* cumulative DVH: V(D) = volume of the structure receiving a dose ≥ D;
+* Dmean, Dmin, Dmax over the structure (Gy); D0.03cc is reported as the near-maximum;
+* Dx% = the minimum dose to the hottest x % of the volume, i.e. the largest D with V(D) ≥ x % (D98, D95, D50, D2);
+  Dcc likewise with an absolute volume;
+* Vx = volume receiving ≥ x Gy, in % of the structure and in cm³;
+* coverage = V95% of the PTV; homogeneity index (ICRU 83) HI = (D2 − D98) / D50;
+* conformity: RTOG CI = V_RI / TV; Paddick CI = TV_PIV² / (TV · PIV); gradient index GI = PIV50% / PIV100%.
+
+How the dose reaches the structure (stated in :attr:`DVH.method`): when the dose and the mask share a grid, the
+dose of each mask voxel is used as is. Otherwise the dose grid is interpolated trilinearly (in patient
+coordinates, through both affines) at the centre of every mask voxel, and every voxel on the structure's
+surface is sub-sampled on an s×s×s lattice of points (default s = 2, equal weights): dose gradients are steepest
+at target edges, and a finer structure grid (e.g. contours rasterised on the CT grid) should see the dose vary
+within its edge voxels. Mask voxels outside the dose grid get 0 Gy with a :class:`~pacsai.errors.PacsaiWarning`.
+
+Statistics: mean, min and max are exact over the samples; Dx/Dcc/Vx are computed from the samples quantised to
+``resolution`` (0.1 mGy by default, far below any clinical relevance) so that a DVH of millions of voxels stays
+small; :meth:`DVH.curve` bins the cumulative DVH (0.01 Gy by default) for plotting.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+import xarray as xr
+from scipy import ndimage
+
+from pacsai.errors import PacsaiWarning, PlanningError
+from pacsai.imaging.geometry import affine_of, same_grid, voxel_volume_cc
+
+logger = logging.getLogger(__name__)
+
+Method = Literal["auto", "voxel", "centre", "supersample"]
+
+_REL_TOL = 1e-9  # relative slack on volume comparisons (sums of float weights)
+_DENSE_LEVELS = 20_000_000  # dose levels (2000 Gy at 0.1 mGy) up to which the histogram is a dense bincount
+_CHUNK = 1_000_000  # sample points per interpolation call: bounds memory on whole-body structures
+
+
+class DVH:
+    """Cumulative dose-volume histogram of one structure (Gy, cm³).
+
+    Build with :func:`dvh` (from a dose grid and a mask) or :meth:`from_samples`. All doses are in Gy.
+
+    Attributes
+    ----------
+    name
+        Structure name.
+    method
+        How the dose was mapped onto the structure (human-readable, for the report).
+    volume_cc
+        Structure volume (cm³) = sum of the sample weights.
+    mean, min, max
+        Exact Dmean, Dmin, Dmax (Gy).
+    resolution
+        Dose quantisation of the histogram (Gy).
+    """
+
+    __slots__ = ("_cum", "_q", "max", "mean", "method", "min", "name", "resolution", "volume_cc")
+
+    def __init__(
+        self,
+        quantised: np.ndarray,
+        volumes_cc: np.ndarray,
+        *,
+        name: str,
+        method: str,
+        mean: float,
+        min: float,
+        max: float,
+        resolution: float,
+    ) -> None:
+        self._q = np.asarray(quantised, dtype=np.int64)
+        weights = np.asarray(volumes_cc, dtype=float)
+        # _cum[i] = volume receiving ≥ _q[i] (the cumulative DVH at each distinct dose).
+        self._cum = np.cumsum(weights[::-1])[::-1]
+        self.name = name
+        self.method = method
+        self.volume_cc = float(self._cum[0]) if self._cum.size else 0.0
+        self.mean = float(mean)
+        self.min = float(min)
+        self.max = float(max)
+        self.resolution = float(resolution)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_samples(
+        cls,
+        doses_gy: np.ndarray,
+        volumes_cc: np.ndarray | float,
+        *,
+        name: str = "structure",
+        method: str = "samples",
+        resolution: float = 1e-4,
+    ) -> DVH:
+        """A DVH from dose samples and the volume each represents.
+
+        Parameters
+        ----------
+        doses_gy
+            Dose at each sample point (Gy).
+        volumes_cc
+            Volume of each sample (cm³), or one value for all.
+        name, method
+            Stored as is.
+        resolution
+            Dose quantisation for Dx/Vx (Gy).
+
+        Raises
+        ------
+        PlanningError
+            No samples, non-finite doses, or negative volumes.
+        """
+        doses = np.asarray(doses_gy, dtype=float).ravel()
+        weights = np.broadcast_to(np.asarray(volumes_cc, dtype=float), doses.shape).ravel()
+        if doses.size == 0:
+            raise PlanningError(f"structure {name!r} is empty: no DVH can be computed")
+        if not np.all(np.isfinite(doses)):
+            raise PlanningError(f"dose samples of {name!r} contain NaN/inf; check the dose grid")
+        if np.any(weights < 0) or not resolution > 0:
+            raise PlanningError(f"volumes must be ≥ 0 and resolution > 0 for {name!r}")
+        total = float(weights.sum())
+        if total <= 0:
+            raise PlanningError(f"structure {name!r} has zero volume: no DVH can be computed")
+        q = np.rint(doses / resolution).astype(np.int64)
+        lo, hi = int(q.min()), int(q.max())
+        if hi - lo <= _DENSE_LEVELS:
+            # Dose levels are bounded integers: a dense bincount is O(N), unlike the sort inside unique().
+            dense = np.bincount(q - lo, weights=weights, minlength=hi - lo + 1)
+            levels = np.flatnonzero(dense)
+            uniq, binned = levels + lo, dense[levels]
+        else:
+            uniq, inverse = np.unique(q, return_inverse=True)
+            binned = np.bincount(inverse.ravel(), weights=weights, minlength=uniq.size)
+        return cls(
+            uniq,
+            binned,
+            name=name,
+            method=method,
+            mean=float(np.dot(doses, weights) / total),
+            min=float(doses.min()),
+            max=float(doses.max()),
+            resolution=resolution,
+        )
+
+    # ------------------------------------------------------------------ metrics
+    @property
+    def doses(self) -> np.ndarray:
+        """Distinct (quantised) doses, ascending (Gy)."""
+        return self._q * self.resolution
+
+    @property
+    def cumulative_cc(self) -> np.ndarray:
+        """Volume receiving ≥ each of :attr:`doses` (cm³), non-increasing."""
+        return self._cum.copy()
+
+    @property
+    def level_volumes_cc(self) -> np.ndarray:
+        """Volume at each distinct dose level of :attr:`doses` (cm³): the differential DVH."""
+        return self._cum - np.append(self._cum[1:], 0.0)
+
+    def _last_at_least(self, volume_cc: float) -> int:
+        """Index of the highest dose whose cumulative volume is ≥ ``volume_cc`` (with float slack)."""
+        target = volume_cc - _REL_TOL * self.volume_cc
+        # _cum is non-increasing: count entries ≥ target.
+        return int(np.searchsorted(-self._cum, -target, side="right")) - 1
+
+    def d(self, percent: float) -> float:
+        """Dx%: the minimum dose to the hottest ``percent`` % of the volume (Gy).
+
+        ``d(0)`` is the maximum and ``d(100)`` the minimum (to the histogram's resolution).
+
+        Raises
+        ------
+        PlanningError
+            ``percent`` outside [0, 100].
+        """
+        if not 0 <= percent <= 100:
+            raise PlanningError(f"D{percent}%: the volume must be within 0–100 %")
+        if percent == 0:
+            return float(self._q[-1] * self.resolution)
+        return float(self._q[self._last_at_least(percent / 100.0 * self.volume_cc)] * self.resolution)
+
+    def d_cc(self, cc: float) -> float:
+        """Dcc: the minimum dose to the hottest ``cc`` cm³ (Gy); ``d_cc(0.03)`` is the near-maximum D0.03cc.
+
+        Warns (and returns the minimum) where the structure is smaller than ``cc``.
+        """
+        if cc < 0:
+            raise PlanningError(f"D{cc}cc: the volume must be ≥ 0 cm³")
+        if cc > self.volume_cc * (1 + _REL_TOL):
+            warnings.warn(
+                f"{self.name!r} ({self.volume_cc:.4g} cm³) is smaller than {cc} cm³: D{cc}cc is its minimum dose",
+                PacsaiWarning,
+                stacklevel=2,
+            )
+            return float(self._q[0] * self.resolution)
+        if cc == 0:
+            return float(self._q[-1] * self.resolution)
+        return float(self._q[self._last_at_least(cc)] * self.resolution)
+
+    def v_cc(self, dose_gy: float) -> float:
+        """Vx in cm³: the volume receiving ≥ ``dose_gy``."""
+        # A threshold within float noise of a histogram level counts that level as reached.
+        threshold = math.ceil(dose_gy / self.resolution - 1e-6)
+        idx = int(np.searchsorted(self._q, threshold, side="left"))
+        return float(self._cum[idx]) if idx < self._cum.size else 0.0
+
+    def v(self, dose_gy: float) -> float:
+        """Vx in % of the structure volume: the volume receiving ≥ ``dose_gy``."""
+        return 100.0 * self.v_cc(dose_gy) / self.volume_cc
+
+    def curve(self, *, bin_width: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+        """Cumulative DVH for plotting: (dose bins from 0 Gy, volume % receiving ≥ each bin)."""
+        if not bin_width > 0:
+            raise PlanningError("bin_width must be > 0 Gy")
+        bins = np.arange(0.0, self.max + bin_width, bin_width)
+        thresholds = np.ceil(bins / self.resolution - 1e-6).astype(np.int64)
+        idx = np.searchsorted(self._q, thresholds, side="left")
+        cum = np.append(self._cum, 0.0)[idx]
+        return bins, 100.0 * cum / self.volume_cc
+
+    def to_dict(self) -> dict[str, Any]:
+        """The standard metrics: mean/min/max, D98/D95/D50/D2, D0.03cc (all Gy), volume_cc, method."""
+        with warnings.catch_warnings():
+            warnings.simplefilter(
+                "ignore", PacsaiWarning
+            )  # a < 0.03 cm³ structure: D0.03cc = min, stated here
+            near_max = self.d_cc(0.03)
+        return {
+            "name": self.name,
+            "volume_cc": self.volume_cc,
+            "mean_gy": self.mean,
+            "min_gy": self.min,
+            "max_gy": self.max,
+            "d98_gy": self.d(98),
+            "d95_gy": self.d(95),
+            "d50_gy": self.d(50),
+            "d2_gy": self.d(2),
+            "d0_03cc_gy": near_max,
+            "method": self.method,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"DVH({self.name!r}, {self.volume_cc:.2f} cm³, mean {self.mean:.3f} Gy, "
+            f"min {self.min:.3f} Gy, max {self.max:.3f} Gy)"
+        )
+
+
+# --------------------------------------------------------------------------------------------- sampling
+def _sample(dose: np.ndarray, kji: np.ndarray) -> tuple[np.ndarray, int]:
+    """Trilinear dose at fractional (k, j, i) points (3, N); points beyond half a voxel outside → 0 Gy.
+
+    Returns the values and how many points fell outside.
+    """
+    shape = np.asarray(dose.shape, dtype=float)[:, None]
+    outside = np.any((kji < -0.5) | (kji > shape - 0.5), axis=0)
+    # Within the outer half voxel the nearest edge value is used (mode="nearest"), as a TPS does.
+    values = ndimage.map_coordinates(dose, kji, order=1, mode="nearest", prefilter=False)
+    values[outside] = 0.0
+    return values, int(outside.sum())
+
+
+def _supersample_offsets(s: int) -> np.ndarray:
+    """(s³, 3) sub-voxel offsets in index units, centred on the voxel centre."""
+    ticks = (np.arange(s) + 0.5) / s - 0.5
+    grid = np.stack(np.meshgrid(ticks, ticks, ticks, indexing="ij"), axis=-1).reshape(-1, 3)
+    return grid
+
+
+def dvh(
+    dose: xr.DataArray,
+    mask: xr.DataArray,
+    *,
+    name: str | None = None,
+    method: Method = "auto",
+    subsamples: int = 2,
+    resolution: float = 1e-4,
+) -> DVH:
+    """Cumulative DVH of a structure (DESIGN.md "DVH").
+
+    Parameters
+    ----------
+    dose
+        Dose grid in Gy (a pacsai volume, e.g. from :func:`pacsai.imaging.read_dose`).
+    mask
+        Boolean structure mask on any grid in the same frame of reference.
+    name
+        Structure name (default ``mask.name``).
+    method
+        ``"voxel"``: dose and mask share a grid, each voxel's dose is used as is. ``"centre"``: trilinear
+        dose at every mask voxel centre. ``"supersample"``: like ``"centre"``, plus the surface voxels of the
+        mask sampled at ``subsamples``³ points each. ``"auto"`` (default): ``"voxel"`` on a shared grid, else
+        ``"supersample"``.
+    subsamples
+        Points per axis inside each surface voxel for ``"supersample"``.
+    resolution
+        Dose quantisation of the histogram (Gy); mean/min/max are exact regardless.
+
+    Returns
+    -------
+    DVH
+
+    Raises
+    ------
+    PlanningError
+        Empty mask, different frames of reference, non-absolute dose, ``"voxel"`` on different grids.
+
+    Warns
+    -----
+    PacsaiWarning
+        Part of the structure lies outside the dose grid (those voxels get 0 Gy).
+    """
+    label = name if name is not None else str(mask.name or "structure")
+    values = np.asarray(mask.values)
+    if values.ndim != 3:
+        raise PlanningError(f"mask {label!r} must be 3-D (z, y, x); got shape {values.shape}")
+    values = values.astype(bool, copy=False)
+    units = dose.attrs.get("units")
+    if units is not None and str(units).lower() != "gy":
+        raise PlanningError(
+            f"dose {dose.name!r} is in {units!r}, not Gy: scale it to absolute dose before computing a DVH of {label!r}"
+        )
+    for_dose = str(dose.attrs.get("frame_of_reference_uid") or "")
+    for_mask = str(mask.attrs.get("frame_of_reference_uid") or "")
+    if for_dose and for_mask and for_dose != for_mask:
+        raise PlanningError(
+            f"dose (frame of reference {for_dose}) and {label!r} ({for_mask}) are in different patient frames; "
+            "register them first"
+        )
+    if not values.any():
+        raise PlanningError(f"structure {label!r} is empty: no DVH can be computed")
+    voxel_cc = voxel_volume_cc(mask)
+    grid_shared = same_grid(dose, mask)
+    if method == "auto":
+        method = "voxel" if grid_shared else "supersample"
+    if method == "voxel":
+        if not grid_shared:
+            raise PlanningError(
+                f"method='voxel' needs the dose and {label!r} on one grid; use method='supersample' or 'centre'"
+            )
+        return DVH.from_samples(
+            np.asarray(dose.values, dtype=float)[values],
+            voxel_cc,
+            name=label,
+            method="dose grid voxels (structure on the dose grid)",
+            resolution=resolution,
+        )
+    if method not in ("centre", "supersample"):
+        raise PlanningError(f"unknown DVH method {method!r}: use auto, voxel, centre or supersample")
+    if method == "supersample" and (not isinstance(subsamples, (int, np.integer)) or subsamples < 1):
+        raise PlanningError(f"subsamples must be a positive integer, got {subsamples!r}")
+
+    # mask (i, j, k) → dose (i, j, k), then to the (k, j, i) order of the arrays.
+    ijk_map = np.linalg.inv(affine_of(dose)) @ affine_of(mask)
+    dose_values = np.asarray(dose.values, dtype=float)
+
+    if method == "supersample" and subsamples > 1:
+        padded = np.pad(values, 1)
+        interior = ndimage.binary_erosion(padded, structure=ndimage.generate_binary_structure(3, 1))[
+            1:-1, 1:-1, 1:-1
+        ]
+        edge = values & ~interior
+        core = values & interior
+    else:
+        edge = np.zeros_like(values)
+        core = values
+
+    doses: list[np.ndarray] = []
+    weights: list[np.ndarray] = []
+    n_outside = 0
+    n_points = 0
+
+    # The same map in the (k, j, i) order of the arrays, so no index columns need reversing.
+    perm = np.eye(4)[[2, 1, 0, 3]]
+    kji_map = perm @ ijk_map @ perm
+    lin, shift = kji_map[:3, :3], kji_map[:3, 3]
+
+    def run(kji_idx: np.ndarray, offsets: np.ndarray, weight: float) -> None:
+        nonlocal n_outside, n_points
+        steps = offsets @ lin.T  # sub-point offsets, already mapped into the dose grid's index space
+        per = max(1, _CHUNK // len(offsets))
+        for start in range(0, len(kji_idx), per):
+            centres = kji_idx[start : start + per].astype(np.float64) @ lin.T + shift  # float: BLAS matmul
+            src = centres if len(offsets) == 1 else (centres[:, None, :] + steps[None, :, :]).reshape(-1, 3)
+            sampled, outside = _sample(dose_values, src.T)
+            doses.append(sampled)
+            weights.append(np.full(sampled.size, weight))
+            n_outside += outside
+            n_points += sampled.size
+
+    run(np.argwhere(core), np.zeros((1, 3)), voxel_cc)
+    if edge.any():
+        offsets = _supersample_offsets(int(subsamples))
+        run(np.argwhere(edge), offsets, voxel_cc / len(offsets))
+    if n_outside:
+        warnings.warn(
+            f"{n_outside} of {n_points} dose sample points of {label!r} lie outside the dose grid and count as 0 Gy",
+            PacsaiWarning,
+            stacklevel=2,
+        )
+    if method == "centre" or subsamples == 1:
+        text = "dose grid interpolated trilinearly at the structure's voxel centres (structure grid)"
+    else:
+        text = (
+            "dose grid interpolated trilinearly at the structure's voxel centres (structure grid); surface "
+            f"voxels sub-sampled {subsamples}×{subsamples}×{subsamples}"
+        )
+    return DVH.from_samples(
+        np.concatenate(doses), np.concatenate(weights), name=label, method=text, resolution=resolution
+    )
+
+
+# --------------------------------------------------------------------------------------------- plan quality
+@dataclass(frozen=True)
+class PlanQuality:
+    """Target coverage, homogeneity and conformity of a plan (DESIGN.md; ICRU 83, RTOG, Paddick 2000/2006).
+
+    Attributes
+    ----------
+    target
+        Target name (normally the PTV).
+    prescription_gy
+        Prescribed dose (Gy).
+    target_volume_cc
+        TV (cm³).
+    coverage_v95_pct
+        V95%: % of the target receiving ≥ 95 % of the prescription.
+    homogeneity_index
+        HI = (D2 − D98) / D50 (ICRU 83).
+    piv_cc, piv50_cc
+        Volume enclosed by the 100 % and 50 % prescription isodoses (cm³), within the body when given.
+    tv_piv_cc
+        Target volume covered by the prescription isodose (cm³).
+    ci_rtog
+        RTOG conformity index V_RI / TV (reference isodose = prescription).
+    ci_paddick
+        Paddick CI = TV_PIV² / (TV · PIV).
+    gradient_index
+        GI = PIV50% / PIV100% (Paddick & Lippitz 2006); NaN when PIV is 0.
+    isodose_region
+        Where the isodose volumes were measured.
+    """
+
+    target: str
+    prescription_gy: float
+    target_volume_cc: float
+    coverage_v95_pct: float
+    homogeneity_index: float
+    piv_cc: float
+    piv50_cc: float
+    tv_piv_cc: float
+    ci_rtog: float
+    ci_paddick: float
+    gradient_index: float
+    isodose_region: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict."""
+        return asdict(self)
+
+
+def homogeneity_index(target: DVH) -> float:
+    """ICRU 83 homogeneity index HI = (D2 − D98) / D50 of a target DVH."""
+    d50 = target.d(50)
+    if d50 <= 0:
+        raise PlanningError(f"D50 of {target.name!r} is 0 Gy: the homogeneity index is undefined")
+    return (target.d(2) - target.d(98)) / d50
+
+
+def plan_quality(
+    dose: xr.DataArray,
+    target: xr.DataArray,
+    *,
+    prescription_gy: float,
+    body: xr.DataArray | None = None,
+    target_dvh: DVH | None = None,
+    name: str | None = None,
+) -> PlanQuality:
+    """Coverage (V95%), homogeneity (ICRU 83 HI), conformity (RTOG, Paddick) and gradient index of a plan.
+
+    Parameters
+    ----------
+    dose
+        Dose grid (Gy).
+    target
+        Target mask (normally the PTV).
+    prescription_gy
+        Prescribed dose; the reference isodose for the conformity indices is 100 % of it.
+    body
+        BODY/External mask: isodose volumes (PIV, PIV50) are measured inside it, on its grid, with the same
+        dose mapping as :func:`dvh`. Without it they are measured over the whole dose grid.
+    target_dvh
+        The target's DVH when already computed (saves recomputing it).
+    name
+        Target name (default ``target.name``).
+
+    Returns
+    -------
+    PlanQuality
+    """
+    if not prescription_gy > 0:
+        raise PlanningError(f"prescription must be > 0 Gy, got {prescription_gy}")
+    label = name if name is not None else str(target.name or "PTV")
+    tdvh = target_dvh if target_dvh is not None else dvh(dose, target, name=label)
+    if body is not None:
+        bdvh = dvh(dose, body, name=str(body.name or "BODY"))
+        piv, piv50 = bdvh.v_cc(prescription_gy), bdvh.v_cc(0.5 * prescription_gy)
+        region = f"inside {bdvh.name!r} ({bdvh.method})"
+    else:
+        values = np.asarray(dose.values, dtype=float)
+        cc = voxel_volume_cc(dose)
+        # Same ≥ rule as DVH.v_cc, on the dose grid's voxels.
+        piv = float(np.count_nonzero(values >= prescription_gy - 1e-9)) * cc
+        piv50 = float(np.count_nonzero(values >= 0.5 * prescription_gy - 1e-9)) * cc
+        region = "whole dose grid (no body given)"
+    tv = tdvh.volume_cc
+    tv_piv = tdvh.v_cc(prescription_gy)
+    return PlanQuality(
+        target=label,
+        prescription_gy=float(prescription_gy),
+        target_volume_cc=tv,
+        coverage_v95_pct=tdvh.v(0.95 * prescription_gy),
+        homogeneity_index=homogeneity_index(tdvh),
+        piv_cc=piv,
+        piv50_cc=piv50,
+        tv_piv_cc=tv_piv,
+        ci_rtog=piv / tv,
+        ci_paddick=(tv_piv**2 / (tv * piv)) if piv > 0 else 0.0,
+        gradient_index=(piv50 / piv) if piv > 0 else float("nan"),
+        isodose_region=region,
+    )

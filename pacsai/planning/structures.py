@@ -1,0 +1,635 @@
+"""Structure geometry for treatment planning: volumes, diameters, margins, PRVs, distances and overlaps.
+
+Every function takes pacsai volumes (:mod:`pacsai.imaging.geometry`): boolean masks with dims ``("z", "y", "x")``
+and ``attrs["affine"]``. Distances are in mm in the patient (LPS) frame and come from the affine, so anisotropic
+grids are exact; oblique grids are exact wherever the grid axes are orthogonal (EDT-based operations need that,
+and a sheared grid raises :class:`~pacsai.errors.PlanningError`).
+
+Definitions (DESIGN.md, "Clinical definitions"):
+
+* **Volume** (cm³) = voxel count × voxel volume, on the mask's own grid (for an RTSTRUCT, the grid it was
+  rasterised on — state it in the report).
+* **Longest 3D diameter** = maximum distance between surface points. The mask is taken as the union of its voxel
+  cells, so the points are the *corners* of surface voxels (see :func:`longest_diameter`).
+* **Margins** (ICRU 50/62/83): CTV = GTV ⊕ CTV margin, clipped to the body; PTV = CTV ⊕ set-up margin; by an
+  exact Euclidean distance transform with an ellipsoidal structuring element in mm, not voxel dilation steps.
+  van Herk population margin M = 2.5 Σ + 0.7 σ. PRV = OAR ⊕ margin.
+* **Geometry vs target**: minimum surface distance OAR↔PTV (mm), overlap (cm³ and % of the OAR).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import xarray as xr
+from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
+
+from pacsai.errors import PacsaiWarning, PlanningError
+from pacsai.imaging.geometry import affine_of, decompose, like, same_grid, voxel_volume_cc
+
+logger = logging.getLogger(__name__)
+
+#: A margin: one isotropic value in mm, a ``(lr, ap, si)`` tuple, or a mapping with keys ``lr``/``ap``/``si``.
+MarginLike = float | Sequence[float] | Mapping[str, float]
+
+_PATIENT_AXES = ("lr", "ap", "si")  # LPS x (right→left), y (anterior→posterior), z (inferior→superior)
+_AXIS_ALIASES = {
+    "lr": "lr", "rl": "lr", "x": "lr", "left_right": "lr", "leftright": "lr",
+    "ap": "ap", "pa": "ap", "y": "ap", "anterior_posterior": "ap", "antpost": "ap",
+    "si": "si", "is": "si", "z": "si", "superior_inferior": "si", "supinf": "si",
+}  # fmt: skip
+_EPS = 1e-9  # float slack on "distance ≤ margin", so a voxel exactly at the margin counts as inside
+
+
+# --------------------------------------------------------------------------------------------- records
+@dataclass(frozen=True)
+class StructureStats:
+    """Geometry of one structure (all lengths mm, LPS frame).
+
+    Attributes
+    ----------
+    name
+        Structure name.
+    volume_cc
+        Voxel count × voxel volume (cm³).
+    n_voxels
+        Number of voxels in the mask.
+    longest_diameter_mm
+        Longest 3D diameter (corner points of surface voxels, :func:`longest_diameter`).
+    longest_axial_diameter_mm
+        Longest in-plane (axial slice) diameter, the RECIST measurement (:func:`longest_axial_diameter`).
+    centroid_lps
+        Centre of mass of the voxel centres, LPS mm.
+    n_components
+        Number of 26-connected components.
+    touches_edge
+        True where the mask reaches the edge of its grid: the structure may be cut off by the field of view.
+    """
+
+    name: str
+    volume_cc: float
+    n_voxels: int
+    longest_diameter_mm: float
+    longest_axial_diameter_mm: float
+    centroid_lps: tuple[float, float, float]
+    n_components: int
+    touches_edge: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict."""
+        out = asdict(self)
+        out["centroid_lps"] = list(self.centroid_lps)
+        return out
+
+
+@dataclass(frozen=True)
+class TargetRelation:
+    """How an organ at risk sits against a target (e.g. the PTV).
+
+    Attributes
+    ----------
+    name
+        OAR name.
+    target
+        Target name.
+    min_distance_mm
+        Minimum surface distance (:func:`min_surface_distance`); 0 when they overlap.
+    overlap_cc
+        Volume of OAR ∩ target (cm³).
+    overlap_pct
+        Overlap as % of the OAR volume (0 for an empty OAR).
+    """
+
+    name: str
+    target: str
+    min_distance_mm: float
+    overlap_cc: float
+    overlap_pct: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict."""
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _as_mask(mask: xr.DataArray, *, what: str = "mask") -> np.ndarray:
+    if not isinstance(mask, xr.DataArray):
+        raise PlanningError(
+            f"{what} must be a pacsai volume (xarray.DataArray with attrs['affine']); got {type(mask).__name__}"
+        )
+    affine_of(mask)  # raises VolumeError naming the array when the affine is missing
+    values = np.asarray(mask.values)
+    if values.ndim != 3:
+        raise PlanningError(f"{what} {mask.name!r} must be 3-D (z, y, x); got shape {values.shape}")
+    if values.dtype != bool:
+        uniq = np.unique(values)
+        if not np.all(np.isin(uniq, (0, 1))):
+            raise PlanningError(
+                f"{what} {mask.name!r} is not binary (values {uniq[:5].tolist()}...); threshold it first"
+            )
+        values = values.astype(bool)
+    return values
+
+
+def _require_same_grid(a: xr.DataArray, b: xr.DataArray) -> None:
+    if not same_grid(a, b):
+        raise PlanningError(
+            f"structures {a.name!r} and {b.name!r} are on different grids (shapes {a.shape} vs {b.shape}); "
+            "resample one onto the other first: pacsai.imaging.resample(moving, like=fixed, order=0)"
+        )
+
+
+def _orthogonal_spacing(volume: xr.DataArray) -> np.ndarray:
+    """Grid spacing (Δi, Δj, Δk) in mm, after checking the axes are orthogonal (an EDT needs that)."""
+    _, direction, spacing = decompose(affine_of(volume))
+    gram = direction.T @ direction
+    if not np.allclose(gram, np.eye(3), atol=1e-4):
+        raise PlanningError(
+            f"grid of {volume.name!r} is sheared (non-orthogonal axes, e.g. gantry tilt); distances and margins "
+            "need an orthogonal grid: resample onto one with pacsai.imaging.resample"
+        )
+    return spacing
+
+
+def _bbox(mask: np.ndarray) -> tuple[slice, ...] | None:
+    objects = ndimage.find_objects(mask.astype(np.uint8))
+    return objects[0] if objects else None
+
+
+def _padded(box: tuple[slice, ...], pad: Sequence[int], shape: Sequence[int]) -> tuple[slice, ...]:
+    return tuple(
+        slice(max(s.start - p, 0), min(s.stop + p, n)) for s, p, n in zip(box, pad, shape, strict=True)
+    )
+
+
+# --------------------------------------------------------------------------------------------- size/shape
+def volume_cc(mask: xr.DataArray) -> float:
+    """Volume of a structure in cm³ = voxel count × voxel volume (DESIGN.md "Volumes").
+
+    Parameters
+    ----------
+    mask
+        Boolean pacsai volume.
+
+    Returns
+    -------
+    float
+        cm³, on the mask's own grid.
+    """
+    return float(np.count_nonzero(_as_mask(mask))) * voxel_volume_cc(mask)
+
+
+def centroid(mask: xr.DataArray) -> tuple[float, float, float]:
+    """Centre of mass of the voxel centres, in LPS mm.
+
+    Raises
+    ------
+    PlanningError
+        When the mask is empty.
+    """
+    values = _as_mask(mask)
+    kji = np.argwhere(values)
+    if kji.size == 0:
+        raise PlanningError(f"structure {mask.name!r} is empty: it has no centroid")
+    ijk = kji[:, ::-1].mean(axis=0)
+    affine = affine_of(mask)
+    return tuple(float(v) for v in affine[:3, :3] @ ijk + affine[:3, 3])  # type: ignore[return-value]
+
+
+def _row_extreme_corners(values: np.ndarray, *, through_slices: bool = True) -> np.ndarray:
+    """Corner points (index space, columns i, j, k) whose convex hull equals that of all voxel cells.
+
+    Along each row (fixed k, j) only the first and the last voxel can contribute hull points, and of those only
+    their outer corners, so the hull of these points is the hull of every cell of the mask — at a fraction of
+    the points (2 × rows instead of 8 × surface voxels). With ``through_slices=False`` the corners stay in
+    each slice's plane (k integer): the pixel corners used for in-plane diameters.
+    """
+    rows = values.any(axis=-1)
+    k, j = np.nonzero(rows)
+    if k.size == 0:
+        return np.zeros((0, 3))
+    first = values[k, j].argmax(axis=-1)
+    last = values.shape[-1] - 1 - values[k, j, ::-1].argmax(axis=-1)
+    depths = (-0.5, 0.5) if through_slices else (0.0,)
+    corners = [
+        np.column_stack([i_edge, j + dj, k + dk])
+        for i_edge in (first - 0.5, last + 0.5)
+        for dj in (-0.5, 0.5)
+        for dk in depths
+    ]
+    return np.concatenate(corners).astype(float)
+
+
+def _max_pairwise(points: np.ndarray) -> float:
+    """Largest distance between any two points (N, d), over their convex hull's vertices."""
+    if len(points) < 2:
+        return 0.0
+    candidates = points
+    if len(points) > points.shape[1] + 1:
+        try:
+            candidates = points[ConvexHull(points).vertices]
+        except QhullError:
+            candidates = points  # degenerate (collinear/coplanar) sets: brute force over all points below
+    best = 0.0
+    chunk = max(1, 4_000_000 // max(len(candidates), 1))
+    for start in range(0, len(candidates), chunk):
+        block = candidates[start : start + chunk]
+        d2 = ((block[:, None, :] - candidates[None, :, :]) ** 2).sum(axis=-1)
+        best = max(best, float(d2.max()))
+    return math.sqrt(best)
+
+
+def longest_diameter(mask: xr.DataArray) -> float:
+    """Longest 3D diameter (mm): the maximum distance between surface points (DESIGN.md).
+
+    The mask is taken as the union of its voxel *cells*, so the candidate points are the voxel corners (of the
+    first and last voxel of every grid row, which span the same convex hull as all of them), mapped to LPS mm
+    through the affine (anisotropic and oblique grids are exact); the maximum is taken over the vertices of
+    their convex hull (``scipy.spatial.ConvexHull``). Corners rather than voxel
+    centres because that is the extent of the voxelised object: a row of n voxels measures n·Δ, as a caliper on
+    the image would, a box of voxels measures its exact space diagonal, and a single voxel is not 0 mm. Centres
+    would bias every diameter short by about one voxel.
+
+    Parameters
+    ----------
+    mask
+        Boolean pacsai volume.
+
+    Returns
+    -------
+    float
+        mm; 0.0 for an empty mask.
+    """
+    values = _as_mask(mask)
+    corners = _row_extreme_corners(values)
+    if corners.size == 0:
+        return 0.0
+    affine = affine_of(mask)
+    return _max_pairwise(corners @ affine[:3, :3].T)  # translation does not change distances
+
+
+def axial_diameters(mask: xr.DataArray) -> np.ndarray:
+    """Longest in-plane diameter (mm) on every slice (grid index k) of the mask; 0 where the slice is empty.
+
+    In-plane = within the grid's slice plane (the axial plane for an axial acquisition), measured like
+    :func:`longest_diameter` over the pixel corners of the slice (only the slice plane's two in-plane axes).
+    """
+    values = _as_mask(mask)
+    # i and j columns (pixel steps in mm) expressed in an orthonormal basis of the slice plane: 2-D points with
+    # the same distances, which Qhull needs (3-D coplanar points make it fail).
+    in_plane = np.linalg.qr(affine_of(mask)[:3, :2], mode="r")
+    out = np.zeros(values.shape[0])
+    corners = _row_extreme_corners(values, through_slices=False)
+    if corners.size == 0:
+        return out
+    slice_of = corners[:, 2].astype(int)
+    order = np.argsort(slice_of, kind="stable")
+    corners, slice_of = corners[order], slice_of[order]
+    bounds = np.flatnonzero(np.diff(slice_of)) + 1
+    for block, ij in zip(np.split(slice_of, bounds), np.split(corners[:, :2], bounds), strict=True):
+        out[block[0]] = _max_pairwise(ij @ in_plane.T)
+    return out
+
+
+def longest_axial_diameter(mask: xr.DataArray) -> float:
+    """Longest in-plane (axial) diameter over all slices (mm), the RECIST 1.1 measurement; 0.0 if empty."""
+    diameters = axial_diameters(mask)
+    return float(diameters.max()) if diameters.size else 0.0
+
+
+def touches_edge(mask: xr.DataArray) -> bool:
+    """True where the mask has a voxel on any face of its grid (the structure may extend past the FOV)."""
+    v = _as_mask(mask)
+    return bool(
+        v[0].any() or v[-1].any() or v[:, 0].any() or v[:, -1].any() or v[:, :, 0].any() or v[:, :, -1].any()
+    )
+
+
+def components(mask: xr.DataArray) -> list[xr.DataArray]:
+    """26-connected components of a mask, largest first (same grid, same attrs)."""
+    values = _as_mask(mask)
+    labels, n = ndimage.label(values, structure=ndimage.generate_binary_structure(3, 3))
+    if n == 0:
+        return []
+    sizes = np.bincount(labels.ravel())[1:]
+    order = np.argsort(-sizes, kind="stable") + 1
+    return [
+        like(mask, labels == lab, name=f"{mask.name or 'structure'}#{rank}")
+        for rank, lab in enumerate(order, 1)
+    ]
+
+
+def structure_stats(mask: xr.DataArray, *, name: str | None = None) -> StructureStats:
+    """All the geometry a report shows for one structure (see :class:`StructureStats`).
+
+    Parameters
+    ----------
+    mask
+        Boolean pacsai volume.
+    name
+        Defaults to ``mask.name``.
+    """
+    values = _as_mask(mask)
+    label = name if name is not None else str(mask.name or "structure")
+    n = int(np.count_nonzero(values))
+    if n == 0:
+        warnings.warn(f"structure {label!r} is empty", PacsaiWarning, stacklevel=2)
+        nan = float("nan")
+        return StructureStats(label, 0.0, 0, 0.0, 0.0, (nan, nan, nan), 0, False)
+    _, n_comp = ndimage.label(values, structure=ndimage.generate_binary_structure(3, 3))
+    return StructureStats(
+        name=label,
+        volume_cc=n * voxel_volume_cc(mask),
+        n_voxels=n,
+        longest_diameter_mm=longest_diameter(mask),
+        longest_axial_diameter_mm=longest_axial_diameter(mask),
+        centroid_lps=centroid(mask),
+        n_components=int(n_comp),
+        touches_edge=touches_edge(mask),
+    )
+
+
+# --------------------------------------------------------------------------------------------- margins
+def parse_margin(margin: MarginLike) -> tuple[float, float, float]:
+    """Normalise a margin to ``(lr, ap, si)`` mm along the patient axes (LPS x, y, z).
+
+    Parameters
+    ----------
+    margin
+        A number (isotropic), a 3-tuple ``(lr, ap, si)``, or a mapping with keys ``lr``, ``ap``, ``si``
+        (aliases: ``x``/``y``/``z``, ``rl``/``pa``/``is``, ``left_right``/``anterior_posterior``/
+        ``superior_inferior``). Missing mapping keys are 0. Values are margins on *each* side (a 5 mm ``lr``
+        margin grows the structure by 5 mm to the left and 5 mm to the right).
+
+    Raises
+    ------
+    PlanningError
+        For negative, non-finite or unknown entries.
+    """
+    if isinstance(margin, Mapping):
+        out = dict.fromkeys(_PATIENT_AXES, 0.0)
+        for key, value in margin.items():
+            axis = _AXIS_ALIASES.get(str(key).lower().replace("-", "_").replace(" ", "_"))
+            if axis is None:
+                raise PlanningError(f"unknown margin axis {key!r}; use lr, ap and si (mm per side)")
+            out[axis] = float(value)
+        values = tuple(out[a] for a in _PATIENT_AXES)
+    elif isinstance(margin, (int, float, np.integer, np.floating)):
+        values = (float(margin),) * 3
+    else:
+        seq = [float(v) for v in margin]
+        if len(seq) != 3:
+            raise PlanningError(f"a per-axis margin needs 3 values (lr, ap, si) in mm; got {margin!r}")
+        values = tuple(seq)
+    if not all(math.isfinite(v) and v >= 0 for v in values):
+        raise PlanningError(f"margins must be finite and ≥ 0 mm; got {margin!r} (shrinking is not supported)")
+    return values  # type: ignore[return-value]
+
+
+def _grid_margins(
+    volume: xr.DataArray, margin: tuple[float, float, float], *, max_obliquity_deg: float
+) -> np.ndarray:
+    """Per grid axis (i, j, k) margin in mm, from patient-axis margins (lr, ap, si)."""
+    _, direction, _ = decompose(affine_of(volume))
+    if margin[0] == margin[1] == margin[2]:
+        return np.full(3, margin[0])  # isotropic: exact on any orthogonal grid, oblique included
+    # Anisotropic: the ellipsoid's axes are the patient axes, so each grid axis must run along one of them.
+    patient_axis = np.argmax(np.abs(direction), axis=0)  # for grid axis a, the patient axis it runs along
+    cosines = np.abs(direction[patient_axis, np.arange(3)])
+    if sorted(patient_axis.tolist()) != [0, 1, 2]:
+        raise PlanningError(
+            f"grid of {volume.name!r} does not map one-to-one onto the patient axes; "
+            "anisotropic margins need an axis-aligned grid: resample with pacsai.imaging.resample"
+        )
+    worst = float(np.degrees(np.arccos(np.clip(cosines.min(), -1, 1))))
+    if worst > max_obliquity_deg:
+        raise PlanningError(
+            f"grid of {volume.name!r} is oblique by {worst:.2f}° (> max_obliquity_deg={max_obliquity_deg}); "
+            "an anisotropic margin is defined along the patient axes: resample onto an axis-aligned grid with "
+            "pacsai.imaging.resample, or use an isotropic margin"
+        )
+    if worst > 1e-3:
+        warnings.warn(
+            f"anisotropic margin on a grid {worst:.2f}° oblique: applied along the nearest patient axes",
+            PacsaiWarning,
+            stacklevel=3,
+        )
+    return np.array([margin[p] for p in patient_axis])
+
+
+def expand(
+    mask: xr.DataArray,
+    margin: MarginLike,
+    *,
+    within: xr.DataArray | None = None,
+    name: str | None = None,
+    max_obliquity_deg: float = 1.0,
+) -> xr.DataArray:
+    """Grow a structure by a margin in mm with an exact Euclidean distance transform (ICRU 50/62/83).
+
+    A voxel is in the expansion where ``min over mask voxels u of sqrt(Σ_a ((v_a − u_a) / m_a)²) ≤ 1``,
+    distances between voxel centres in mm along the patient axes a = lr, ap, si: an ellipsoidal structuring
+    element with semi-axes m_a (a ball for an isotropic margin). It is computed by
+    ``scipy.ndimage.distance_transform_edt`` with ``sampling = spacing / m`` on a crop around the structure,
+    so it is exact on anisotropic grids — not an accumulation of voxel dilation steps.
+
+    Parameters
+    ----------
+    mask
+        Boolean pacsai volume.
+    margin
+        mm per side: a number, ``(lr, ap, si)`` or ``{"lr": .., "ap": .., "si": ..}`` (see :func:`parse_margin`).
+        An axis with margin 0 does not grow.
+    within
+        Optional boolean volume on the same grid (e.g. BODY) to clip the result to.
+    name
+        Name of the result (default ``mask.name``).
+    max_obliquity_deg
+        Anisotropic margins need grid axes along the patient axes; grids oblique by more than this raise.
+
+    Returns
+    -------
+    xarray.DataArray
+        Boolean volume on the mask's grid.
+
+    Raises
+    ------
+    PlanningError
+        Different grids, a sheared grid, or an oblique grid with an anisotropic margin.
+
+    Warns
+    -----
+    PacsaiWarning
+        When the expansion is cut off by the edge of the grid.
+    """
+    values = _as_mask(mask)
+    spacing = _orthogonal_spacing(mask)
+    m = _grid_margins(mask, parse_margin(margin), max_obliquity_deg=max_obliquity_deg)
+    result = values.copy()
+    box = _bbox(values)
+    if box is not None and m.max() > 0:
+        # Grid axis order is (i, j, k) for m/spacing; arrays are (k, j, i).
+        pad_kji = [math.ceil(mm / s) + 1 for mm, s in zip(m[::-1], spacing[::-1], strict=True)]
+        crop = _padded(box, pad_kji, values.shape)
+        sub = values[crop]
+        with np.errstate(divide="ignore"):
+            # A zero margin gets an enormous sampling so that any step along that axis exceeds distance 1.
+            sampling = np.where(m > 0, spacing / np.where(m > 0, m, 1.0), 1e12)[::-1]
+        dist = ndimage.distance_transform_edt(~sub, sampling=sampling)
+        result[crop] = dist <= 1.0 + _EPS
+        # The expansion reaches floor(m / spacing) voxels past the structure along each axis.
+        reach = [math.floor(mm / sp + _EPS) for mm, sp in zip(m[::-1], spacing[::-1], strict=True)]
+        cut = [s.start - r < 0 or s.stop + r > n for s, r, n in zip(box, reach, values.shape, strict=True)]
+        if any(cut):
+            warnings.warn(
+                f"expansion of {mask.name!r} by {parse_margin(margin)} mm is cut off by the edge of the grid "
+                f"(shape {values.shape}): the structure would extend past the field of view",
+                PacsaiWarning,
+                stacklevel=2,
+            )
+    if within is not None:
+        _require_same_grid(mask, within)
+        result &= _as_mask(within, what="within")
+    return like(mask, result, name=name if name is not None else mask.name)
+
+
+def ctv_ptv(
+    gtv: xr.DataArray,
+    *,
+    ctv_margin: MarginLike,
+    ptv_margin: MarginLike,
+    body: xr.DataArray | None = None,
+    anatomy: xr.DataArray | None = None,
+    clip_ptv_to_body: bool = False,
+) -> tuple[xr.DataArray, xr.DataArray]:
+    """GTV → CTV → PTV (ICRU 50/62/83): CTV = (GTV ⊕ ctv_margin) ∩ BODY [∩ anatomy]; PTV = CTV ⊕ ptv_margin.
+
+    Parameters
+    ----------
+    gtv
+        Boolean pacsai volume.
+    ctv_margin, ptv_margin
+        mm per side (see :func:`parse_margin`).
+    body
+        BODY/External on the same grid; the CTV is clipped to it (strongly recommended: without it a CTV can
+        extend into air).
+    anatomy
+        Optional extra clip for the CTV (e.g. "not bone"/"within the organ"): the CTV is intersected with it.
+    clip_ptv_to_body
+        Also clip the PTV to the body (off by default: the PTV is a geometric concept that may leave the body).
+
+    Returns
+    -------
+    (ctv, ptv)
+        Boolean volumes named ``"CTV"`` and ``"PTV"`` on the GTV's grid.
+    """
+    if body is None:
+        warnings.warn("CTV not clipped to the body: no BODY structure was given", PacsaiWarning, stacklevel=2)
+    ctv = expand(gtv, ctv_margin, within=body, name="CTV")
+    if anatomy is not None:
+        _require_same_grid(gtv, anatomy)
+        ctv = like(gtv, ctv.values & _as_mask(anatomy, what="anatomy"), name="CTV")
+    ptv = expand(ctv, ptv_margin, within=body if clip_ptv_to_body else None, name="PTV")
+    return ctv, ptv
+
+
+def prv(oar: xr.DataArray, margin: MarginLike, *, name: str | None = None) -> xr.DataArray:
+    """Planning organ-at-risk volume: PRV = OAR ⊕ margin (ICRU 62/83), not clipped.
+
+    Named ``"<OAR>_PRV"`` unless ``name`` is given.
+    """
+    return expand(oar, margin, name=name if name is not None else f"{oar.name or 'OAR'}_PRV")
+
+
+def van_herk_margin(systematic_sd_mm: Any, random_sd_mm: Any) -> Any:
+    """van Herk population CTV→PTV margin M = 2.5 Σ + 0.7 σ (mm), per axis when given arrays/tuples.
+
+    Parameters
+    ----------
+    systematic_sd_mm
+        Σ, the standard deviation of systematic set-up errors (mm); a number or per-axis values.
+    random_sd_mm
+        σ, the standard deviation of random errors (mm); a number or per-axis values.
+
+    Returns
+    -------
+    float or tuple of float
+        A float for scalar inputs, else a tuple per axis.
+
+    References
+    ----------
+    van Herk M et al. The probability of correct target dosage. Int J Radiat Oncol Biol Phys 2000;47:1121–35.
+    """
+    big = np.asarray(systematic_sd_mm, dtype=float)
+    small = np.asarray(random_sd_mm, dtype=float)
+    if np.any(big < 0) or np.any(small < 0) or not np.all(np.isfinite(big)) or not np.all(np.isfinite(small)):
+        raise PlanningError(
+            f"standard deviations must be finite and ≥ 0 mm; got Σ={systematic_sd_mm}, σ={random_sd_mm}"
+        )
+    margin = 2.5 * big + 0.7 * small
+    return float(margin) if margin.ndim == 0 else tuple(float(v) for v in margin)
+
+
+# --------------------------------------------------------------------------------------------- relations
+def min_surface_distance(a: xr.DataArray, b: xr.DataArray) -> float:
+    """Minimum distance (mm) between two structures; 0.0 where they overlap.
+
+    Measured between voxel centres: the smallest distance from a voxel of ``a`` to a voxel of ``b``, by an
+    exact EDT with the grid spacing (so two structures in adjacent voxels are one voxel spacing apart; the gap
+    between their contours is about one voxel less). Both must be on the same orthogonal grid.
+
+    Raises
+    ------
+    PlanningError
+        Different or sheared grids, or an empty structure.
+    """
+    va, vb = _as_mask(a), _as_mask(b)
+    _require_same_grid(a, b)
+    spacing = _orthogonal_spacing(a)
+    if not va.any() or not vb.any():
+        empty = a.name if not va.any() else b.name
+        raise PlanningError(f"structure {empty!r} is empty: no distance can be measured")
+    if (va & vb).any():
+        return 0.0
+    # Every voxel of b lies in this crop, so the EDT inside it is the exact distance to b.
+    box = _bbox(va | vb)
+    assert box is not None
+    dist = ndimage.distance_transform_edt(~vb[box], sampling=spacing[::-1])
+    return float(dist[va[box]].min())
+
+
+def overlap(oar: xr.DataArray, target: xr.DataArray) -> tuple[float, float]:
+    """Overlap of an OAR with a target: (cm³, % of the OAR volume). 0 % for an empty OAR."""
+    vo, vt = _as_mask(oar), _as_mask(target)
+    _require_same_grid(oar, target)
+    n_oar = int(np.count_nonzero(vo))
+    n_both = int(np.count_nonzero(vo & vt))
+    return n_both * voxel_volume_cc(oar), (100.0 * n_both / n_oar if n_oar else 0.0)
+
+
+def target_relations(
+    oars: Mapping[str, xr.DataArray], target: xr.DataArray, *, target_name: str = "PTV"
+) -> list[TargetRelation]:
+    """Minimum distance and overlap of every OAR against a target (in the order given).
+
+    Empty OARs get a :class:`PacsaiWarning` and NaN distance rather than disappearing from the table.
+    """
+    out = []
+    for name, oar in oars.items():
+        cc, pct = overlap(oar, target)
+        if not _as_mask(oar).any() or not _as_mask(target).any():
+            warnings.warn(
+                f"{name!r} or {target_name!r} is empty: distance not measured", PacsaiWarning, stacklevel=2
+            )
+            distance = float("nan")
+        else:
+            distance = min_surface_distance(oar, target)
+        out.append(TargetRelation(name, target_name, distance, cc, pct))
+    return out

@@ -1,0 +1,456 @@
+"""MLflow conventions: the embedded store, run tags, PHI-free manifests and the model registry.
+
+Store
+    By default an embedded store under ``mlruns/`` of the working directory: SQLite ``mlruns/mlflow.db`` for
+    tracking and the registry, artifacts in ``mlruns/artifacts/`` (MLflow 3 refuses its old file store, so it is
+    never used). ``MLFLOW_TRACKING_URI`` or ``PACSAI_MLFLOW_URI`` (``Settings.mlflow_uri``) point elsewhere, e.g.
+    a tracking server. Telemetry is switched off (``MLFLOW_ENABLE_TELEMETRY=false``, ``DO_NOT_TRACK=1``) before
+    mlflow is first imported through this module.
+
+Runs
+    :func:`start_run` tags every run with ``pacsai.kind`` (training / validation / report), ``pacsai.git_sha``,
+    ``pacsai.cohort_hash`` and ``pacsai.version`` and logs the cohort's UID manifest (``inputs/manifest.json``).
+
+Pseudonyms
+    No patient name or ID goes into MLflow unless ``Settings.log_phi`` is true. Patients are named by
+    :func:`pseudonymize`, an HMAC-SHA256 keyed by ``Settings.pseudonym_key`` (env ``PACSAI_PSEUDONYM_KEY``).
+    Without a configured key a random key is created once per store and kept beside it in
+    ``mlruns/.pseudonym_key`` (mode 0600): pseudonyms are then stable within that store but differ between
+    stores, so set ``PACSAI_PSEUDONYM_KEY`` wherever several machines share a tracking server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import subprocess
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlparse
+
+from pacsai import __version__
+from pacsai.errors import TrackingError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import mlflow
+
+    from pacsai.cohort import Cohort
+    from pacsai.config import Settings
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("training", "validation", "report")
+CHAMPION = "champion"
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+STORE_DIR = "mlruns"
+KEY_FILE = ".pseudonym_key"
+
+
+def _mlflow() -> mlflow:  # type: ignore[valid-type]
+    """Import mlflow with telemetry off (the variables must be set before its first import)."""
+    os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    import mlflow
+
+    return mlflow
+
+
+def _settings(settings: Settings | None) -> Settings:
+    if settings is not None:
+        return settings
+    from pacsai.config import load_settings
+
+    return load_settings()
+
+
+def store_dir(*, root: str | Path | None = None) -> Path:
+    """The embedded store's folder, ``<root or cwd>/mlruns``."""
+    return (Path(root) if root is not None else Path.cwd()).resolve() / STORE_DIR
+
+
+def tracking_uri(*, settings: Settings | None = None, root: str | Path | None = None) -> str:
+    """The tracking (and registry) URI to use.
+
+    ``MLFLOW_TRACKING_URI`` wins, then ``PACSAI_MLFLOW_URI`` / ``settings.mlflow_uri``, then the embedded
+    SQLite store ``sqlite:///<root or cwd>/mlruns/mlflow.db``.
+    """
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    configured = os.environ.get("PACSAI_MLFLOW_URI") or (settings.mlflow_uri if settings else None)
+    if configured:
+        return configured
+    return f"sqlite:///{store_dir(root=root) / 'mlflow.db'}"
+
+
+def artifact_location(uri: str) -> str | None:
+    """Artifact root for new experiments: ``mlruns/artifacts`` beside an embedded SQLite store.
+
+    For a tracking server (http...) ``None``: the server decides where artifacts go.
+    """
+    local = _sqlite_path(uri)
+    if local is None:
+        return None
+    return (local.parent / "artifacts").as_uri()
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(unquote(uri[len("sqlite:///") :])).resolve()
+
+
+def _prepare_store(uri: str) -> None:
+    local = _sqlite_path(uri)
+    if local is not None:
+        (local.parent / "artifacts").mkdir(parents=True, exist_ok=True)
+
+
+@contextlib.contextmanager
+def using_store(uri: str) -> Iterator[str]:
+    """Point mlflow's fluent API (``mlflow.start_run``, ``mlflow.log_*``, ``mlflow.artifacts``) at ``uri``
+    for the duration of the block, then restore what was there.
+
+    ``mlflow.set_tracking_uri`` also writes ``MLFLOW_TRACKING_URI`` into the environment (for subprocesses); left
+    in place, it would override :func:`tracking_uri` for the rest of the process, e.g. after a ``chdir``. The
+    registry follows the tracking URI unless ``MLFLOW_REGISTRY_URI`` is set.
+    """
+    mlflow = _mlflow()
+    old_env = os.environ.get("MLFLOW_TRACKING_URI")
+    _prepare_store(uri)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield uri
+    finally:
+        mlflow.set_tracking_uri(old_env)  # None unsets both mlflow's global and the variable
+        if old_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def client(*, settings: Settings | None = None) -> Any:
+    """An ``MlflowClient`` on :func:`tracking_uri` (tracking and registry on the same store)."""
+    uri = tracking_uri(settings=settings)
+    _prepare_store(uri)
+    mlflow = _mlflow()
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def ensure_experiment(name: str, *, settings: Settings | None = None) -> str:
+    """The id of experiment ``name``, created with its artifacts under ``mlruns/artifacts/`` if new."""
+    uri = tracking_uri(settings=settings)
+    c = client(settings=settings)
+    try:
+        found = c.get_experiment_by_name(name)
+        if found is not None:
+            return str(found.experiment_id)
+        location = artifact_location(uri)
+        if location is not None:
+            # one folder per experiment name keeps artifacts browsable; run ids make the paths unique anyway
+            location = f"{location}/{_safe_name(name)}"
+        return str(c.create_experiment(name, artifact_location=location))
+    except Exception as err:
+        if isinstance(err, TrackingError):
+            raise
+        raise TrackingError(f"cannot open or create MLflow experiment {name!r} at {uri}: {err}") from err
+
+
+def _safe_name(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "experiment"
+
+
+# ---------------------------------------------------------------------------------------------------- provenance
+
+
+def git_sha() -> str:
+    """``git rev-parse HEAD`` of the installed project, ``"unknown"`` outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(PROJECT_DIR), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    sha = out.stdout.strip()
+    return sha or "unknown"
+
+
+# ---------------------------------------------------------------------------------------------------- pseudonyms
+
+
+def pseudonymize(patient_id: str, key: str | bytes) -> str:
+    """A stable pseudonym for ``patient_id``: ``"p-"`` + the first 16 hex digits of HMAC-SHA256(key, id).
+
+    Parameters
+    ----------
+    patient_id
+        The identifier to hide (PatientID, or any other identifying string).
+    key
+        The secret key; see :func:`pseudonym_key`.
+    """
+    if isinstance(key, str):
+        key = key.encode()
+    if not key:
+        raise TrackingError("the pseudonym key is empty; set PACSAI_PSEUDONYM_KEY to a long random string")
+    digest = hmac.new(key, str(patient_id).encode(), hashlib.sha256).hexdigest()
+    return f"p-{digest[:16]}"
+
+
+def pseudonym_key(*, settings: Settings | None = None, root: str | Path | None = None) -> str:
+    """The key for :func:`pseudonymize`.
+
+    ``settings.pseudonym_key`` (env ``PACSAI_PSEUDONYM_KEY``) if set; otherwise a random key created once
+    and kept in ``.pseudonym_key`` (mode 0600) beside the SQLite store, or in ``<root or cwd>/mlruns`` for a
+    tracking server.
+    """
+    s = _settings(settings)
+    if s.pseudonym_key is not None and s.pseudonym_key.get_secret_value():
+        return s.pseudonym_key.get_secret_value()
+    local = _sqlite_path(tracking_uri(settings=s, root=root))
+    folder = local.parent if local is not None else store_dir(root=root)
+    path = folder / KEY_FILE
+    if path.is_file():
+        return path.read_text().strip()
+    folder.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_hex(32)
+    try:
+        # O_EXCL: two processes creating the key at once must not end up with different keys
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    except OSError as err:
+        raise TrackingError(
+            f"cannot create the pseudonym key {path}: {err}; set PACSAI_PSEUDONYM_KEY instead"
+        ) from err
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key + "\n")
+    logger.info("created a pseudonym key for this store at %s", path)
+    return key
+
+
+def check_no_phi(values: Mapping[str, Any], identifiers: Iterable[str], *, what: str = "values") -> None:
+    """Raise :class:`TrackingError` if any identifier occurs in a key or value of ``values``.
+
+    Identifiers shorter than 3 characters are ignored (they would match everything).
+    """
+    ids = [str(i) for i in identifiers if i is not None and len(str(i)) >= 3]
+    for k, v in values.items():
+        text = f"{k}={v}"
+        for ident in ids:
+            if ident in text:
+                raise TrackingError(
+                    f"MLflow {what} {k!r} contains a patient identifier; pseudonymise it with "
+                    "pacsai.tracking.pseudonymize, or set PACSAI_LOG_PHI=true to allow identifiers"
+                )
+
+
+# ---------------------------------------------------------------------------------------------------- runs
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What :func:`start_run` yields: the active MLflow run and the means to name patients safely."""
+
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+    key: str = field(repr=False)
+    log_phi: bool = False
+
+    def patient_label(self, patient_id: str) -> str:
+        """The name under which a patient may appear in MLflow (pseudonym unless PHI logging is allowed)."""
+        return str(patient_id) if self.log_phi else pseudonymize(patient_id, self.key)
+
+
+@contextlib.contextmanager
+def start_run(
+    kind: str,
+    *,
+    experiment: str,
+    cohort: Cohort | None = None,
+    params: Mapping[str, Any] | None = None,
+    tags: Mapping[str, str] | None = None,
+    run_name: str | None = None,
+    run_id: str | None = None,
+    settings: Settings | None = None,
+) -> Iterator[RunContext]:
+    """Start an MLflow run with pacsai's tags and the cohort's UID manifest.
+
+    Parameters
+    ----------
+    kind
+        ``"training"``, ``"validation"`` or ``"report"`` (tag ``pacsai.kind``).
+    experiment
+        MLflow experiment name; created with artifacts under ``mlruns/artifacts/`` when new.
+    cohort
+        Input cohort: tag ``pacsai.cohort_hash`` and artifacts ``inputs/manifest.json`` (UIDs, pseudonyms)
+        and ``inputs/cohort.parquet``.
+    params, tags
+        Logged as given, after a check that they hold no identifier of the cohort's patients.
+    run_name
+        Optional run name (checked like params).
+    run_id
+        Continue this existing run (resumed training) instead of starting a new one.
+    settings
+        Settings; default :func:`pacsai.load_settings`.
+
+    Yields
+    ------
+    RunContext
+        The run id and :meth:`RunContext.patient_label` for naming patients.
+    """
+    if kind not in KINDS:
+        raise TrackingError(f"run kind {kind!r} is not one of {', '.join(KINDS)}")
+    s = _settings(settings)
+    uri = tracking_uri(settings=s)
+    mlflow = _mlflow()
+    experiment_id = ensure_experiment(experiment, settings=s)
+    key = pseudonym_key(settings=s)
+    identifiers = cohort.identifiers() if (cohort is not None and not s.log_phi) else []
+    all_tags = {
+        "pacsai.kind": kind,
+        "pacsai.git_sha": git_sha(),
+        "pacsai.version": __version__,
+        "pacsai.cohort_hash": cohort.content_hash if cohort is not None else "none",
+        "pacsai.log_phi": str(bool(s.log_phi)).lower(),
+        **dict(tags or {}),
+    }
+    check_no_phi(dict(params or {}), identifiers, what="parameter")
+    check_no_phi(all_tags, identifiers, what="tag")
+    if run_name:
+        check_no_phi({"run_name": run_name}, identifiers, what="run name")
+    if run_id is not None:
+        all_tags = {k: v for k, v in all_tags.items() if k != "pacsai.cohort_hash" or cohort is not None}
+    with (
+        using_store(uri),
+        mlflow.start_run(
+            run_id=run_id, experiment_id=experiment_id, run_name=None if run_id else run_name, tags=all_tags
+        ) as run,
+    ):
+        ctx = RunContext(
+            run_id=run.info.run_id, experiment_id=experiment_id, tracking_uri=uri, key=key, log_phi=s.log_phi
+        )
+        if params:
+            mlflow.log_params({k: _param_value(v) for k, v in params.items()})
+        if cohort is not None:
+            log_cohort(cohort, ctx=ctx)
+        yield ctx
+
+
+def _param_value(value: Any) -> Any:
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value, sort_keys=True, default=str)
+    return value
+
+
+def log_cohort(cohort: Cohort, *, ctx: RunContext, artifact_path: str = "inputs") -> None:
+    """Log the cohort's manifest (UIDs, pseudonymised patients) and parquet table to the active run."""
+    mlflow = _mlflow()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        manifest = cohort.manifest(patient_label=ctx.patient_label)
+        (folder / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        cohort.to_parquet(folder / "cohort.parquet", patient_label=ctx.patient_label)
+        mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
+
+
+def log_json(obj: Any, artifact_file: str) -> None:
+    """Log a JSON document as an artifact of the active run."""
+    _mlflow().log_dict(obj, artifact_file)
+
+
+# ---------------------------------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A registered model version: name, version, the run that produced it, and its storage URI."""
+
+    name: str
+    version: str
+    run_id: str | None
+    source: str
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def resolve_model(model_uri: str, *, settings: Settings | None = None) -> ModelRef:
+    """Resolve ``models:/name@alias``, ``models:/name/3``, ``models:/name/latest`` to a :class:`ModelRef`.
+
+    ``runs:/...`` and other URIs are returned with name ``""`` and version ``""`` (no registry entry).
+    """
+    c = client(settings=settings)
+    parsed = urlparse(model_uri)
+    if parsed.scheme != "models":
+        run_id = (parsed.netloc or parsed.path.lstrip("/").split("/")[0]) if parsed.scheme == "runs" else None
+        return ModelRef(name="", version="", run_id=run_id, source=model_uri)
+    path = model_uri[len("models:/") :]
+    try:
+        if "@" in path:
+            name, alias = path.split("@", 1)
+            mv = c.get_model_version_by_alias(name, alias)
+        else:
+            name, _, version = path.partition("/")
+            if not version or version == "latest":
+                versions = c.search_model_versions(f"name='{name}'")
+                if not versions:
+                    raise TrackingError(f"no version of registered model {name!r}; train one first")
+                mv = max(versions, key=lambda v: int(v.version))
+            else:
+                mv = c.get_model_version(name, version)
+    except TrackingError:
+        raise
+    except Exception as err:
+        raise TrackingError(
+            f"cannot resolve {model_uri} in {tracking_uri(settings=settings)}: {err}; "
+            "check the name/version (pacsai ui lists them) or MLFLOW_TRACKING_URI"
+        ) from err
+    return ModelRef(name=mv.name, version=str(mv.version), run_id=mv.run_id, source=mv.source)
+
+
+def register_model(model_uri: str, name: str, *, settings: Settings | None = None) -> ModelRef:
+    """Register ``model_uri`` (``runs:/`` or ``models:/m-...``) under ``name``; returns the new version."""
+    mlflow = _mlflow()
+    uri = tracking_uri(settings=settings)
+    try:
+        with using_store(uri):
+            mv = mlflow.register_model(model_uri, name)
+    except Exception as err:
+        raise TrackingError(f"cannot register {model_uri} as {name!r} in {uri}: {err}") from err
+    return ModelRef(name=mv.name, version=str(mv.version), run_id=mv.run_id, source=mv.source)
+
+
+def set_alias(
+    name: str, version: str | int, alias: str = CHAMPION, *, settings: Settings | None = None
+) -> None:
+    """Point ``models:/name@alias`` at ``version`` (default alias ``champion``)."""
+    c = client(settings=settings)
+    try:
+        c.set_registered_model_alias(name, alias, str(version))
+    except Exception as err:
+        raise TrackingError(f"cannot set alias {alias!r} of {name!r} to version {version}: {err}") from err
+
+
+def get_alias(name: str, alias: str = CHAMPION, *, settings: Settings | None = None) -> str | None:
+    """The version behind ``models:/name@alias``, or ``None`` when the alias is not set."""
+    c = client(settings=settings)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(c.get_model_version_by_alias(name, alias).version)
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None  # no such alias (or no such model): nothing is promoted
+        raise TrackingError(f"cannot read alias {alias!r} of {name!r}: {err}") from err

@@ -1,0 +1,134 @@
+"""Cohort → preprocessed, cached cases → MONAI patches; resampling checked against exact answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pacsai.cohort import CohortQuery, select_cohort
+from pacsai.imaging.geometry import affine_from, make_volume, voxel_volume_cc
+from pacsai.learning.dataset import (
+    PreprocessSpec,
+    body_box,
+    load_cases,
+    preprocess_case,
+    sample,
+    training_dataset,
+    training_grid,
+)
+from tests.test_cohort import STRUCTURES, seeded_store, store_url
+
+
+def _ramp(affine: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """f(x, y, z) = 2x − 3y + 0.5z + 7 at every voxel centre (LPS mm): trilinear sampling reproduces it exactly."""
+    k, j, i = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    w = np.stack([i, j, k, np.ones_like(i)], axis=-1) @ np.asarray(affine).T
+    return 2 * w[..., 0] - 3 * w[..., 1] + 0.5 * w[..., 2] + 7
+
+
+def test_sample_is_exact_for_linear_fields_between_oblique_grids():
+    a = np.deg2rad(25)
+    rot = np.array([[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]])
+    src_aff = affine_from((0, 0, 0), np.eye(3), (1.0, 1.5, 2.0))
+    dst_aff = affine_from((20, 15, 20), rot, (1.7, 1.1, 2.3))
+    src = _ramp(src_aff, (30, 40, 50))
+    dst_shape = (6, 8, 8)
+    got = sample(src, src_aff, dst_aff, dst_shape, order=1, cval=np.nan)
+    np.testing.assert_allclose(got, _ramp(dst_aff, dst_shape), atol=1e-6)
+
+
+def test_training_grid_keeps_origin_and_direction():
+    volume = make_volume(np.zeros((10, 20, 30)), affine_from((5, 6, 7), np.diag([-1, 1, 1]), (0.5, 0.7, 3.0)))
+    grid, shape = training_grid(volume, (2.0, 2.0, 6.0))
+    assert shape == (5, 7, 8)  # floor(extent / spacing) + 1 along z, y, x: 27/6, 13.3/2, 14.5/2
+    np.testing.assert_allclose(grid[:3, 3], (5, 6, 7))
+    np.testing.assert_allclose(grid[:3, :3], np.diag([-2.0, 2.0, 6.0]))
+
+
+def test_body_box_takes_the_largest_region_plus_margin():
+    hu = np.full((20, 30, 30), -1000.0)
+    hu[5:15, 10:20, 8:22] = 0  # body
+    hu[1, 1, 1] = 0  # a speck outside
+    box = body_box(hu, threshold_hu=-500, margin_vox=(1, 2, 3))
+    assert box == (slice(4, 16), slice(8, 22), slice(5, 25))
+
+
+def test_preprocess_case_resamples_masks_onto_the_cropped_image_grid():
+    affine = affine_from((-100, -100, -50), np.eye(3), (2.0, 2.0, 5.0))
+    shape = (20, 100, 100)
+    k, j, i = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    w = np.stack([i, j, k, np.ones_like(i)], axis=-1) @ affine.T
+    body = (w[..., 0] / 70) ** 2 + (w[..., 1] / 50) ** 2 <= 1
+    ball = (w[..., 0] - 20) ** 2 + w[..., 1] ** 2 + w[..., 2] ** 2 <= 25**2
+    hu = np.where(body, 40.0, -1000.0)
+    masks = {"BODY": make_volume(body, affine), "Ball": make_volume(ball & body, affine)}
+    spec = PreprocessSpec(spacing_mm=(4.0, 4.0, 4.0), structures=("Ball", "BODY"), margin_mm=8)
+    image, label = preprocess_case(make_volume(hu, affine), masks, spec)
+    assert label.shape == (2, *image.shape) and label.dtype == np.uint8
+    assert image.attrs["spacing"] == (4.0, 4.0, 4.0)
+    assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
+    cc = voxel_volume_cc(image)
+    assert label[0].sum() * cc == pytest.approx(4 / 3 * np.pi * 25**3 / 1000, rel=0.05)
+    mid = label[1][label.shape[1] // 2]
+    assert mid.sum() * 16.0 == pytest.approx(np.pi * 70 * 50, rel=0.03)  # ellipse area in mm²
+    # the crop keeps the body whole: two voxels of margin (8 mm) are empty on each in-plane side
+    assert not label[1][:, :, :2].any() and not label[1][:, :, -2:].any()
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    from pacsai.pacs import connect
+
+    root = seeded_store(tmp_path_factory)
+    pacs = connect(store_url(root), cache_dir=root / "cache-dataset")
+    cohort = select_cohort(pacs, CohortQuery(structures=STRUCTURES))
+    spec = PreprocessSpec(spacing_mm=(8.0, 8.0, 8.0), structures=STRUCTURES)
+    cache = tmp_path_factory.mktemp("preprocessed")
+    first = load_cases(pacs, cohort, spec, cache_dir=cache, progress=False)
+    return {"pacs": pacs, "cohort": cohort, "spec": spec, "cache": cache, "cases": first}
+
+
+def test_cohort_to_cached_cases(cases):
+    first = cases["cases"]
+    assert len(first) == 3 and len(list(cases["cache"].glob("*.npz"))) == 3
+    for case in first:
+        assert case.image.shape[0] == 1 and case.label.shape == (len(STRUCTURES), *case.image.shape[1:])
+        assert len(case.sop_instance_uids) == 16
+        assert case.label[STRUCTURES.index("BODY")].sum() > 0 and case.label[STRUCTURES.index("Lung_L")].any()
+        # the BODY channel holds every other structure (on the training grid, up to resampling)
+        inside = case.label[STRUCTURES.index("BODY")].astype(bool)
+        assert (case.label[STRUCTURES.index("Heart")].astype(bool) & ~inside).sum() == 0
+    again = load_cases(
+        cases["pacs"],
+        cases["cohort"],
+        cases["spec"],
+        cache_dir=cases["cache"],
+        progress=False,
+        patients=["SYN-00001"],
+        patient_label=lambda p: "p-x",
+    )
+    (one,) = again
+    ref = next(c for c in first if c.series_instance_uid == one.series_instance_uid)
+    np.testing.assert_array_equal(one.image, ref.image)
+    np.testing.assert_array_equal(one.label, ref.label)
+    np.testing.assert_array_equal(one.affine, ref.affine)
+    assert one.patient == "p-x"
+
+
+def test_training_dataset_yields_patches(cases):
+    ds = training_dataset(cases["cases"], patch_size=(16, 32, 32), samples_per_case=2, seed=0)
+    items = ds[0]
+    assert len(items) == 2
+    for item in items:
+        assert tuple(item["image"].shape) == (1, 16, 32, 32)
+        assert tuple(item["label"].shape) == (len(STRUCTURES), 16, 32, 32)
+        assert "fg" not in item
+
+
+def test_spec_key_and_round_trip():
+    spec = PreprocessSpec(spacing_mm=(4, 4, 4), structures=("A", "B"))
+    assert PreprocessSpec.from_dict(spec.to_dict()) == spec
+    assert spec.key() == PreprocessSpec.from_dict(spec.to_dict()).key()
+    assert spec.key() != PreprocessSpec(spacing_mm=(4, 4, 5), structures=("A", "B")).key()
+    with pytest.raises(Exception, match="window"):
+        PreprocessSpec(window=(1, 0))

@@ -1,0 +1,267 @@
+"""A real smoke training run: embedded PACS with synthetic patients → MONAI → MLflow (SQLite) → registry.
+
+``smoke_model`` (also used by the inference, tracking and validation tests) trains once per test session in a
+work folder under pytest's base temp folder; its MLflow store is ``<work>/mlruns``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.test_cohort import N_PATIENTS, STRUCTURES, seeded_store, store_url
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "experiments" / "demo.yaml"
+MODEL_NAME = "pacsai-thorax"
+
+
+@contextlib.contextmanager
+def working_directory(path: Path):
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield path
+    finally:
+        os.chdir(old)
+
+
+def smoke_model(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Train the demo experiment with --smoke once; returns {"work", "pacs_url", "run_id", "version", ...}."""
+    from pacsai.config import load_settings
+    from pacsai.learning.train import train
+
+    root = seeded_store(tmp_path_factory)
+    work = root / "work"
+    work.mkdir(exist_ok=True)
+    record = work / "smoke-model.json"
+    with open(root / ".train-lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not record.is_file():
+            with working_directory(work):
+                result = train(
+                    DEMO, pacs=store_url(root), smoke=True, progress=False, settings=load_settings()
+                )
+            record.write_text(
+                json.dumps(
+                    {
+                        "run_id": result.run_id,
+                        "version": result.version,
+                        "model_uri": result.model_uri,
+                        "best_epoch": result.best_epoch,
+                        "best_val_dice": dict(result.best_val_dice),
+                        "epochs": result.epochs,
+                        "split": {k: list(v) for k, v in result.split.items()},
+                        "checkpoint": str(result.checkpoint),
+                    }
+                )
+            )
+    return {**json.loads(record.read_text()), "work": work, "pacs_url": store_url(root), "root": root}
+
+
+@pytest.fixture
+def trained(tmp_path_factory, monkeypatch) -> dict:
+    info = smoke_model(tmp_path_factory)
+    monkeypatch.chdir(info["work"])
+    return info
+
+
+def test_training_run_has_tags_metrics_and_artifacts(trained):
+    from pacsai import tracking
+
+    c = tracking.client()
+    run = c.get_run(trained["run_id"])
+    tags = run.data.tags
+    assert tags["pacsai.kind"] == "training"
+    assert tags["pacsai.git_sha"] == tracking.git_sha()
+    assert len(tags["pacsai.cohort_hash"]) == 64
+    assert tags["pacsai.version"]
+    assert tags["pacsai.model_name"] == MODEL_NAME and tags["pacsai.smoke"] == "true"
+    assert tags["pacsai.model_version"] == trained["version"]
+    metrics = run.data.metrics
+    for name in ("train_loss", "val_dice_mean", *[f"val_dice_{s}" for s in STRUCTURES]):
+        history = c.get_metric_history(trained["run_id"], name)
+        assert [m.step for m in history] == [0, 1], name  # smoke: 2 epochs, validated every epoch
+        assert 0.0 <= history[-1].value <= (10.0 if name == "train_loss" else 1.0)
+    assert metrics["best_val_dice_mean"] == pytest.approx(
+        sum(trained["best_val_dice"].values()) / len(STRUCTURES)
+    )
+    assert run.data.params["model.name"] == MODEL_NAME
+    assert run.data.params["train.epochs"] == "2"
+    artifacts = {a.path for a in c.list_artifacts(trained["run_id"])}
+    assert {"inputs", "split.json", "preprocess.json", "checkpoints"} <= artifacts
+    assert {a.path for a in c.list_artifacts(trained["run_id"], "inputs")} == {
+        "inputs/manifest.json",
+        "inputs/cohort.parquet",
+        "inputs/instances.json",
+    }
+    # the artifacts live in mlruns/artifacts of the working directory, the store in mlruns/mlflow.db
+    assert run.info.artifact_uri.startswith((trained["work"] / "mlruns" / "artifacts").as_uri())
+    assert (trained["work"] / "mlruns" / "mlflow.db").is_file()
+
+
+def test_split_and_manifest_record_uids_under_pseudonyms(trained):
+    from pacsai import tracking
+
+    mlflow = tracking._mlflow()
+    with tracking.using_store(tracking.tracking_uri()):
+        split = mlflow.artifacts.load_dict(f"runs:/{trained['run_id']}/split.json")
+        manifest = mlflow.artifacts.load_dict(f"runs:/{trained['run_id']}/inputs/manifest.json")
+        instances = mlflow.artifacts.load_dict(f"runs:/{trained['run_id']}/inputs/instances.json")
+    assert sorted(len(v) for v in split["patients"].values()) == [1, 1, 1]
+    assert split["patients"] == trained["split"]
+    assert all(p.startswith("p-") for v in split["patients"].values() for p in v)
+    assert len(manifest["rows"]) == N_PATIENTS
+    series = {r["series_instance_uid"] for r in manifest["rows"]}
+    assert series == {s for v in split["series"].values() for s in v}
+    assert set(instances) == set(split["series"]["train"]) | set(split["series"]["val"])
+    assert all(len(v) == 16 for v in instances.values())  # one UID per CT slice of the smoke grid
+
+
+def test_model_is_registered_with_metadata_and_signature(trained):
+    from pacsai import tracking
+
+    ref = tracking.resolve_model(f"models:/{MODEL_NAME}/{trained['version']}")
+    assert ref.run_id == trained["run_id"]
+    assert tracking.resolve_model(f"models:/{MODEL_NAME}/latest").version >= trained["version"]
+    mlflow = tracking._mlflow()
+    with tracking.using_store(tracking.tracking_uri()):
+        info = mlflow.models.get_model_info(ref.uri)
+        reqs = Path(mlflow.artifacts.download_artifacts(f"{ref.uri}/requirements.txt")).read_text()
+    meta = info.metadata["pacsai"]
+    assert meta["preprocess"]["structures"] == list(STRUCTURES)
+    assert meta["preprocess"]["spacing_mm"] == [8.0, 8.0, 8.0]
+    assert meta["head"] == {"kind": "softmax", "contains": {"BODY": list(STRUCTURES[1:])}}
+    inputs = info.signature.inputs.to_dict()[0]
+    assert list(inputs["tensor-spec"]["shape"]) == [-1, 1, -1, -1, -1]
+    # softmax head: background + one class per structure
+    assert list(info.signature.outputs.to_dict()[0]["tensor-spec"]["shape"]) == [
+        -1,
+        len(STRUCTURES) + 1,
+        -1,
+        -1,
+        -1,
+    ]
+    assert "torch==" in reqs and "monai==" in reqs
+
+
+def test_resume_continues_the_same_run(trained, tmp_path_factory):
+    from pacsai import tracking
+    from pacsai.config import load_settings
+    from pacsai.learning.train import train
+
+    checkpoint = Path(trained["checkpoint"]).with_name("last.pt")
+    result = train(
+        DEMO,
+        pacs=trained["pacs_url"],
+        smoke=True,
+        overrides={"train.epochs": 3},
+        resume=checkpoint,
+        progress=False,
+        settings=load_settings(),
+    )
+    assert result.run_id == trained["run_id"]
+    history = tracking.client().get_metric_history(trained["run_id"], "train_loss")
+    assert sorted({m.step for m in history}) == [0, 1, 2]
+    assert int(result.version) > int(trained["version"])
+
+
+def test_load_experiment_smoke_and_overrides():
+    from pacsai.errors import ConfigError
+    from pacsai.learning.train import load_experiment, parse_set
+
+    full = load_experiment(DEMO)
+    smoke = load_experiment(
+        DEMO, smoke=True, overrides=parse_set(["train.epochs=1", "model.channels=[4, 8, 16]"])
+    )
+    assert full["train"]["epochs"] > smoke["train"]["epochs"] == 1
+    assert smoke["model"]["channels"] == [4, 8, 16] and smoke["cohort"]["max_patients"] == 3
+    assert full["structures"] == list(STRUCTURES)
+    with pytest.raises(ConfigError, match="patch_size"):
+        load_experiment(DEMO, overrides={"train.patch_size": [10, 48, 48]})
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_set(["epochs"])
+
+
+def test_cli_train_smoke(trained, capsys):
+    from pacsai.cli import main
+
+    code = main(
+        [
+            "train",
+            str(DEMO),
+            "--smoke",
+            "--pacs",
+            trained["pacs_url"],
+            "--set",
+            "train.epochs=1",
+            "--no-progress",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert f"models:/{MODEL_NAME}/" in out and "validation Dice: BODY" in out
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"architecture": "UNet", "channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 0},
+        {"architecture": "SegResNet", "init_filters": 8, "blocks_down": [1, 1, 1], "blocks_up": [1, 1]},
+        {"architecture": "DynUNet", "filters": [4, 8, 16], "strides": [1, 2, 2]},
+    ],
+)
+def test_networks_from_config_keep_the_input_size(spec):
+    import torch
+
+    from pacsai.learning.networks import build_network, divisor
+
+    net = build_network(spec, in_channels=1, out_channels=3).eval()
+    assert divisor(spec) == 4
+    with torch.no_grad():
+        out = net(torch.zeros(2, 1, 8, 12, 16))
+    assert tuple(out.shape) == (2, 3, 8, 12, 16)
+
+
+def test_unknown_network_is_a_config_error():
+    from pacsai.errors import ConfigError
+    from pacsai.learning.networks import build_network
+
+    with pytest.raises(ConfigError, match="VNet"):
+        build_network({"architecture": "VNet"}, in_channels=1, out_channels=1)
+    with pytest.raises(ConfigError, match="strides"):
+        build_network(
+            {"architecture": "UNet", "channels": [4, 8], "strides": [2, 2]}, in_channels=1, out_channels=1
+        )
+
+
+@pytest.mark.slow
+def test_train_notebook_runs_with_smoke_parameters(tmp_path_factory, tmp_path, monkeypatch):
+    """notebooks/02_train.ipynb, executed as CI does (papermill, kernel pacsai, smoke), in a fresh store."""
+    import papermill
+
+    from pacsai import tracking
+
+    root = seeded_store(tmp_path_factory)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "02_train.ipynb"
+    papermill.execute_notebook(
+        str(REPO / "notebooks" / "02_train.ipynb"),
+        str(out),
+        parameters={"experiment": str(DEMO), "smoke": True, "pacs_url": store_url(root)},
+        kernel_name="pacsai",
+        cwd=str(tmp_path),
+        progress_bar=False,
+    )
+    cells = json.loads(out.read_text())["cells"]
+    outputs = [o for c in cells if c["cell_type"] == "code" for o in c.get("outputs", [])]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2  # live curves, then the MLflow curves
+    c = tracking.client()
+    (experiment,) = [e for e in c.search_experiments() if e.name == "demo-thorax"]
+    (run,) = c.search_runs([experiment.experiment_id])
+    assert run.data.tags["pacsai.kind"] == "training" and run.data.tags["pacsai.smoke"] == "true"

@@ -1,0 +1,184 @@
+"""MLflow conventions on a real SQLite store in tmp_path: URIs, tags, manifests, pseudonyms, registry, UI."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pandas as pd
+import pytest
+
+from pacsai import tracking
+from pacsai.cohort import Cohort, CohortQuery
+from pacsai.config import load_settings
+from pacsai.errors import TrackingError
+from tests.test_learning_train import MODEL_NAME, smoke_model
+
+
+def _cohort() -> Cohort:
+    table = pd.DataFrame(
+        {
+            "patient_id": ["PAT-123", "PAT-456"],
+            "patient_name": ["DOE^JANE", "ROE^RICHARD"],
+            "study_instance_uid": ["1.2.3.1", "1.2.3.2"],
+            "series_instance_uid": ["1.2.3.1.1", "1.2.3.2.1"],
+            "rtstruct_series_uid": ["1.2.3.1.2", "1.2.3.2.2"],
+            "rtstruct_sop_instance_uid": ["1.2.3.1.2.1", "1.2.3.2.2.1"],
+            "roi_names": [("BODY",), ("BODY",)],
+        }
+    )
+    return Cohort(query=CohortQuery(structures=("BODY",)), table=table)
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for var in ("MLFLOW_TRACKING_URI", "PACSAI_MLFLOW_URI", "PACSAI_PSEUDONYM_KEY", "PACSAI_LOG_PHI"):
+        monkeypatch.delenv(var, raising=False)
+    return tmp_path
+
+
+def test_default_uri_is_sqlite_under_cwd_and_env_overrides(store, monkeypatch):
+    assert tracking.tracking_uri() == f"sqlite:///{store / 'mlruns' / 'mlflow.db'}"
+    assert tracking.artifact_location(tracking.tracking_uri()) == (store / "mlruns" / "artifacts").as_uri()
+    monkeypatch.setenv("PACSAI_MLFLOW_URI", "http://127.0.0.1:5999")
+    assert tracking.tracking_uri() == "http://127.0.0.1:5999"
+    assert tracking.artifact_location("http://127.0.0.1:5999") is None
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/db.sqlite")
+    assert tracking.tracking_uri() == "sqlite:////elsewhere/db.sqlite"
+
+
+def test_start_run_tags_manifest_and_no_phi(store):
+    cohort = _cohort()
+    with tracking.start_run(
+        "training", experiment="t", cohort=cohort, params={"lr": 0.1, "sizes": [1, 2]}
+    ) as ctx:
+        run_id = ctx.run_id
+    c = tracking.client()
+    run = c.get_run(run_id)
+    assert run.data.tags["pacsai.kind"] == "training"
+    assert run.data.tags["pacsai.cohort_hash"] == cohort.content_hash
+    assert run.data.tags["pacsai.git_sha"] == tracking.git_sha()
+    assert run.data.params == {"lr": "0.1", "sizes": "[1, 2]"}
+    assert run.info.artifact_uri.startswith((store / "mlruns" / "artifacts").as_uri())
+    mlflow = tracking._mlflow()
+    with tracking.using_store(tracking.tracking_uri()):
+        manifest = mlflow.artifacts.load_dict(f"runs:/{run_id}/inputs/manifest.json")
+        logged = Cohort.from_parquet(
+            mlflow.artifacts.download_artifacts(f"runs:/{run_id}/inputs/cohort.parquet")
+        )
+    assert (
+        "MLFLOW_TRACKING_URI" not in os.environ
+    )  # the store used for the run does not leak into the process
+    key = tracking.pseudonym_key()
+    assert [r["patient"] for r in manifest["rows"]] == [
+        tracking.pseudonymize("PAT-123", key),
+        tracking.pseudonymize("PAT-456", key),
+    ]
+    assert [r["rtstruct_sop_instance_uid"] for r in manifest["rows"]] == ["1.2.3.1.2.1", "1.2.3.2.2.1"]
+    assert logged.pseudonymized and logged.content_hash == cohort.content_hash
+    for path in (store / "mlruns").rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            for ident in (b"PAT-123", b"PAT-456", b"DOE^JANE", b"ROE^RICHARD", b"DOE JANE"):
+                assert ident not in data, (path, ident)
+
+
+def test_identifiers_in_params_or_tags_are_refused_unless_opted_in(store, monkeypatch):
+    cohort = _cohort()
+    phi_params = tracking.start_run("report", experiment="t", cohort=cohort, params={"patient": "PAT-123"})
+    with pytest.raises(TrackingError, match="patient identifier"), phi_params:
+        pass
+    phi_tags = tracking.start_run("report", experiment="t", cohort=cohort, tags={"who": "DOE^JANE"})
+    with pytest.raises(TrackingError, match="patient identifier"), phi_tags:
+        pass
+    with pytest.raises(TrackingError, match="kind"), tracking.start_run("other", experiment="t"):
+        pass
+    monkeypatch.setenv("PACSAI_LOG_PHI", "true")
+    with tracking.start_run("report", experiment="t", cohort=cohort, params={"patient": "PAT-123"}) as ctx:
+        assert ctx.patient_label("PAT-123") == "PAT-123"
+    assert tracking.client().get_run(ctx.run_id).data.tags["pacsai.log_phi"] == "true"
+
+
+def test_pseudonym_key_is_created_once_with_mode_0600(store, monkeypatch):
+    key = tracking.pseudonym_key()
+    path = store / "mlruns" / ".pseudonym_key"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert tracking.pseudonym_key() == key and len(key) == 64
+    p = tracking.pseudonymize("SYN-00001", key)
+    assert p == tracking.pseudonymize("SYN-00001", key) and p.startswith("p-") and len(p) == 18
+    assert p != tracking.pseudonymize("SYN-00001", "another key")
+    assert p != tracking.pseudonymize("SYN-00002", key)
+    monkeypatch.setenv("PACSAI_PSEUDONYM_KEY", "configured")
+    assert tracking.pseudonym_key() == "configured"
+    assert load_settings().pseudonym_key.get_secret_value() == "configured"
+    with pytest.raises(TrackingError):
+        tracking.pseudonymize("x", "")
+
+
+def test_git_sha_is_the_projects_head():
+    out = subprocess.run(
+        ["git", "-C", str(tracking.PROJECT_DIR), "rev-parse", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    expected = out.stdout.strip() if out.returncode == 0 else "unknown"
+    assert tracking.git_sha() == (expected or "unknown")
+
+
+def test_registry_alias_and_resolution(tmp_path_factory, monkeypatch):
+    info = smoke_model(tmp_path_factory)
+    monkeypatch.chdir(info["work"])
+    ref = tracking.resolve_model(f"models:/{MODEL_NAME}/{info['version']}")
+    assert (ref.name, ref.version, ref.run_id) == (MODEL_NAME, info["version"], info["run_id"])
+    tracking.set_alias(MODEL_NAME, info["version"], "candidate")
+    assert tracking.get_alias(MODEL_NAME, "candidate") == info["version"]
+    assert tracking.resolve_model(f"models:/{MODEL_NAME}@candidate") == ref
+    assert tracking.get_alias(MODEL_NAME, "nonexistent") is None
+    with pytest.raises(TrackingError, match="no-such-model"):
+        tracking.resolve_model("models:/no-such-model/1")
+    assert tracking.resolve_model(f"runs:/{info['run_id']}/model").run_id == info["run_id"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ui_serves_the_embedded_store(store):
+    from pacsai.tracking_cli import server_command
+
+    port = _free_port()
+    cmd = server_command(port=port)
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--workers") + 1] == "1"
+    assert cmd[cmd.index("--backend-store-uri") + 1] == f"sqlite:///{store / 'mlruns' / 'mlflow.db'}"
+    assert cmd[cmd.index("--default-artifact-root") + 1] == (store / "mlruns" / "artifacts").as_uri()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pacsai", "ui", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ},
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        status = None
+        while time.monotonic() < deadline and status is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as answer:
+                    status = answer.status
+            except OSError:
+                assert proc.poll() is None, "pacsai ui exited early"
+                time.sleep(1)
+        assert status == 200
+    finally:
+        os.killpg(proc.pid, 15)  # the server's own process group (uvicorn worker included)
+        proc.wait(timeout=30)
