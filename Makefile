@@ -8,7 +8,7 @@ STAMP := $(VENV)/.pacsai-installed
 # The CPU wheel lies on disk here; elsewhere fall back to whatever torch the platform offers.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test bench ui lab clean
+.PHONY: setup demo test bench ui lab check-viewer clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -30,6 +30,12 @@ bench: setup
 
 ui: setup
 	$(VENV)/bin/pacsai ui
+
+lab: setup
+	$(VENV)/bin/jupyter lab notebooks/
+
+check-viewer: setup
+	$(PY) scripts/check_viewer.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -16,7 +16,7 @@ DEFAULT_PACS_URL = "file://./pacs"
 
 
 def default_cache_dir() -> Path:
-    return Path(user_cache_dir("pacsai", appauthor=False)) / "instances"
+    return Path(user_cache_dir("pacsai", appauthor=False))
 
 
 class Settings(BaseSettings):

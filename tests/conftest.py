@@ -46,5 +46,6 @@ def _isolated_env(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("PACSAI_CACHE_DIR", str(base / "cache"))
     monkeypatch.setenv("MLFLOW_ENABLE_TELEMETRY", "false")
     monkeypatch.setenv("DO_NOT_TRACK", "1")
-    for var in ("PACSAI_PACS_URL", "PACSAI_PACS_USER", "PACSAI_PACS_PASSWORD", "PACSAI_PACS_TOKEN"):
+    for var in ("PACSAI_PACS_URL", "PACSAI_PACS_USER", "PACSAI_PACS_PASSWORD", "PACSAI_PACS_TOKEN",
+                "MLFLOW_TRACKING_URI", "PACSAI_MLFLOW_URI", "PACSAI_LOG_PHI"):
         monkeypatch.delenv(var, raising=False)

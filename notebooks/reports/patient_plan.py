@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: pacsai (Python 3)
 #     language: python
@@ -18,10 +20,10 @@
 
 # %% tags=["parameters"]
 patient_id: str = "SYN-00000"  # help: PatientID on the PACS
-study_uid: str = ""  # help: StudyInstanceUID of the planning study; empty = the latest study with a CT
-pacs_url: str = ""  # help: DICOMweb URL or file:// store; empty = PACSAI_PACS_URL or ./pacs
-structures_from: str = "pacs"  # help: "pacs" (the study's RTSTRUCT) or "model" (segment with model_uri)
-model_uri: str = ""  # help: models:/name@champion, models:/name/3 or runs:/... when structures_from="model"
+study_uid: str = ""  # help: StudyInstanceUID of the planning study (empty: the latest study with a CT)
+pacs_url: str = ""  # help: DICOMweb URL or file:// store (empty: PACSAI_PACS_URL or ./pacs)
+structures_from: str = "pacs"  # help: pacs (the study RTSTRUCT) or model (segment with model_uri)
+model_uri: str = ""  # help: model URI (models:/name@champion, models:/name/3, runs:/...) for model structures
 target: str = "GTV"  # help: ROI name of the gross tumour volume
 ctv_margin_mm: float = 5.0  # help: GTV→CTV margin in mm (or a list [x, y, z])
 ptv_margin_mm: float = 5.0  # help: CTV→PTV set-up margin in mm (or a list [x, y, z])

@@ -265,6 +265,11 @@ class Pacs:
         """The dicomweb-client client (``DICOMwebClient`` or ``DICOMfileClient``)."""
         if self._client is None and self._client_factory is not None:
             self._client = self._client_factory()
+        if self.session is None and self._client is not None:
+            # The embedded store's SQLite index may be written by other processes (a report subprocess, a
+            # seeding CLI). A connection kept open across their writes was seen to read a "malformed" image
+            # (mmap + WAL), so every operation starts from a fresh connection; opening one costs ~0.1 ms.
+            _reset_sqlite(self._client)
         return self._client
 
     @client.setter
@@ -480,6 +485,22 @@ def _connect_embedded(url: str, cache: InstanceCache) -> Pacs:
     except Exception as err:  # sqlite3 / OS errors from dicomweb-client's index
         raise PacsError(f"cannot open the embedded store {folder}: {err}") from err
     return Pacs(url=normalized, client=client, cache=cache)
+
+
+def _reset_sqlite(client: Any) -> None:
+    client = getattr(client, "_db_manager", client)  # dicomweb-client ≥ 0.60 keeps the handles there
+    conn = getattr(client, "_db_connection_handle", None)
+    if conn is None:
+        return
+    cursor = getattr(client, "_db_cursor_handle", None)
+    try:
+        if cursor is not None:
+            cursor.close()
+        conn.commit()
+        conn.close()
+    finally:
+        client._db_cursor_handle = None
+        client._db_connection_handle = None
 
 
 def dicom_json_value(item: Mapping[str, Any], tag: str) -> Any:

@@ -85,8 +85,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"pdf:     {result.pdf or 'not written (no Chromium found)'}")
     print(f"metrics: {result.metrics}")
     if result.pushed:
-        print(f"pushed:  {len(result.pushed['objects'])} objects ({result.pushed['stored']} new, "
-              f"{result.pushed['already_present']} already present)")
+        print(f"pushed:  {len(result.pushed['objects'])} objects ({len(result.pushed['stored'])} new, "
+              f"{len(result.pushed['already_present'])} already present)")
     if result.mlflow_run_id:
         print(f"mlflow:  run {result.mlflow_run_id}")
     print(f"time:    {result.seconds:.1f} s")

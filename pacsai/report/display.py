@@ -106,8 +106,10 @@ def structures(s: PlanSummary) -> None:
             "Structure": r["name"],
             "Volume (cm³)": r["volume_cc"],
             "Longest 3D diameter (mm)": r["longest_diameter_mm"],
+            "Longest axial diameter (mm)": r["longest_axial_diameter_mm"],
             "Slices": r["slices"],
-            "Centroid LPS (mm)": r["centroid_mm"],
+            "Parts": r["n_components"],
+            "Centroid LPS (mm)": r["centroid_lps"],
             "Source": r["source"],
         }
         for r in s.structures
@@ -123,7 +125,7 @@ def geometry(s: PlanSummary) -> None:
           f"{m['method']}.")
     rows = [
         {
-            "Organ at risk": g["oar"],
+            "Organ at risk": g["name"],
             "Min. distance to PTV (mm)": g["min_distance_mm"],
             "Overlap with PTV (cm³)": g["overlap_cc"],
             "Overlap (% of OAR)": g["overlap_pct"],
@@ -161,7 +163,7 @@ def dvh(s: PlanSummary) -> None:
     if s.plan_quality:
         q = s.plan_quality
         display(HTML(_table([{
-            "PTV V95% (%)": q.get("v95_pct"),
+            "PTV V95% (%)": q.get("coverage_v95_pct"),
             "HI (ICRU 83)": q.get("homogeneity_index"),
             "CI (RTOG)": q.get("ci_rtog"),
             "CI (Paddick)": q.get("ci_paddick"),
@@ -178,14 +180,14 @@ def constraints(s: PlanSummary) -> None:
         return
     rows = []
     for c in s.constraints:
-        status = "PASS" if c.get("passed") is True else "FAIL" if c.get("passed") is False else "not evaluated"
+        status = {"pass": "PASS", "fail": "FAIL"}.get(str(c.get("status")), "not evaluated")
         rows.append({
             "Structure": c.get("structure"),
             "Metric": c.get("metric"),
             "Value": c.get("value"),
             "Limit": f"{c.get('comparator', '')} {_fmt(c.get('limit'))} {c.get('unit', '')}".strip(),
             "Result": status,
-            "Source": c.get("source") or c.get("reason"),
+            "Source": c.get("reason") or c.get("source"),
         })
     display(HTML(_table(rows, classes={"Result": lambda v: {"PASS": "pass", "FAIL": "fail"}.get(v, "na")})))
 
@@ -197,13 +199,22 @@ def response(s: PlanSummary) -> None:
         return
     display(HTML(f"<p><b>Response category (RECIST 1.1-style): {html.escape(str(r['category']))}</b> "
                  f"against the prior study of {_date(str(r.get('prior_study_date', '')))}</p>"))
-    rows = [{"": k, "value": v} for k, v in r.items()
-            if k not in ("category", "note", "structures", "prior_study_instance_uid") and not isinstance(v, dict)]
-    display(HTML(_table(rows)))
-    if isinstance(r.get("structures"), (list, dict)):
-        items = r["structures"] if isinstance(r["structures"], list) else [
-            {"structure": k, **v} for k, v in r["structures"].items()]
-        display(HTML(_table(items)))
+    display(HTML(_table([{
+        "Target lesion(s)": r.get("target"),
+        "Sum of longest axial diameters, prior (mm)": r.get("sld_prior_mm"),
+        "now (mm)": r.get("sld_now_mm"),
+        "Change (%)": r.get("change_pct"),
+        "Change (mm)": r.get("change_mm"),
+        "New lesions": r.get("new_lesions") if r.get("new_lesions") is not None else "not assessable",
+    }])))
+    prior_cc, now_cc = r.get("volumes_prior_cc") or {}, r.get("volumes_now_cc") or {}
+    change = r.get("volume_change_pct") or {}
+    display(HTML(_table([
+        {"Structure": k, "Prior (cm³)": prior_cc.get(k), "Now (cm³)": now_cc.get(k), "ΔV (%)": change.get(k)}
+        for k in sorted(set(prior_cc) | set(now_cc))
+    ])))
+    notes = [r.get("reference")] + list(r.get("notes") or [])
+    _note(" ".join(str(n) for n in notes if n))
     if s.prior_image is not None:
         from pacsai import viz
 

@@ -182,7 +182,7 @@ def _read_study(pacs: Any, row: Any, *, target: str, structures_from: str) -> St
         rt_paths, rt_ref = _pull(pacs, study_uid, candidates.iloc[-1])
         structures = read_rtstruct(rt_paths[0], like=image)
         inputs.append(rt_ref)
-        source = f"RTSTRUCT {rt_ref.sop_instance_uids[0]} from the PACS"
+        source = "RTSTRUCT from the PACS"
     return StudyData(
         study_instance_uid=study_uid,
         study_date=str(row.get("StudyDate", "") or ""),

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -51,16 +53,18 @@ def execute(
     import papermill
 
     output.parent.mkdir(parents=True, exist_ok=True)
+    log_path = output.with_name(output.stem + ".log")
     try:
-        papermill.execute_notebook(
-            str(template),
-            str(output),
-            parameters=dict(parameters),
-            kernel_name=kernel,
-            cwd=str(cwd or output.parent),
-            progress_bar=False,
-            execution_timeout=timeout_s,
-        )
+        with _stderr_to(log_path):
+            papermill.execute_notebook(
+                str(template),
+                str(output),
+                parameters=dict(parameters),
+                kernel_name=kernel,
+                cwd=str(cwd or output.parent),
+                progress_bar=False,
+                execution_timeout=timeout_s,
+            )
     except papermill.PapermillExecutionError as err:
         raise ReportError(
             f"report notebook failed in cell {err.exec_count}: {err.ename}: {err.evalue} "
@@ -74,6 +78,24 @@ def execute(
             ) from err
         raise
     return output
+
+
+@contextlib.contextmanager
+def _stderr_to(path: Path) -> Iterator[None]:
+    """Send file descriptor 2 (the kernel's and papermill's chatter) to ``path`` for the block.
+
+    The kernel is a child process that inherits fd 2, so redirecting ``sys.stderr`` alone would not do.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "ab") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def to_html(notebook: Path, html: Path) -> Path:

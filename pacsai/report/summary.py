@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ import xarray as xr
 
 import pacsai
 from pacsai import planning
-from pacsai.imaging.geometry import affine_of, index_to_world
+from pacsai.errors import PacsaiWarning
 from pacsai.report.inputs import PatientData, gather
 from pacsai.report.params import ReportParameters
 
@@ -114,10 +114,12 @@ def summarize(data: PatientData, params: ReportParameters, *, pacs_url: str = ""
     if target is None:
         qa.append(_flag("error", f"no {params.target} structure: margins, coverage and response not computed"))
     else:
-        ctv, ptv = planning.ctv_ptv(
-            masks[target], ctv_margin=params.ctv_margin_mm, ptv_margin=params.ptv_margin_mm,
-            body=masks[body] if body else None,
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PacsaiWarning)  # a missing BODY is flagged just below
+            ctv, ptv = planning.ctv_ptv(
+                masks[target], ctv_margin=params.ctv_margin_mm, ptv_margin=params.ptv_margin_mm,
+                body=masks[body] if body else None,
+            )
         masks["CTV"], masks["PTV"] = ctv, ptv
         if body is None:
             qa.append(_flag("warning", "no BODY structure: CTV not clipped to the body outline"))
@@ -126,7 +128,7 @@ def summarize(data: PatientData, params: ReportParameters, *, pacs_url: str = ""
     for row in structures:
         if row["volume_cc"] == 0:
             qa.append(_flag("warning", f"{row['name']} is empty"))
-        if row["touches_fov_edge"] and row["name"].upper() != "BODY":
+        if row["touches_edge"] and row["name"].upper() != "BODY":
             qa.append(_flag("warning", f"{row['name']} touches the edge of the field of view: volume may be cut"))
     for name, value in sorted(data.uncertainty.items()):
         if value > 0.1:
@@ -139,10 +141,8 @@ def summarize(data: PatientData, params: ReportParameters, *, pacs_url: str = ""
 
     geometry = []
     if "PTV" in masks:
-        for name, m in masks.items():
-            if name in DERIVED or name == target or name == body:
-                continue
-            geometry.append({"oar": name, **planning.oar_geometry(m, masks["PTV"])})
+        oars = {n: m for n, m in masks.items() if n not in DERIVED and n not in (target, body)}
+        geometry = [r.to_dict() for r in planning.target_relations(oars, masks["PTV"], target_name="PTV")]
 
     dvhs: dict[str, Any] = {}
     dvh_rows: dict[str, dict[str, float]] = {}
@@ -151,22 +151,34 @@ def summarize(data: PatientData, params: ReportParameters, *, pacs_url: str = ""
     constraints: list[dict[str, Any]] = []
     dvh_note = data.dose_note
     if data.dose is not None:
-        for name, m in masks.items():
-            if not bool(m.values.any()):
+        # Derived constraint structures (e.g. Lungs-GTV = Lung_L ∪ Lung_R − GTV) get DVHs but are not drawn.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PacsaiWarning)
+            derived = planning.derive_structures(masks, params.constraint_set)
+        for name, m in {**masks, **derived}.items():
+            # BODY's DVH costs seconds and answers no clinical question; its isodose volumes come from
+            # plan_quality below.
+            if name == body or not bool(m.values.any()):
                 continue
-            dvhs[name] = planning.dvh(data.dose, m)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", PacsaiWarning)
+                dvhs[name] = planning.dvh(data.dose, m, name=name)
+            qa += [_flag("warning", str(w.message)) for w in caught if issubclass(w.category, PacsaiWarning)]
             dvh_rows[name] = dvhs[name].to_dict()
             curves[name] = dvhs[name].curve()
-        if "PTV" in masks:
-            plan_quality = planning.plan_quality(
-                data.dose, masks["PTV"], prescription_gy=params.prescription_gy,
-                body=masks[body] if body else None,
-            )
+        if "PTV" in dvhs:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", PacsaiWarning)  # same sampling notes as the DVHs above
+                plan_quality = planning.plan_quality(
+                    data.dose, masks["PTV"], prescription_gy=params.prescription_gy,
+                    body=masks[body] if body else None, target_dvh=dvhs["PTV"], name="PTV",
+                ).to_dict()
         table = planning.evaluate_constraints(dvhs, params.constraint_set)
+        table = table.astype(object).where(table.notna(), None)
         constraints = table.to_dict(orient="records")
         dvh_note = dvhs[next(iter(dvhs))].method if dvhs else "no non-empty structure to compute a DVH for"
         for row in constraints:
-            if row.get("passed") is False:
+            if row.get("status") == "fail":
                 qa.append(_flag("warning", f"constraint not met: {row['structure']} {row['metric']}"))
 
     fractionation = {
@@ -194,7 +206,7 @@ def summarize(data: PatientData, params: ReportParameters, *, pacs_url: str = ""
     provenance = {
         "research_use_only": pacsai.RESEARCH_USE_ONLY,
         "pacsai_version": pacsai.__version__,
-        "git_sha": git_sha(),
+        "git_sha": _git_sha(),
         "pacs_url": _redact(pacs_url),
         "parameters": params.model_dump(mode="json"),
         "structures_source": data.current.structures_source,
@@ -235,21 +247,13 @@ def summarize(data: PatientData, params: ReportParameters, *, pacs_url: str = ""
 
 def _structure_row(name: str, mask: xr.DataArray, image: xr.DataArray, *, source: str) -> dict[str, Any]:
     values = np.asarray(mask.values, dtype=bool)
-    row: dict[str, Any] = {
-        "name": name,
-        "volume_cc": planning.volume_cc(mask),
-        "longest_diameter_mm": planning.longest_diameter_mm(mask) if values.any() else 0.0,
-        "centroid_mm": None,
-        "slices": int(values.any(axis=(1, 2)).sum()),
-        "touches_fov_edge": bool(
-            values[0].any() or values[-1].any() or values[:, 0].any() or values[:, -1].any()
-            or values[:, :, 0].any() or values[:, :, -1].any()
-        ),
-        "source": "derived (margin)" if name in DERIVED else source,
-    }
     if values.any():
-        kji = np.argwhere(values).mean(axis=0)
-        row["centroid_mm"] = [round(float(v), 2) for v in index_to_world(affine_of(mask), kji[::-1][None])[0]]
+        row = planning.structure_stats(mask, name=name).to_dict()
+    else:
+        row = {"name": name, "volume_cc": 0.0, "n_voxels": 0, "longest_diameter_mm": 0.0,
+               "longest_axial_diameter_mm": 0.0, "centroid_lps": None, "n_components": 0, "touches_edge": False}
+    row["slices"] = int(values.any(axis=(1, 2)).sum())
+    row["source"] = "derived (margin)" if name in DERIVED else source
     return row
 
 
@@ -270,22 +274,6 @@ def _redact(url: str) -> str:
         scheme, rest = url.split("://", 1)
         return f"{scheme}://{rest.split('@', 1)[1]}"
     return url
-
-
-def git_sha() -> str:
-    """The project's git commit (``-dirty`` when modified), or ``unknown`` outside a git checkout."""
-    root = Path(pacsai.__file__).resolve().parents[1]
-    try:
-        sha = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=5, check=False,
-        ).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def _jsonable(value: Any) -> Any:
@@ -311,4 +299,10 @@ def _atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["PlanSummary", "build_summary", "summarize", "git_sha"]
+def _git_sha() -> str:
+    from pacsai.tracking import git_sha  # one definition of the code version for MLflow and reports
+
+    return git_sha()
+
+
+__all__ = ["PlanSummary", "build_summary", "summarize"]

@@ -1,0 +1,100 @@
+"""``pacsai demo``: the main job on a fresh clone — seed a PACS, train, validate, report one patient, push back.
+
+Re-running reuses what is there: seeding is idempotent, a model that already holds the alias ``champion`` is
+not trained again (``--retrain`` forces it), and re-pushing the same report adds nothing to the PACS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+DEMO_EXPERIMENT = "experiments/demo.yaml"
+# The report patient is seeded after training, from seeds the training cohort never saw, with a prior study.
+REPORT_SEED = 900
+THRESHOLDS = ("BODY=0.85", "Lung_L=0.85", "Lung_R=0.85", "Heart=0.85")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="main job: seed the embedded PACS, train, validate, report one patient")
+    p.add_argument("--experiment", type=Path, default=None, help=f"experiment YAML (default {DEMO_EXPERIMENT})")
+    p.add_argument("--pacs", default=None, help="PACS to use (default: the embedded store ./pacs)")
+    p.add_argument("--retrain", action="store_true", help="train even when a champion model exists")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (tests and CI)")
+    p.set_defaults(func=run)
+
+
+def _step(text: str) -> float:
+    print(f"==> {text}", flush=True)
+    return time.perf_counter()
+
+
+def run(args: argparse.Namespace) -> int:
+    import yaml
+
+    from pacsai import tracking
+    from pacsai.errors import PacsaiError
+    from pacsai.pacs import connect
+    from pacsai.report.params import validate_parameters
+    from pacsai.report.render import project_root
+    from pacsai.report.run import run_report
+    from pacsai.synthetic import seed_pacs
+
+    start = time.perf_counter()
+    experiment = args.experiment or project_root() / DEMO_EXPERIMENT
+    cfg = yaml.safe_load(Path(experiment).read_text())
+    syn = dict(cfg.get("synthetic") or {})
+    shape = tuple(syn.get("shape", (40, 160, 160)))
+    spacing = tuple(syn.get("spacing", (2.5, 2.5, 4.0)))
+    n_patients = 3 if args.smoke else int(syn.get("patients", 12))
+    pacs = connect(args.pacs)
+
+    t = _step(f"seeding {n_patients} synthetic patients into {pacs.url}")
+    seed_pacs(pacs, patients=n_patients, seed=int(syn.get("seed", 0)), with_prior=bool(syn.get("with_prior")),
+              shape=shape, spacing=spacing, progress=True)
+    print(f"    {time.perf_counter() - t:.0f} s")
+
+    model_name = cfg["model"]["name"]
+    champion = tracking.get_alias(model_name)
+    if champion is None or args.retrain or args.smoke:
+        from pacsai.learning.train import train
+        from pacsai.learning.validate import run_validation
+
+        t = _step(f"training {experiment} (MLflow: {tracking.tracking_uri()})")
+        result = train(experiment, pacs=pacs, smoke=args.smoke)
+        print(f"    {result.model_uri} (run {result.run_id}), best epoch {result.best_epoch}, "
+              f"{result.seconds:.0f} s")
+        t = _step(f"validating {result.model_uri} by papermill")
+        validation = run_validation(result.model_uri, thresholds=() if args.smoke else THRESHOLDS,
+                                    smoke=args.smoke, pacs_url=str(pacs.url))
+        dice = ", ".join(f"{k.removeprefix('dice_')} {v:.3f}" for k, v in sorted(validation.metrics.items())
+                         if k.startswith("dice_"))
+        print(f"    held-out Dice: {dice}")
+        if not validation.passed:
+            raise PacsaiError(f"the demo model failed validation ({'; '.join(validation.failures)}); "
+                              f"see {validation.notebook}")
+        print(f"    alias champion → {model_name} v{validation.version}  ({time.perf_counter() - t:.0f} s)")
+    else:
+        print(f"==> reusing {model_name} v{champion} (alias champion); --retrain trains again")
+
+    t = _step("seeding the report patient (with a prior study) and writing the planning report")
+    seeded = seed_pacs(pacs, patients=1, seed=REPORT_SEED, with_prior=True, shape=shape, spacing=spacing,
+                       progress=False)
+    patient_id = seeded[0].patient_id
+    params = validate_parameters(patient_id=patient_id, pacs_url=str(pacs.url), structures_from="model",
+                                 model_uri=f"models:/{model_name}@champion", smoke=args.smoke)
+    report = run_report(params, push=True)
+    print(f"    {report.seconds:.0f} s")
+    print()
+    print(f"Report:        {report.html}")
+    print(f"               {report.pdf or '(no PDF: install chromium)'}")
+    print(f"Metrics:       {report.metrics}")
+    if report.pushed:
+        print(f"Back in PACS:  {len(report.pushed['objects'])} objects in {pacs.url} "
+              f"({len(report.pushed['stored'])} new)")
+    print(f"MLflow run:    {report.mlflow_run_id}  (store {tracking.tracking_uri()})")
+    print("Open the MLflow UI:  .venv/bin/pacsai ui          → http://127.0.0.1:5000")
+    print("Open JupyterLab:     .venv/bin/jupyter lab notebooks/01_explore_pacs.ipynb")
+    print(f"Done in {time.perf_counter() - start:.0f} s. Research use only.")
+    return 0
