@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pydicom
 import xarray as xr
@@ -205,10 +206,15 @@ def _read_current(
         result = segment(study.image, model=params.model_uri, return_uncertainty=True)
         masks, unc = result if isinstance(result, tuple) else (result, {})
         study.structures = dict(masks)
-        uncertainty = {k: float(v) for k, v in dict(unc).items()}
+        # One figure per structure for the QA section: the mean TTA standard deviation over the predicted mask.
+        for name, umap in dict(unc).items():
+            inside = np.asarray(study.structures[name].values, dtype=bool)
+            values = np.asarray(umap.values if hasattr(umap, "values") else umap)
+            uncertainty[name] = float(values[inside].mean()) if inside.any() else 0.0
         from pacsai.tracking import resolve_model
 
-        model = dict(resolve_model(params.model_uri))
+        ref = resolve_model(params.model_uri)
+        model = {"uri": params.model_uri, "name": ref.name, "version": str(ref.version), "run_id": ref.run_id}
         study.structures_source = f"model {model.get('name', params.model_uri)} v{model.get('version', '?')}"
     dose, note = None, "no RTDOSE in the planning study"
     series = _series(pacs, study.study_instance_uid)

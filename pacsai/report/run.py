@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,7 +78,18 @@ def run_report(
     for key in ("alpha_beta_tumour_gy", "alpha_beta_oar_gy"):
         values.pop(key)  # template defaults; not papermill parameters
     values["out_dir"] = str(staging)
-    render.execute(render.find_template(), notebook, values, cwd=staging)
+    # The kernel runs in the output folder: hand it this process's MLflow store, not one relative to there.
+    from pacsai.tracking import tracking_uri
+
+    saved = os.environ.get("PACSAI_MLFLOW_URI")
+    os.environ["PACSAI_MLFLOW_URI"] = tracking_uri()
+    try:
+        render.execute(render.find_template(), notebook, values, cwd=staging)
+    finally:
+        if saved is None:
+            os.environ.pop("PACSAI_MLFLOW_URI", None)
+        else:
+            os.environ["PACSAI_MLFLOW_URI"] = saved
     metrics_path = staging / METRICS_FILE
     if not metrics_path.is_file():
         raise ReportError(f"the report notebook did not write {metrics_path}; see {notebook}")
