@@ -21,7 +21,7 @@ table.pacsai th{background:#eef2f6;text-align:left;padding:4px 10px;border-botto
 table.pacsai td{padding:3px 10px;border-bottom:1px solid #e3e3e3}
 td.pass{color:#1b6e20;font-weight:600} td.fail{color:#b00020;font-weight:700} td.na{color:#777}
 .pacsai-note{color:#555;font-size:12px;margin:2px 0 10px}
-.pacsai-flag-error{color:#b00020;font-weight:600} .pacsai-flag-warning{color:#8a5a00}
+.pacsai-flag-error{color:#b00020;font-weight:600} .pacsai-flag-warning{color:#8a5a00} .pacsai-flag-note{color:#555}
 </style>
 """
 

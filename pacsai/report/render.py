@@ -104,6 +104,8 @@ def to_html(notebook: Path, html: Path) -> Path:
     from nbconvert import HTMLExporter
 
     nb = nbformat.read(notebook, as_version=4)
+    # nbconvert warns about images without alt text on every figure; the report's figures have captions.
+    logging.getLogger("traitlets").setLevel(logging.ERROR)
     exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
     body, _ = exporter.from_notebook_node(nb)
     _atomic_write(html, body.encode("utf-8"))

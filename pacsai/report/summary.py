@@ -99,7 +99,25 @@ def build_summary(params: ReportParameters, *, pacs: Any | None = None) -> PlanS
 
 
 def summarize(data: PatientData, params: ReportParameters, *, pacs_url: str = "") -> PlanSummary:
-    """Compute every planning metric of one patient (pure: no I/O)."""
+    """Compute every planning metric of one patient (pure: no I/O).
+
+    Data notes raised on the way (:class:`PacsaiWarning`: an empty structure, dose samples outside the dose
+    grid ...) become QA flags of the report, once each, instead of stderr noise in it.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PacsaiWarning)
+        summary = _summarize(data, params, pacs_url=pacs_url)
+    seen = {q["message"] for q in summary.qa}
+    for w in caught:
+        if issubclass(w.category, PacsaiWarning) and str(w.message) not in seen:
+            seen.add(str(w.message))
+            summary.qa.append(_flag("note", str(w.message)))
+        elif not issubclass(w.category, PacsaiWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return summary
+
+
+def _summarize(data: PatientData, params: ReportParameters, *, pacs_url: str) -> PlanSummary:
     image = data.current.image
     masks = {name: m for name, m in data.current.structures.items()}
     qa: list[dict[str, str]] = []
@@ -160,10 +178,7 @@ def summarize(data: PatientData, params: ReportParameters, *, pacs_url: str = ""
             # plan_quality below.
             if name == body or not bool(m.values.any()):
                 continue
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", PacsaiWarning)
-                dvhs[name] = planning.dvh(data.dose, m, name=name)
-            qa += [_flag("warning", str(w.message)) for w in caught if issubclass(w.category, PacsaiWarning)]
+            dvhs[name] = planning.dvh(data.dose, m, name=name)
             dvh_rows[name] = dvhs[name].to_dict()
             curves[name] = dvhs[name].curve()
         if "PTV" in dvhs:
