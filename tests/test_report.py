@@ -166,3 +166,29 @@ def test_report_from_orthanc_with_structures_from_pacs(orthanc, clean_orthanc, p
     assert len(result.pushed["objects"]) == 2  # SEG + SR (no PDF asked for)
     assert orthanc.password not in (tmp_path / "out" / "report.ipynb").read_text()
     assert np.isfinite(metrics["dvh"]["PTV"]["mean_gy"])
+
+
+@pytest.mark.slow
+def test_cohort_reports_one_failure_does_not_stop_the_rest(tmp_path):
+    """Two workers; a patient whose study has no RTSTRUCT fails alone, is listed, and the CLI exits 1."""
+    from pacsai.pacs import connect
+    from pacsai.synthetic import make_patient
+
+    root = tmp_path / "store"
+    pacs = connect(f"file://{root / 'pacs'}", cache_dir=root / "cache")
+    good = make_patient(11, shape=SHAPE, spacing=SPACING, with_prior=False)
+    ct_only = make_patient(12, shape=SHAPE, spacing=SPACING, with_prior=False, with_dose=False)
+    assert pacs.store(list(good.datasets()), progress=False).ok
+    assert pacs.store(list(ct_only.ct), progress=False).ok
+    proc = _run_cli(["report", "--cohort", "-f", "PatientID=SYN*", "--workers", "2", "--pacs",
+                     f"file://{root / 'pacs'}", "--out", str(tmp_path / "reports"), "--no-track"], tmp_path,
+                    {"PACSAI_CACHE_DIR": str(root / "cache")})
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert ct_only.patient_id in proc.stderr and "re-run" in proc.stderr
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "reports" / "cohort_summary.csv")
+    ok = dict(zip(table.patient_id, table.ok))
+    assert ok == {good.patient_id: True, ct_only.patient_id: False}
+    assert "RTSTRUCT" in table.set_index("patient_id").loc[ct_only.patient_id, "error"]
+    assert (tmp_path / "reports" / good.patient_id / "report.html").is_file()
