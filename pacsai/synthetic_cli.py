@@ -32,9 +32,7 @@ def _positive(text: str) -> int:
 
 
 def register(subparsers: Any) -> None:
-    """Add the ``seed`` verb to the ``pacsai`` command."""
-    from pacsai.synthetic import DEFAULT_SHAPE, DEFAULT_SPACING
-
+    """Add the ``seed`` verb to the ``pacsai`` command (imports nothing heavy: ``pacsai --help`` stays fast)."""
     parser = subparsers.add_parser(
         "seed",
         help="store synthetic oncology patients (CT, RTSTRUCT, RTPLAN, RTDOSE, prior study) in a PACS",
@@ -64,16 +62,16 @@ def register(subparsers: Any) -> None:
         type=int,
         nargs=3,
         metavar=("Z", "Y", "X"),
-        default=list(DEFAULT_SHAPE),
-        help=f"CT voxels (default {' '.join(map(str, DEFAULT_SHAPE))})",
+        default=None,
+        help="CT voxels (default: the generator's, pacsai.synthetic.DEFAULT_SHAPE)",
     )
     parser.add_argument(
         "--spacing",
         type=float,
         nargs=3,
         metavar=("X", "Y", "Z"),
-        default=list(DEFAULT_SPACING),
-        help=f"CT voxel size in mm (default {' '.join(map(str, DEFAULT_SPACING))})",
+        default=None,
+        help="CT voxel size in mm (default: the generator's, pacsai.synthetic.DEFAULT_SPACING)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
@@ -82,11 +80,11 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """Seed the PACS and print one line per patient; exit 1 if anything failed to store."""
     from pacsai.pacs import connect
-    from pacsai.synthetic import seed_pacs
+    from pacsai.synthetic import DEFAULT_SHAPE, DEFAULT_SPACING, seed_pacs
     from pacsai.synthetic.phantom import check_grid
 
-    shape = tuple(args.shape)
-    spacing = tuple(args.spacing)
+    shape = tuple(args.shape or DEFAULT_SHAPE)
+    spacing = tuple(args.spacing or DEFAULT_SPACING)
     try:
         check_grid(shape, spacing)  # type: ignore[arg-type]
     except ValueError as err:  # a usage error, like argparse's own (exit code 2)

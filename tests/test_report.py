@@ -192,3 +192,16 @@ def test_cohort_reports_one_failure_does_not_stop_the_rest(tmp_path):
     assert ok == {good.patient_id: True, ct_only.patient_id: False}
     assert "RTSTRUCT" in table.set_index("patient_id").loc[ct_only.patient_id, "error"]
     assert (tmp_path / "reports" / good.patient_id / "report.html").is_file()
+
+
+def test_report_from_pacs_structures_never_imports_torch(store, patient):
+    """DESIGN.md: a report whose structures come from the PACS does not import torch/monai."""
+    _, root = store
+    code = (
+        "import sys; from pacsai.pacs import connect; from pacsai.report.params import validate_parameters; "
+        "from pacsai.report.summary import build_summary; import pacsai.report.display, pacsai.viz; "
+        f"p = connect('file://{root / 'pacs'}', cache_dir='{root / 'cache'}'); "
+        f"s = build_summary(validate_parameters(patient_id='{patient.patient_id}'), pacs=p); "
+        "assert s.dvh; bad = [m for m in ('torch', 'monai') if m in sys.modules]; assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pydicom
 import xarray as xr
 
 from pacsai.errors import PacsaiError, ReportError
@@ -143,11 +142,9 @@ def _series(pacs: Any, study_uid: str) -> pd.DataFrame:
 
 def _pull(pacs: Any, study_uid: str, row: Any) -> tuple[list[Path], SeriesRef]:
     paths = [Path(p) for p in pacs.retrieve_series(study_uid, row.SeriesInstanceUID, progress=False)]
-    sops = []
-    for path in paths:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
-        sops.append(str(ds.SOPInstanceUID))
-    return paths, SeriesRef(str(row.Modality), study_uid, str(row.SeriesInstanceUID), tuple(sorted(sops)), tuple(paths))
+    # The cache names every file by its SOPInstanceUID (pacsai.pacs.cache): no need to read the headers again.
+    sops = sorted(path.stem for path in paths)
+    return paths, SeriesRef(str(row.Modality), study_uid, str(row.SeriesInstanceUID), tuple(sops), tuple(paths))
 
 
 def _pick_ct(series: pd.DataFrame) -> Any:

@@ -142,7 +142,7 @@ def _summarize(data: PatientData, params: ReportParameters, *, pacs_url: str) ->
         if body is None:
             qa.append(_flag("warning", "no BODY structure: CTV not clipped to the body outline"))
 
-    structures = [_structure_row(name, m, image, source=data.current.structures_source) for name, m in masks.items()]
+    structures = [_structure_row(name, m, source=data.current.structures_source) for name, m in masks.items()]
     for row in structures:
         if row["volume_cc"] == 0:
             qa.append(_flag("warning", f"{row['name']} is empty"))
@@ -260,7 +260,7 @@ def _summarize(data: PatientData, params: ReportParameters, *, pacs_url: str) ->
     )
 
 
-def _structure_row(name: str, mask: xr.DataArray, image: xr.DataArray, *, source: str) -> dict[str, Any]:
+def _structure_row(name: str, mask: xr.DataArray, *, source: str) -> dict[str, Any]:
     values = np.asarray(mask.values, dtype=bool)
     if values.any():
         row = planning.structure_stats(mask, name=name).to_dict()
