@@ -8,6 +8,11 @@ comes from a (cheap) QIDO search first: it tells what "complete" means, and wher
 of the series only the missing instances are fetched, one GET each. A complete series gets a manifest, so the
 next call answers from disk without asking the server.
 
+Faults: the session retries 429/5xx and failures before an answer's headers (urllib3); a body that breaks off
+midway (cut, reset, stalled) is retried here and resumes with only the instances that have not arrived. When
+the link keeps failing, the error names the series, the study and how many instances arrived; what arrived is
+cached whole (never a partial file), and calling again fetches only the rest.
+
 Embedded store: files are hard-linked (or copied) from the store's own folder.
 """
 
@@ -18,6 +23,7 @@ import os
 import queue
 import re
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -30,13 +36,15 @@ from tqdm.auto import tqdm
 from pacsai.errors import (
     CacheError,
     PacsaiWarning,
+    PacsAuthError,
     PacsConnectionError,
     PacsError,
     PacsNotFoundError,
+    PacsTimeoutError,
     RetrieveError,
 )
 from pacsai.pacs.cache import InstanceCache, SeriesManifest
-from pacsai.pacs.client import dicom_json_value
+from pacsai.pacs.client import _is_timeout, _reason, dicom_json_value
 
 if TYPE_CHECKING:  # pragma: no cover
     from pacsai.pacs.client import Pacs
@@ -409,7 +417,7 @@ def retrieve_series(
     study_uid, series_uid
         The series.
     progress
-        Show a progress bar while fetching.
+        Show a progress bar while fetching (it counts the instances this call fetches).
     refresh
         Ask the PACS for the instance list even where the cache holds the complete series (the series may
         have grown); only new instances are fetched.
@@ -424,14 +432,28 @@ def retrieve_series(
     ------
     PacsNotFoundError
         The series has no instances on the PACS.
+    PacsConnectionError, PacsTimeoutError
+        The PACS cannot be reached, or the link kept dropping or stalling beyond the retries; the message
+        names the series and study and how many instances arrived (those stay cached: calling again fetches
+        only the rest).
     RetrieveError
-        Some instances did not arrive (the others stay in the cache; calling again fetches only the rest).
-    PacsAuthError, PacsConnectionError, PacsTimeoutError, PacsError
+        Some instances did not arrive for another reason (HTTP errors beyond the retries, answers that do not
+        parse, instances gone from the PACS); same message and caching as above.
+    PacsAuthError, PacsError
         As for every PACS call.
+
+    Notes
+    -----
+    Failures before an answer's body (refused connection, 429/5xx, no answer at all) are retried by the
+    session (:class:`pacsai.pacs.client.HttpOptions`). A body that breaks off midway (connection cut or
+    reset, server stalls) is retried here, with the session's retries and backoff, resuming with only the
+    instances that have not arrived; an attempt that brings new instances starts the count afresh, so a
+    flaky link finishes while a dead one fails after ``retries`` attempts (timeouts: ``timeout_retries``).
     """
     cache = pacs.cache
     manifest = None if refresh else cache.read_manifest(series_uid)
-    if manifest is not None and manifest.study_uid == study_uid:
+    cached = manifest is not None and manifest.study_uid == study_uid
+    if manifest is not None and cached:
         paths, broken = cache.check(manifest)
         if not broken:
             logger.debug("series %s served from the cache (%d instances)", series_uid, len(paths))
@@ -444,57 +466,72 @@ def retrieve_series(
         )
         expected: list[str] | None = list(manifest.instances)
         missing: list[str] | None = list(broken)
-    elif pacs.is_embedded or refresh or cache.is_partial(series_uid):
-        expected = list_instances(pacs, study_uid, series_uid)
-        missing = [uid for uid in expected if not cache.has(uid)]
     else:
-        expected = missing = None  # unknown yet: stream the whole series, then check it is complete
-    if expected is not None and not expected:
-        raise _not_found(pacs, study_uid, series_uid)
-
-    cache.drop_manifest(series_uid)
+        expected = missing = None
     received: dict[str, int] = {}
-    total = (
-        len(missing)
-        if missing is not None
-        else (series_size(pacs, study_uid, series_uid) if not pacs.is_embedded else 0)
-    )
-    if missing is None and total == 0:
-        raise _not_found(pacs, study_uid, series_uid)
-    with tqdm(
-        total=max(total, 0) or None,
-        unit="inst",
-        desc=f"series …{series_uid[-8:]}",
-        disable=not progress,
-        leave=False,
-    ) as bar:
+    total = 0
+    try:
+        if not cached and (pacs.is_embedded or refresh or cache.is_partial(series_uid)):
+            expected = list_instances(pacs, study_uid, series_uid)
+            missing = [uid for uid in expected if not cache.has(uid)]
+        # else: unknown yet: stream the whole series, then check it is complete
+        if expected is not None and not expected:
+            raise _not_found(pacs, study_uid, series_uid)
+        cache.drop_manifest(series_uid)
+        if missing is not None:
+            total = len(missing)
+        elif not pacs.is_embedded:
+            total = series_size(pacs, study_uid, series_uid)
+        if missing is None and total == 0:
+            raise _not_found(pacs, study_uid, series_uid)
+        wanted = set(missing) if missing is not None else None
+        with tqdm(
+            total=max(total, 0) or None,
+            unit="inst",
+            desc=f"series …{series_uid[-8:]}",
+            disable=not progress,
+            leave=False,
+        ) as bar:
 
-        def done(uid: str, path: Path, size: int) -> None:
-            received[uid] = size
-            bar.update(1)
+            def done(uid: str, path: Path, size: int) -> None:
+                # Count each wanted instance once: a retried or whole-series answer may bring one again.
+                if uid not in received and (wanted is None or uid in wanted):
+                    bar.update(1)
+                received[uid] = size
 
-        try:
             if pacs.is_embedded:
                 _copy_from_store(pacs, study_uid, series_uid, missing or [], done)
             else:
                 expected = _fetch_http(pacs, study_uid, series_uid, expected, missing, total, done)
-        except BaseException:
-            if received:
-                cache.mark_partial(series_uid)
-            raise
+    except PacsError as err:
+        if received:
+            cache.mark_partial(series_uid)
+        raise _incomplete(err, pacs, study_uid, series_uid, expected, total, received) from err
+    except BaseException:
+        if received:
+            cache.mark_partial(series_uid)
+        raise
     assert expected is not None
     absent = [uid for uid in expected if uid not in received and not cache.has(uid)]
     if absent:
         cache.mark_partial(series_uid)
         raise RetrieveError(
-            f"{len(absent)} of {len(expected)} instances of series {series_uid} did not arrive from {pacs.url} "
-            f"(first: {absent[0]}); the {len(expected) - len(absent)} that did are cached; call again to resume"
+            f"{len(absent)} of {len(expected)} instances of series {series_uid} (study {study_uid}) did not "
+            f"arrive from {pacs.url} (first: {absent[0]}); the {len(expected) - len(absent)} that did are "
+            "cached; call again to resume"
         )
     seen = set(expected)
     order = expected + [uid for uid in received if uid not in seen]
     final = {uid: received[uid] if uid in received else cache.path_for(uid).stat().st_size for uid in order}
     cache.write_manifest(SeriesManifest(study_uid=study_uid, series_uid=series_uid, instances=final))
     cache.clear_partial(series_uid)
+    logger.info(
+        "series %s: %d instance(s) fetched from %s, %d already cached",
+        series_uid,
+        len(received),
+        pacs.url,
+        len(order) - len(received),
+    )
     return [cache.path_for(uid) for uid in order]
 
 
@@ -503,6 +540,121 @@ def _not_found(pacs: Pacs, study_uid: str, series_uid: str) -> PacsNotFoundError
         f"series {series_uid} of study {study_uid} has no instances on {pacs.url}; "
         "check the UIDs with `pacsai pacs search --level series`"
     )
+
+
+def _incomplete(
+    err: PacsError,
+    pacs: Pacs,
+    study_uid: str,
+    series_uid: str,
+    expected: list[str] | None,
+    total: int,
+    received: dict[str, int],
+) -> PacsError:
+    """``err`` restated for the series: which one, how many instances arrived, how to resume.
+
+    Connection problems stay :class:`PacsConnectionError` / :class:`PacsTimeoutError` (a caller may treat an
+    unreachable PACS differently from a bad series); anything else becomes :class:`RetrieveError`.
+    """
+    if isinstance(err, (PacsAuthError, PacsNotFoundError, CacheError)):
+        return err  # about credentials or UIDs, not about this transfer: already says what to fix
+    if expected is not None:
+        arrived, of = sum(1 for uid in expected if uid in received or pacs.cache.has(uid)), len(expected)
+    else:
+        arrived, of = len(received), total
+    count = f"{arrived} of {of} instances" if of > 0 else f"{arrived} instances"
+    text = (
+        f"{err}; series {series_uid} of study {study_uid}: {count} arrived"
+        + (" and are cached; calling again fetches only the rest" if arrived else "")
+    )
+    if isinstance(err, PacsTimeoutError) or (isinstance(err, _BrokenBody) and err.timeout):
+        return PacsTimeoutError(text)
+    if isinstance(err, PacsConnectionError):
+        return PacsConnectionError(text)
+    return RetrieveError(text)
+
+
+class _BrokenBody(PacsConnectionError):
+    """An answer's body broke off (connection cut, reset, stalled, or a truncated multipart body): urllib3
+    retries only up to the headers, so these are retried by :func:`_fetch_http`."""
+
+    def __init__(self, message: str, *, timeout: bool) -> None:
+        super().__init__(message)
+        self.timeout = timeout
+
+
+class _Attempts:
+    """Retries of broken bodies: ``retries`` in a row without a new instance (``timeout_retries`` when the
+    last failure was a stall), with exponential backoff; any progress starts the count afresh.
+
+    The policy is the session's (its adapter's urllib3 ``Retry``), so ``HttpOptions`` configures both
+    layers. A request is retried by one layer only (urllib3 up to the headers, this class after), so the
+    worst case for a stalling server stays about ``(1 + timeout_retries) x timeout`` per stretch without
+    progress instead of multiplying the two retry counts.
+    """
+
+    def __init__(self, pacs: Pacs) -> None:
+        assert pacs.session is not None
+        retry = pacs.session.get_adapter(pacs.url).max_retries
+        self.retries = int(retry.total or 0) if not isinstance(retry.total, bool) else 0
+        self.timeout_retries = int(getattr(retry, "timeout_retries", 1))
+        self.backoff = float(retry.backoff_factor)
+        self.backoff_max = float(retry.backoff_max)
+        self.streak = 0
+        self.count = 0  # retries made, for the log
+
+    def failed(self, err: _BrokenBody) -> None:
+        """Wait before the next attempt; re-raise ``err`` when the retries are spent."""
+        self.streak += 1
+        limit = min(self.retries, self.timeout_retries) if err.timeout else self.retries
+        if self.streak > limit:
+            raise err
+        self.count += 1
+        wait = min(self.backoff * 2 ** (self.streak - 1), self.backoff_max)
+        logger.info("%s; retry %d of %d in %.2f s", err, self.streak, limit, wait)
+        time.sleep(wait)
+
+    def progressed(self) -> None:
+        self.streak = 0
+
+
+def _stream(
+    pacs: Pacs,
+    url: str,
+    what: str,
+    record: Callable[[str, Path, int], None],
+    *,
+    threaded: bool = False,
+) -> None:
+    """GET ``url`` and write its parts into the cache.
+
+    Failures up to the headers come back as :class:`PacsError` subclasses (after the session's retries);
+    a body that breaks off raises :class:`_BrokenBody` (committed instances stay; the part in flight is
+    dropped).
+    """
+    with pacs.errors(what):
+        response = _get_stream(pacs, url)
+    with response:
+        try:
+            stream_parts(response, pacs.cache, on_instance=record, threaded=threaded)
+        except _PartError as err:
+            # Orthanc sends multipart answers without a length: a cut connection looks like a normal end,
+            # and only the truncated multipart structure tells.
+            raise _BrokenBody(
+                f"the answer from {pacs.url} broke off while trying to {what}: {err}", timeout=False
+            ) from err
+        except _STREAM_ERRORS as err:
+            if _is_timeout(err):
+                raise _BrokenBody(
+                    f"{pacs.url} stopped sending in the middle of an answer while trying to {what}; "
+                    "raise PACSAI_PACS_TIMEOUT or check the server's load",
+                    timeout=True,
+                ) from err
+            raise _BrokenBody(
+                f"the connection to {pacs.url} dropped in the middle of an answer while trying to {what} "
+                f"({_reason(err)}); retries exhausted, try again later",
+                timeout=False,
+            ) from err
 
 
 def _fetch_http(
@@ -514,31 +666,34 @@ def _fetch_http(
     total: int,
     done: Callable[[str, Path, int], None],
 ) -> list[str]:
-    """Fetch a series (whole, or only ``missing``); returns the complete instance list."""
+    """Fetch a series (whole, or only ``missing``), retrying broken bodies; returns the full instance list."""
     got: list[str] = []
 
     def record(uid: str, path: Path, size: int) -> None:
         got.append(uid)
         done(uid, path, size)
 
+    attempts = _Attempts(pacs)
     base = f"{pacs.url}/studies/{study_uid}/series/{series_uid}"
     whole = missing is None or expected is None or len(missing) > WHOLE_SERIES_ABOVE * len(expected)
     if whole:
+        threaded = (os.cpu_count() or 1) >= WRITER_THREAD_MIN_CPUS
         broke = False
-        try:
-            threaded = (os.cpu_count() or 1) >= WRITER_THREAD_MIN_CPUS
-            with pacs.errors(f"retrieve series {series_uid}"), _get_stream(pacs, base) as response:
-                stream_parts(response, pacs.cache, on_instance=record, threaded=threaded)
-        except (PacsError, *_STREAM_ERRORS) as err:
-            if isinstance(err, PacsError) and not isinstance(err, (_PartError, PacsConnectionError)):
-                raise
-            if not got:
-                raise
-            # A dropped stream keeps what arrived; the rest is fetched instance by instance below.
-            logger.warning(
-                "retrieval of series %s broke after %d instances (%s); resuming", series_uid, len(got), err
-            )
-            broke = True
+        while True:
+            before = len(got)
+            try:
+                _stream(pacs, base, f"retrieve series {series_uid}", record, threaded=threaded)
+                break
+            except _BrokenBody as err:
+                if len(got) == before:
+                    attempts.failed(err)  # nothing new: the same request again, after a pause
+                    continue
+                # What arrived stays; the rest is fetched instance by instance below (a whole series again
+                # would bring back what is already here).
+                logger.info("%s after %d new instance(s); resuming with the rest", err, len(got) - before)
+                attempts.progressed()
+                broke = True
+                break
         if expected is None:
             if not broke and total >= 0 and len(set(got)) >= total:
                 return got  # the common case: complete, and no instance list needed
@@ -546,18 +701,22 @@ def _fetch_http(
         arrived = set(got)
         missing = [uid for uid in expected if uid not in arrived and not pacs.cache.has(uid)]
     assert missing is not None
-    for uid in missing:
+    pending = iter(missing)
+    uid = next(pending, None)
+    while uid is not None:
         try:
-            url = f"{base}/instances/{uid}"
-            with pacs.errors(f"retrieve instance {uid}"), _get_stream(pacs, url) as response:
-                stream_parts(response, pacs.cache, on_instance=record)
+            what = f"retrieve instance {uid} of series {series_uid}"
+            _stream(pacs, f"{base}/instances/{uid}", what, record)
         except PacsNotFoundError:
             logger.warning("instance %s of series %s vanished from %s", uid, series_uid, pacs.url)
-        except _STREAM_ERRORS as err:
-            raise RetrieveError(
-                f"connection to {pacs.url} dropped while fetching instance {uid} of series {series_uid} ({err}); "
-                "the instances that arrived are cached; call again to resume"
-            ) from err
+        except _BrokenBody as err:
+            if not pacs.cache.has(uid):  # (it may have arrived whole before the cut: then move on)
+                attempts.failed(err)
+                continue
+        attempts.progressed()
+        uid = next(pending, None)
+    if attempts.count:
+        logger.info("series %s: complete after %d retried answer(s)", series_uid, attempts.count)
     return expected
 
 
