@@ -54,6 +54,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def _configure_logging(verbosity: int) -> None:
     level = logging.WARNING - 10 * min(verbosity, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if level <= logging.DEBUG:  # third-party DEBUG lines carry PatientIDs in query strings (pacsai.privacy)
+        from pacsai.config import load_settings
+        from pacsai.privacy import protect_handlers
+
+        protect_handlers(logging.getLogger().handlers, log_phi=load_settings().log_phi)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

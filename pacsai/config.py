@@ -23,7 +23,9 @@ class Settings(BaseSettings):
     """Everything pacsai reads from its environment.
 
     Environment variables use the prefix ``PACSAI_`` (``PACSAI_PACS_URL``, ``PACSAI_PACS_PASSWORD`` ...).
-    Secrets are :class:`pydantic.SecretStr`, so they never show up in ``repr`` or logs.
+    Secrets are :class:`pydantic.SecretStr`, so they never show up in ``repr`` or logs. Credentials come only
+    from here (environment, ``.env``) or a netrc file (``pacs_netrc``; see :mod:`pacsai.pacs.credentials`),
+    never from the command line.
     """
 
     model_config = SettingsConfigDict(
@@ -34,6 +36,9 @@ class Settings(BaseSettings):
     pacs_user: str | None = None
     pacs_password: SecretStr | None = None
     pacs_token: SecretStr | None = None
+    pacs_netrc: Path | None = Field(
+        None, description="netrc file with the PACS host's login (default: $NETRC, else ~/.netrc, as requests)"
+    )
     pacs_ca_bundle: Path | None = Field(None, description="CA bundle for a hospital's TLS certificates")
     pacs_verify: bool = Field(True, description="verify TLS certificates (on by default)")
     pacs_timeout: float = Field(30.0, description="seconds to wait for the PACS to answer")

@@ -47,5 +47,8 @@ def _isolated_env(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("MLFLOW_ENABLE_TELEMETRY", "false")
     monkeypatch.setenv("DO_NOT_TRACK", "1")
     for var in ("PACSAI_PACS_URL", "PACSAI_PACS_USER", "PACSAI_PACS_PASSWORD", "PACSAI_PACS_TOKEN",
-                "MLFLOW_TRACKING_URI", "PACSAI_MLFLOW_URI", "PACSAI_LOG_PHI"):
+                "MLFLOW_TRACKING_URI", "PACSAI_MLFLOW_URI", "PACSAI_LOG_PHI", "PACSAI_PACS_NETRC",
+                "PACSAI_PSEUDONYM_KEY"):
         monkeypatch.delenv(var, raising=False)
+    # requests (and pacsai.pacs.credentials) fall back to ~/.netrc: a developer's own logins must not leak in.
+    monkeypatch.setenv("NETRC", str(base / "no-netrc"))

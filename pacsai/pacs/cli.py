@@ -1,7 +1,7 @@
 """``pacsai pacs ping|search|pull|push``: talk to a PACS from the command line.
 
 Exit code 0 only on full success. Errors are one line on stderr (``pacsai.cli`` turns :class:`PacsaiError`
-into that). The password is read only from the environment or ``.env`` (``PACSAI_PACS_PASSWORD``), never from
+into that). The password is read only from the environment, ``.env`` (``PACSAI_PACS_PASSWORD``) or a netrc file, never from
 the command line, where other users could see it in the process list.
 """
 
@@ -46,7 +46,8 @@ def register(subparsers: Any) -> None:
         "pacs",
         help="talk to a PACS: ping, search, pull, push",
         description="Talk to a DICOMweb PACS (--pacs URL) or the embedded store (default file://./pacs). "
-        "The password comes only from PACSAI_PACS_PASSWORD (environment or .env).",
+        "The password comes only from PACSAI_PACS_PASSWORD (environment or .env) or a netrc file "
+        "(PACSAI_PACS_NETRC, default ~/.netrc). Research use only.",
     )
     sub = parser.add_subparsers(dest="pacs_verb", metavar="SUBVERB", required=True)
 
@@ -196,14 +197,26 @@ def _pull(args: argparse.Namespace) -> int:
         except OSError as err:
             raise PacsError(f"cannot create {folder}: {err}; pick a writable --out folder") from err
         for path in paths:
-            target = folder / path.name
-            tmp = folder / f".{path.name}.part"
-            # A copy, not a link: editing the output must never change the shared cache.
-            shutil.copyfile(path, tmp)
-            os.replace(tmp, target)
+            _copy_out(path, folder / path.name)
             total += 1
     print(f"pulled {total} instance(s) in {len(series)} series into {args.out}")
     return 0
+
+
+def _copy_out(source: Path, target: Path) -> None:
+    """Copy a cached file to the output folder: whole or not at all (a hidden temporary, then a rename)."""
+    tmp = target.with_name(f".{target.name}.part")
+    try:
+        # A copy, not a link: editing the output must never change the shared cache.
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise PacsError(
+                f"cannot write {target}: {err}; pick a writable --out folder with free space"
+            ) from err
+        raise
 
 
 def _push(args: argparse.Namespace) -> int:

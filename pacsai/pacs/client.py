@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from urllib3.util.retry import Retry
 
 from pacsai.config import DEFAULT_PACS_URL, Settings, load_settings
 from pacsai.errors import (
+    PacsaiWarning,
     PacsAuthError,
     PacsConnectionError,
     PacsError,
@@ -44,12 +46,60 @@ RETRY_STATUSES = (429, 500, 502, 503, 504)
 
 @dataclass(frozen=True)
 class HttpOptions:
-    """How the http(s) session behaves (from :class:`pacsai.config.Settings` unless given)."""
+    """How the http(s) session behaves (from :class:`pacsai.config.Settings` unless given).
+
+    ``retries`` count per request (and, for bodies that break off during a retrieval, per stretch without
+    progress: see :mod:`pacsai.pacs.retrieve`). Between retries urllib3 waits ``backoff * 2**(n-1)`` seconds
+    (none before the first; at most ``backoff_max``), or what the server's ``Retry-After`` asks (at most
+    ``retry_after_max``). A read timeout is retried only ``timeout_retries`` times whatever ``retries`` says:
+    a server that accepted and stopped answering rarely recovers within seconds, and ``retries x timeout``
+    would turn a dead PACS into minutes of silence (5 x 30 s with the defaults; capped, 2 x 30 s).
+    """
 
     timeout: float
     connect_timeout: float
     retries: int
     backoff: float = 0.5
+    backoff_max: float = 30.0
+    retry_after_max: float = 60.0
+    timeout_retries: int = 1
+
+
+class _Retry(Retry):
+    """urllib3's Retry with two caps (see :class:`HttpOptions`): read timeouts are retried at most
+    ``timeout_retries`` times, and a ``Retry-After`` is obeyed up to ``retry_after_max`` seconds (a PACS
+    asking for an hour must not freeze a run for an hour)."""
+
+    def __init__(
+        self, *args: Any, timeout_retries: int = 1, retry_after_cap: float = 60.0, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.timeout_retries = timeout_retries
+        self.retry_after_cap = retry_after_cap
+
+    def new(self, **kw: Any) -> _Retry:
+        kw.setdefault("timeout_retries", self.timeout_retries)
+        kw.setdefault("retry_after_cap", self.retry_after_cap)
+        return super().new(**kw)
+
+    def increment(  # type: ignore[override]
+        self,
+        method: str | None = None,
+        url: str | None = None,
+        response: Any = None,
+        error: Exception | None = None,
+        _pool: Any = None,
+        _stacktrace: Any = None,
+    ) -> _Retry:
+        if isinstance(error, urllib3.exceptions.ReadTimeoutError):
+            earlier = sum(isinstance(h.error, urllib3.exceptions.ReadTimeoutError) for h in self.history)
+            if earlier >= self.timeout_retries:
+                raise urllib3.exceptions.MaxRetryError(_pool, url or "", error) from error
+        return super().increment(method, url, response, error, _pool, _stacktrace)
+
+    def get_retry_after(self, response: Any) -> float | None:
+        seconds = super().get_retry_after(response)
+        return None if seconds is None else min(seconds, self.retry_after_cap)
 
 
 class _TimeoutAdapter(HTTPAdapter):
@@ -101,19 +151,21 @@ def build_session(
     basic or bearer authentication, TLS verification (on by default, or against ``ca_bundle``).
     """
     session = requests.Session()
-    retry = Retry(
+    retry = _Retry(
         total=options.retries,
         # A refused connection is usually a wrong URL or a stopped server: retry it less than a dropped one.
         connect=min(options.retries, 2),
         read=options.retries,
         status=options.retries,
         backoff_factor=options.backoff,
-        backoff_max=30,
+        backoff_max=options.backoff_max,
         status_forcelist=RETRY_STATUSES,
         # STOW of the same SOP instances is idempotent on a PACS, so POST may be retried too.
         allowed_methods=frozenset({"GET", "HEAD", "OPTIONS", "POST", "DELETE"}),
         raise_on_status=False,
         respect_retry_after_header=True,
+        timeout_retries=options.timeout_retries,
+        retry_after_cap=options.retry_after_max,
     )
     tls: bool | str = str(ca_bundle) if (verify and ca_bundle) else verify
     adapter = _TimeoutAdapter(
@@ -191,7 +243,8 @@ def http_error(response: requests.Response | None, url: str, *, what: str, user:
         who = f"user {user!r}" if user else "no credentials"
         return PacsAuthError(
             f"{url} refused access (HTTP {status}) with {who} while trying to {what}; "
-            "set PACSAI_PACS_USER and PACSAI_PACS_PASSWORD (or PACSAI_PACS_TOKEN) to valid credentials"
+            "set PACSAI_PACS_USER and PACSAI_PACS_PASSWORD (or PACSAI_PACS_TOKEN, or a netrc entry for the host) "
+            "to valid credentials"
         )
     if status == 404:
         return PacsNotFoundError(
@@ -434,17 +487,21 @@ def connect(
             f"unsupported PACS URL {redact_url(url)!r}; use http(s)://.../dicom-web or file://FOLDER"
         )
 
-    parts = urlsplit(url)
+    from pacsai.pacs.credentials import resolve_credentials
+
     # Credentials in the URL are accepted but moved out of it, so that no message or log shows them.
-    if parts.username is not None and user is None:
-        user, password = parts.username, parts.password if password is None else password
+    # Precedence: arguments (or the URL) > environment > .env > netrc (see pacsai.pacs.credentials).
+    creds = resolve_credentials(url, user=user, password=password, token=token, settings=settings)
+    user, password, token = creds.user, creds.password, creds.token
     url = redact_url(url).rstrip("/")
-    if user is None:
-        user = settings.pacs_user
-    if password is None and settings.pacs_password is not None:
-        password = settings.pacs_password.get_secret_value()
-    if token is None and settings.pacs_token is not None:
-        token = settings.pacs_token.get_secret_value()
+    verify = settings.pacs_verify if verify is None else verify
+    if not verify and scheme == "https":
+        warnings.warn(
+            f"TLS certificate verification is off for {url}: anyone on the network path can read the "
+            "images and credentials; give the hospital CA with PACSAI_PACS_CA_BUNDLE / --ca-bundle instead",
+            PacsaiWarning,
+            stacklevel=2,
+        )
     options = HttpOptions(
         timeout=float(timeout if timeout is not None else settings.pacs_timeout),
         connect_timeout=float(min(settings.pacs_connect_timeout, timeout or settings.pacs_connect_timeout)),
@@ -454,7 +511,7 @@ def connect(
         user=user,
         password=password,
         token=token,
-        verify=settings.pacs_verify if verify is None else verify,
+        verify=verify,
         ca_bundle=Path(ca_bundle) if ca_bundle is not None else settings.pacs_ca_bundle,
         options=options,
     )
@@ -464,7 +521,7 @@ def connect(
 
         return DICOMwebClient(url=url, session=session, timeout=(options.connect_timeout, options.timeout))
 
-    logger.debug("connected to DICOMweb server %s (user %s)", url, "set" if user or token else "none")
+    logger.debug("connected to DICOMweb server %s (credentials: %s)", url, creds.source)
     return Pacs(url=url, client_factory=make_client, cache=cache, session=session, user=user)
 
 

@@ -223,7 +223,7 @@ def _summarize(data: PatientData, params: ReportParameters, *, pacs_url: str) ->
         "pacsai_version": pacsai.__version__,
         "git_sha": _git_sha(),
         "pacs_url": _redact(pacs_url),
-        "parameters": params.model_dump(mode="json"),
+        "parameters": {**params.model_dump(mode="json"), "pacs_url": _redact(params.pacs_url)},
         "structures_source": data.current.structures_source,
         "model": data.model,
         "inputs": [ref.to_dict() for ref in data.inputs],
