@@ -13,7 +13,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,6 +127,8 @@ def start_orthanc(
     binary: Path = ORTHANC_BINARY,
     plugin: Path = DICOMWEB_PLUGIN,
     startup_timeout: float = 30.0,
+    lua_scripts: Sequence[str | Path] = (),
+    extra_config: Mapping[str, object] | None = None,
 ) -> OrthancServer:
     """Start Orthanc with the DICOMweb plugin on a loopback port, storage in ``workdir``; wait until it answers.
 
@@ -142,6 +144,11 @@ def start_orthanc(
         Paths of the Orthanc executable and of ``libOrthancDicomWeb.so``.
     startup_timeout
         Seconds to wait for the server to answer.
+    lua_scripts
+        Lua files Orthanc loads at start-up (``LuaScripts``), e.g. a ``ReceivedInstanceFilter`` that refuses
+        instances, to make a real server reject part of a STOW request.
+    extra_config
+        Configuration keys merged over the defaults (top level, so a key replaces the default's value).
 
     Returns
     -------
@@ -162,9 +169,12 @@ def start_orthanc(
     (workdir / "storage").mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     config_path = workdir / "orthanc.json"
-    config_path.write_text(
-        json.dumps(_config(workdir, port=port, user=user, password=password, plugin=plugin))
-    )
+    config = _config(workdir, port=port, user=user, password=password, plugin=plugin)
+    if lua_scripts:
+        # Absolute paths: Orthanc resolves relative ones against its working directory, not the caller's.
+        config["LuaScripts"] = [str(Path(p).resolve()) for p in lua_scripts]
+    config.update(extra_config or {})
+    config_path.write_text(json.dumps(config))
     log_path = workdir / "orthanc.log"
     with open(log_path, "ab") as log:
         process = subprocess.Popen(

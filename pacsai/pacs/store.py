@@ -128,10 +128,18 @@ def _pixel_problem(ds: Dataset) -> str | None:
         bits = int(ds.BitsAllocated)
     except (AttributeError, TypeError, ValueError) as err:
         return f"pixel data without usable Rows/Columns/BitsAllocated ({err})"
+    if min(rows, cols, samples, frames, bits) < 1:
+        return f"Rows/Columns/SamplesPerPixel/NumberOfFrames/BitsAllocated {rows}/{cols}/{samples}/{frames}/{bits} is not an image"
     meta = getattr(ds, "file_meta", None)
     syntax = meta.get("TransferSyntaxUID") if meta is not None else None
     value = ds.PixelData
-    if syntax is not None and UID(syntax).is_compressed:
+    if not isinstance(value, (bytes, bytearray)):  # empty (None) or decoded as text through a corrupt VR
+        return f"pixel data is empty or not binary (VR {ds['PixelData'].VR}) (truncated or corrupt file?)"
+    try:
+        compressed = syntax is not None and UID(str(syntax)).is_compressed
+    except ValueError:
+        return f"TransferSyntaxUID {str(syntax)!r} is not a transfer syntax (corrupt file meta?)"
+    if compressed:
         fragments = _count_items(value)
         if fragments is None:
             return "encapsulated pixel data is cut short: its last item is incomplete (truncated file?)"
@@ -326,11 +334,41 @@ def store(pacs: Pacs, items: Any, *, progress: bool = True) -> StoreSummary:
             stored.extend(ok)
             failed.extend(bad)
             bar.update(len(batch))
+    if to_send:
+        stored, failed = _verify(pacs, to_send, stored, failed)
     summary = StoreSummary(
         stored=tuple(stored), already_present=tuple(already), skipped=tuple(skipped), failed=tuple(failed)
     )
     logger.info("store to %s: %s", pacs.url, summary)
     return summary
+
+
+def _verify(
+    pacs: Pacs, sent: list[_Prepared], stored: list[str], failed: list[tuple[str, str]]
+) -> tuple[list[str], list[tuple[str, str]]]:
+    """Check the STOW answer against what the PACS now holds (one QIDO per study).
+
+    Orthanc's DICOMweb plugin (1.7) lists an instance that a ``ReceivedInstanceFilter`` refused among the stored
+    ones (HTTP 200, empty FailedSOPSequence) although it keeps nothing, and when a filter raises it silently drops
+    that instance and every later one of the request. Only the server's contents tell the truth.
+    """
+    held = _present(pacs, {item.study_uid for item in sent})
+    by_uid = {item.sop_uid: item for item in sent}
+    really: list[str] = []
+    for uid in stored:
+        if uid in held:
+            really.append(uid)
+        else:
+            failed.append((by_uid[uid].name, (
+                f"{pacs.url} answered that it stored SOP instance {uid} but does not hold it: a filter on "
+                "the PACS refused it (e.g. an Orthanc ReceivedInstanceFilter Lua script); ask its "
+                "administrator why, then push again (instances already stored are skipped)"
+            )))
+    # An instance the answer did not account for may still have been stored: trust the server's contents.
+    names = {item.name: item.sop_uid for item in sent}
+    rescued = {name for name, _ in failed if name in names and names[name] in held and names[name] not in stored}
+    really.extend(names[name] for name in sorted(rescued))
+    return really, [(name, reason) for name, reason in failed if name not in rescued]
 
 
 def _batches(items: list[_Prepared]) -> Iterator[list[_Prepared]]:
@@ -416,13 +454,44 @@ def _outcome(
     bad: list[tuple[str, str]] = []
     for item in batch:
         if item.sop_uid in rejected:
-            code = rejected[item.sop_uid]
-            bad.append((item.name, f"{source} rejected SOP instance {item.sop_uid} (failure reason {code})"))
+            bad.append((item.name, f"{source} rejected SOP instance {item.sop_uid} "
+                        f"({_failure_reason(rejected[item.sop_uid])}); see the PACS log for why"))
         elif item.sop_uid in accepted:
             ok.append(item.sop_uid)
         else:
-            bad.append((item.name, f"{source} neither stored nor rejected SOP instance {item.sop_uid}"))
+            bad.append((item.name, f"{source} neither stored nor rejected SOP instance {item.sop_uid} (it stopped "
+                        "reading the request early, e.g. a filter on it failed); push again: instances already "
+                        "stored are skipped"))
     return ok, bad
+
+
+# PS3.4 Annex GG.4 / PS3.18 FailureReason (0008,1197) codes a STOW answer may carry.
+_FAILURE_REASONS = {
+    0x0110: "processing failure",
+    0x0112: "no such object instance",
+    0x0122: "SOP class not supported",
+    0x0124: "not authorized",
+    0xA700: "out of resources",
+    0xA770: "out of resources",
+    0xA900: "data set does not match SOP class",
+    0xB000: "coercion of data elements",
+    0xB006: "elements discarded",
+    0xB007: "data set does not match SOP class (warning)",
+    0xC000: "cannot understand",
+    0xC122: "transfer syntax not supported",
+}
+
+
+def _failure_reason(code: Any) -> str:
+    """``failure reason 0x0110 (processing failure)`` for a FailureReason value (an int, or absent)."""
+    if code is None:
+        return "no failure reason given"
+    try:
+        number = int(code)
+    except (TypeError, ValueError):
+        return f"failure reason {code!r}"
+    meaning = _FAILURE_REASONS.get(number)
+    return f"failure reason 0x{number:04X}" + (f" ({meaning})" if meaning else "")
 
 
 class _DropRecords(logging.Filter):

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pacsai.report.params import ReportParameters
 
 
 def _kv(text: str) -> tuple[str, str]:
@@ -39,6 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cohort", action="store_true", help="report every patient matching -f filters")
     p.add_argument("-f", "--filter", type=_kv, action="append", default=[], metavar="KEY=VALUE",
                    help="study-level QIDO filter for --cohort (e.g. PatientID='SYN*')")
+    p.add_argument("--rerun-failed", type=Path, default=None, metavar="CSV",
+                   help="re-run the patients that failed in this cohort_summary.csv (implies --cohort; the "
+                   "summary is rewritten with the finished patients kept)")
     p.add_argument("--workers", type=int, default=1, help="parallel reports (process pool)")
     p.add_argument("--dask", default=None, metavar="ADDRESS", help="run the cohort on a Dask cluster")
     p.set_defaults(func=run)
@@ -57,24 +65,8 @@ def run(args: argparse.Namespace) -> int:
             smoke=args.smoke,
         )
 
-    if args.cohort:
-        from pacsai.pacs import connect
-        from pacsai.report.batch import cohort_patients, run_cohort
-
-        patients = cohort_patients(connect(args.pacs), dict(args.filter))
-        if not patients:
-            raise ReportError(f"no patients match {dict(args.filter)}; check the filters with `pacsai pacs search`")
-        table = run_cohort(
-            [params_for(p) for p in patients], out_root=args.out or Path("reports"), workers=args.workers,
-            dask_address=args.dask, push=args.push, track=not args.no_track,
-        )
-        print(table.to_string(index=False))
-        failed = table[~table.ok]
-        if not failed.empty:
-            print(f"{len(failed)} of {len(table)} reports failed; re-run them with "
-                  f"`pacsai report PATIENT_ID` ({', '.join(failed.patient_id)})", file=sys.stderr)
-            return 1
-        return 0
+    if args.cohort or args.rerun_failed:
+        return _cohort(args, params_for)
     if not args.patient_id:
         raise ReportError("give a PATIENT_ID, or --cohort with -f filters")
     from pacsai.report.run import run_report
@@ -90,4 +82,44 @@ def run(args: argparse.Namespace) -> int:
     if result.mlflow_run_id:
         print(f"mlflow:  run {result.mlflow_run_id}")
     print(f"time:    {result.seconds:.1f} s")
+    return 0
+
+
+def _cohort(args: argparse.Namespace, params_for: Callable[[str], ReportParameters]) -> int:
+    """``--cohort`` (patients from -f filters) or ``--rerun-failed CSV`` (the failed patients of an earlier run)."""
+    from pacsai.errors import ReportError
+    from pacsai.report.batch import SUMMARY_FILE, cohort_patients, failed_patients, read_summary, run_cohort
+
+    previous = None
+    if args.rerun_failed:
+        if args.filter:
+            raise ReportError("give either -f filters or --rerun-failed, not both: the patients to re-run come "
+                              f"from {args.rerun_failed}")
+        previous = read_summary(args.rerun_failed)
+        patients = failed_patients(previous)
+        out_root = args.out or args.rerun_failed.parent
+        if not patients:
+            print(f"no failed patients in {args.rerun_failed}; nothing to re-run")
+            return 0
+    else:
+        from pacsai.pacs import connect
+
+        patients = cohort_patients(connect(args.pacs), dict(args.filter))
+        out_root = args.out or Path("reports")
+        if not patients:
+            raise ReportError(f"no patients match {dict(args.filter)}; check the filters with `pacsai pacs search`")
+    table = run_cohort(
+        [params_for(p) for p in patients], out_root=out_root, workers=args.workers,
+        dask_address=args.dask, push=args.push, track=not args.no_track, previous=previous,
+    )
+    print(table.to_string(index=False))
+    failed = table[~table.ok]
+    if not failed.empty:
+        from pacsai.pacs.client import redact_url
+
+        pacs = f" --pacs {redact_url(args.pacs)}" if args.pacs else ""  # never echo a password
+        print(f"{len(failed)} of {len(table)} reports failed ({', '.join(failed.patient_id)}); once the cause is "
+              f"fixed, re-run only those with `pacsai report --rerun-failed {out_root / SUMMARY_FILE}{pacs}`",
+              file=sys.stderr)
+        return 1
     return 0
