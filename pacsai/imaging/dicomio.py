@@ -16,16 +16,17 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
 
-from pacsai.errors import DicomFileError
+from pacsai.errors import DicomFileError, PacsaiError
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,9 @@ _UNDEFINED_LENGTH = 0xFFFFFFFF
 _PIXEL_DATA_TAG = pydicom.tag.Tag("PixelData")
 # First bytes of a preamble-less file: a (0002,xxxx) or (0008,xxxx) tag, little or big endian.
 _PLAUSIBLE_HEADS = (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08")
+# A file with one of these suffixes claims to be DICOM: when it is not (empty, cut short before the 'DICM'
+# prefix), skipping it as a companion would silently drop a slice from a series.
+_DICOM_SUFFIXES = {".dcm", ".dicom", ".dic", ".ima"}
 
 
 def load_datasets(source: Source, *, stop_before_pixels: bool = False) -> list[pydicom.Dataset]:
@@ -105,7 +109,8 @@ def read_file(
         raise
     except FileNotFoundError as err:
         raise DicomFileError(f"{path} does not exist; check the path") from err
-    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, struct.error) as err:
+    except Exception as err:  # noqa: BLE001 - pydicom raises a dozen types for corrupt bytes (ValueError,
+        # struct.error, BytesLengthException, KeyError, EOFError, OverflowError...): all mean "corrupt file"
         raise DicomFileError(
             f"{path} cannot be parsed as DICOM ({type(err).__name__}: {err}); the file is probably truncated or "
             "corrupt: fetch it again from the PACS"
@@ -132,12 +137,106 @@ def describe(ds: pydicom.Dataset) -> str:
 
 def expected_pixel_bytes(ds: pydicom.Dataset) -> int:
     """Bytes of native (uncompressed) PixelData the image attributes call for, without the padding byte."""
-    rows, cols = int(ds.Rows), int(ds.Columns)
-    frames = int(ds.get("NumberOfFrames") or 1)
-    samples = int(ds.get("SamplesPerPixel") or 1)
-    bits = int(ds.BitsAllocated)
+    rows, cols = int_value(ds, "Rows", minimum=1), int_value(ds, "Columns", minimum=1)
+    frames = int_value(ds, "NumberOfFrames", default=1, minimum=1)
+    samples = int_value(ds, "SamplesPerPixel", default=1, minimum=1)
+    bits = int_value(ds, "BitsAllocated", minimum=1)
     total_bits = rows * cols * frames * samples * bits
     return (total_bits + 7) // 8
+
+
+def value(ds: pydicom.Dataset, keyword: str, default: Any = None) -> Any:
+    """``ds.get(keyword)`` with pydicom's conversion errors (a value that does not fit its VR, a wrong
+    length) turned into a :class:`DicomFileError` naming the file and the element."""
+    try:
+        found = ds.get(keyword)
+    except Exception as err:  # noqa: BLE001 - conversion raises ValueError, BytesLengthException, struct.error...
+        raise DicomFileError(
+            f"{describe(ds)}: {keyword} cannot be read ({type(err).__name__}: {err}); the file is corrupt: fetch "
+            "it again from the PACS"
+        ) from err
+    return default if found is None or found == "" else found
+
+
+#: Largest plausible magnitude (mm) of a position, spacing or offset: beyond it the header is corrupt, and
+#: squaring such values (norms, cross products) overflows to inf.
+MAX_MM = 1e6
+
+
+def floats(
+    ds: pydicom.Dataset,
+    keyword: str,
+    n: int | None,
+    *,
+    error: type[PacsaiError] = DicomFileError,
+    positive: bool = False,
+    holder: pydicom.Dataset | None = None,
+) -> np.ndarray:
+    """A numeric (DS/FD) attribute of ``holder`` (default ``ds``; e.g. a functional-group item) as ``n`` finite
+    floats (any count where ``n`` is None), or ``error`` naming the file of ``ds``, the attribute and the value.
+    """
+    raw = value(holder if holder is not None else ds, keyword)
+    if raw is None:
+        raise error(f"{describe(ds)} has no {keyword}; the file is incomplete or corrupt")
+    items = raw if isinstance(raw, (list, tuple, pydicom.multival.MultiValue)) else [raw]
+    try:
+        arr = np.array([float(v) for v in items], dtype=float)
+    except (TypeError, ValueError) as err:
+        raise error(f"{describe(ds)}: {keyword} {raw!r} is not numeric; the file is corrupt") from err
+    if n is not None and arr.shape != (n,):
+        raise error(f"{describe(ds)}: {keyword} needs {n} value(s), has {arr.size}; the file is corrupt")
+    if not np.isfinite(arr).all() or (np.abs(arr) > MAX_MM).any():
+        raise error(f"{describe(ds)}: {keyword} {arr.tolist()} is not finite or implausibly large; the file is corrupt")
+    if positive and (arr <= 0).any():
+        raise error(f"{describe(ds)}: {keyword} {arr.tolist()} must be positive; the file is corrupt")
+    return arr
+
+
+def check_orientation(ds: pydicom.Dataset, iop: np.ndarray, *, error: type[PacsaiError] = DicomFileError) -> None:
+    """Refuse an ImageOrientationPatient that is not two orthogonal unit vectors (zero vectors, NaN...)."""
+    row, col = iop[:3], iop[3:]
+    if abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(col) - 1) > 1e-3 or abs(float(row @ col)) > 1e-3:
+        raise error(
+            f"{describe(ds)}: ImageOrientationPatient {iop.tolist()} is not two orthogonal unit vectors; the file is "
+            "corrupt"
+        )
+
+
+def int_value(ds: pydicom.Dataset, keyword: str, *, default: int | None = None, minimum: int = 0) -> int:
+    """A non-negative integer attribute (Rows, BitsAllocated, NumberOfFrames...), or a :class:`DicomFileError`
+    naming the file when it is missing, not an integer or negative."""
+    found = value(ds, keyword)
+    if found is None:
+        if default is not None:
+            return default
+        raise DicomFileError(f"{describe(ds)} has no {keyword}; the file is incomplete or corrupt")
+    try:
+        number = int(found)
+    except (TypeError, ValueError, OverflowError) as err:
+        raise DicomFileError(f"{describe(ds)}: {keyword} {found!r} is not an integer; the file is corrupt") from err
+    if number < minimum:
+        raise DicomFileError(f"{describe(ds)}: {keyword} is {number}; it must be at least {minimum}")
+    return number
+
+
+def transfer_syntax(ds: pydicom.Dataset) -> UID | None:
+    """The file's TransferSyntaxUID (None for an in-memory dataset without one), refusing values that are not
+    a transfer syntax pydicom knows (a corrupt file meta would otherwise crash the decoders)."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is None:
+        return None
+    raw = value(meta, "TransferSyntaxUID")
+    if raw is None:
+        return None
+    uid = UID(str(raw))
+    try:
+        uid.is_compressed  # noqa: B018 - raises ValueError for a UID that is not a transfer syntax
+    except ValueError as err:
+        raise DicomFileError(
+            f"{describe(ds)}: TransferSyntaxUID {str(raw)!r} is not a transfer syntax; the file meta is corrupt: "
+            "fetch the file again from the PACS"
+        ) from err
+    return uid
 
 
 def check_pixel_data(ds: pydicom.Dataset) -> None:
@@ -147,7 +246,7 @@ def check_pixel_data(ds: pydicom.Dataset) -> None:
     """
     if "PixelData" not in ds:
         raise DicomFileError(f"{describe(ds)} has no PixelData; it is not an image (or it is truncated)")
-    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    tsyntax = transfer_syntax(ds)
     if tsyntax is not None and tsyntax.is_compressed:
         return
     elem = ds.get_item("PixelData")
@@ -165,10 +264,11 @@ def check_pixel_data(ds: pydicom.Dataset) -> None:
 def decode_pixels(ds: pydicom.Dataset) -> np.ndarray:
     """``ds.pixel_array`` with decoder failures turned into a :class:`DicomFileError` naming the file."""
     check_pixel_data(ds)
+    tsyntax = transfer_syntax(ds) or "unknown"
     try:
         return ds.pixel_array
-    except (ValueError, RuntimeError, NotImplementedError, AttributeError, OSError) as err:
-        tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
+    except Exception as err:  # noqa: BLE001 - decoders and pydicom's pixel handlers raise many types for garbage
+        # (ValueError, RuntimeError, struct.error, KeyError, MemoryError for absurd sizes...)
         raise DicomFileError(
             f"{describe(ds)}: pixel data cannot be decoded (transfer syntax {tsyntax}: {err}); for compressed "
             "data install pylibjpeg with pylibjpeg-openjpeg/-libjpeg/-rle, otherwise the file is corrupt"
@@ -215,6 +315,11 @@ def _folder_files(folder: Path) -> list[PathLike | pydicom.Dataset]:
             continue
         if _has_dicm_prefix(entry) or _plausible_preambleless(entry):
             files.append(entry)
+        elif entry.suffix.lower() in _DICOM_SUFFIXES:
+            raise DicomFileError(
+                f"{entry} is named like a DICOM file but is not one ({entry.stat().st_size} bytes, no 'DICM' "
+                "prefix at byte 128): it is probably truncated; fetch it again from the PACS or remove it"
+            )
         else:
             skipped.append(entry.name)
     if skipped:

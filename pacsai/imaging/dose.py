@@ -10,7 +10,16 @@ import pydicom
 import xarray as xr
 
 from pacsai.errors import DicomFileError, DoseError, VolumeError
-from pacsai.imaging.dicomio import PathLike, decode_pixels, describe, load_datasets
+from pacsai.imaging.dicomio import (
+    PathLike,
+    check_orientation,
+    decode_pixels,
+    describe,
+    floats,
+    int_value,
+    load_datasets,
+    value,
+)
 from pacsai.imaging.geometry import affine_from, affine_of, make_volume
 
 logger = logging.getLogger(__name__)
@@ -50,23 +59,23 @@ def read_dose(source: PathLike | pydicom.Dataset, *, allow_relative: bool = Fals
         raise DoseError(f"read_dose reads one RTDOSE object, got {len(datasets)}; pass one file")
     ds = datasets[0]
     name = describe(ds)
-    if str(ds.get("Modality", "")).upper() != "RTDOSE" or "PixelData" not in ds:
-        raise DoseError(f"{name} is not an RT Dose with pixel data (Modality {ds.get('Modality')!r})")
-    units = str(ds.get("DoseUnits", "")).upper()
+    if str(value(ds, "Modality", "")).upper() != "RTDOSE" or "PixelData" not in ds:
+        raise DoseError(f"{name} is not an RT Dose with pixel data (Modality {value(ds, 'Modality')!r})")
+    units = str(value(ds, "DoseUnits", "")).upper()
     if units != "GY" and not (allow_relative and units == "RELATIVE"):
         raise DoseError(
             f"{name}: DoseUnits is {units or 'missing'}, not GY, so the values are not absolute dose; pass "
             "allow_relative=True to read them as relative values (and scale by the prescription yourself)"
         )
-    try:
-        scaling = float(ds.DoseGridScaling)
-        position = np.array([float(v) for v in ds.ImagePositionPatient])
-        orientation = np.array([float(v) for v in ds.ImageOrientationPatient])
-        dy, dx = (float(v) for v in ds.PixelSpacing)
-        rows, cols = int(ds.Rows), int(ds.Columns)
-    except (AttributeError, TypeError, ValueError) as err:
-        raise DoseError(f"{name}: incomplete dose grid geometry or DoseGridScaling ({err})") from err
-    nframes = int(ds.get("NumberOfFrames") or 1)
+    # Every number is checked (count, finite, sign) before it enters the affine: a NaN position or a zero
+    # spacing would otherwise give a grid of NaNs or a singular affine far from the file that caused it.
+    scaling = float(floats(ds, "DoseGridScaling", 1, error=DoseError, positive=True)[0])
+    position = floats(ds, "ImagePositionPatient", 3, error=DoseError)
+    orientation = floats(ds, "ImageOrientationPatient", 6, error=DoseError)
+    check_orientation(ds, orientation, error=DoseError)
+    dy, dx = floats(ds, "PixelSpacing", 2, error=DoseError, positive=True)
+    rows, cols = int_value(ds, "Rows", minimum=1), int_value(ds, "Columns", minimum=1)
+    nframes = int_value(ds, "NumberOfFrames", default=1, minimum=1)
     row_dir, col_dir = orientation[:3], orientation[3:]
     normal = np.cross(row_dir, col_dir)
     offsets = _frame_offsets(ds, nframes, position, orientation, name)
@@ -90,24 +99,24 @@ def read_dose(source: PathLike | pydicom.Dataset, *, allow_relative: bool = Fals
                 "such a dose grid cannot be represented by one affine: resample it in the TPS"
             )
     else:
-        step = float(ds.get("SliceThickness") or 1.0)
+        step = floats(ds, "SliceThickness", 1, error=DoseError, positive=True)[0] if value(ds, "SliceThickness") else 1.0
     dose = pixels[order].astype(np.float64) * scaling
     origin = position + offsets_sorted[0] * normal
     affine = affine_from(origin, np.column_stack([row_dir, col_dir, normal]), (dx, dy, step))
-    plans = ds.get("ReferencedRTPlanSequence") or []
+    plans = value(ds, "ReferencedRTPlanSequence") or []
     attrs: dict[str, Any] = {
         "modality": "RTDOSE",
         "units": "Gy" if units == "GY" else "relative",
         "dose_units": units,
-        "dose_type": str(ds.get("DoseType", "")),
-        "dose_summation_type": str(ds.get("DoseSummationType", "")),
+        "dose_type": str(value(ds, "DoseType", "")),
+        "dose_summation_type": str(value(ds, "DoseSummationType", "")),
         "dose_grid_scaling": scaling,
-        "referenced_rtplan_uid": str(plans[0].get("ReferencedSOPInstanceUID", "")) if plans else "",
-        "frame_of_reference_uid": str(ds.get("FrameOfReferenceUID", "")),
-        "sop_instance_uid": str(ds.get("SOPInstanceUID", "")),
-        "series_instance_uid": str(ds.get("SeriesInstanceUID", "")),
-        "study_instance_uid": str(ds.get("StudyInstanceUID", "")),
-        "patient_id": str(ds.get("PatientID", "")),
+        "referenced_rtplan_uid": str(value(plans[0], "ReferencedSOPInstanceUID", "")) if plans else "",
+        "frame_of_reference_uid": str(value(ds, "FrameOfReferenceUID", "")),
+        "sop_instance_uid": str(value(ds, "SOPInstanceUID", "")),
+        "series_instance_uid": str(value(ds, "SeriesInstanceUID", "")),
+        "study_instance_uid": str(value(ds, "StudyInstanceUID", "")),
+        "patient_id": str(value(ds, "PatientID", "")),
         "grid_frame_offsets": tuple(float(v) for v in offsets),
     }
     return make_volume(dose, affine, name="dose", attrs=attrs)
@@ -119,12 +128,9 @@ def _frame_offsets(
     """GridFrameOffsetVector as distances along the slice normal from ImagePositionPatient (PS3.3 C.8.8.3.2)."""
     if nframes == 1 and "GridFrameOffsetVector" not in ds:
         return np.zeros(1)
-    raw = ds.get("GridFrameOffsetVector")
-    if raw is None or raw == "":
+    if value(ds, "GridFrameOffsetVector") is None:
         raise DoseError(f"{name}: {nframes} frames but no GridFrameOffsetVector; the frames cannot be placed")
-    offsets = np.array(
-        [float(v) for v in (raw if isinstance(raw, (list, pydicom.multival.MultiValue)) else [raw])]
-    )
+    offsets = floats(ds, "GridFrameOffsetVector", None, error=DoseError)
     if offsets.size != nframes:
         raise DoseError(f"{name}: GridFrameOffsetVector has {offsets.size} values for {nframes} frames")
     if offsets[0] == 0.0:

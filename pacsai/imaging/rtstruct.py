@@ -35,6 +35,7 @@ from pydicom.uid import UID
 from pacsai.errors import PacsaiWarning, StructureError
 from pacsai.imaging import dicomwrite
 from pacsai.imaging.contours import fill_polygons, mask_to_polygons
+from pacsai.imaging.dicomio import MAX_MM
 from pacsai.imaging.geometry import affine_of, index_to_world, same_grid, world_to_index
 from pacsai.imaging.geometry import like as like_grid
 from pacsai.uids import derive_uid
@@ -113,7 +114,9 @@ def read_rtstruct(
     like_for = like.attrs.get("frame_of_reference_uid")
 
     rois = _roi_table(ds, source)
-    contours_by_roi = {int(item.ReferencedROINumber): item for item in ds.get("ROIContourSequence", [])}
+    contours_by_roi = {
+        _number(item, "ReferencedROINumber", source): item for item in _items(ds, "ROIContourSequence", source)
+    }
     keys: dict[str, int] = {}
     for number, (name, _) in rois.items():
         keys[_unique(name, keys, source)] = number
@@ -176,8 +179,9 @@ def _read(path: str | Path | Dataset) -> Dataset:
         from pacsai.imaging.dicomio import read_file
 
         ds = read_file(path)
-    sop_class = str(ds.get("SOPClassUID", ""))
-    if ds.get("Modality") != "RTSTRUCT" and sop_class != RT_STRUCTURE_SET_STORAGE:
+    where = str(getattr(ds, "filename", None) or path)
+    sop_class = str(_get(ds, "SOPClassUID", where) or "")
+    if _get(ds, "Modality", where) != "RTSTRUCT" and sop_class != RT_STRUCTURE_SET_STORAGE:
         raise StructureError(
             f"{getattr(ds, 'filename', path)} is not an RT Structure Set (Modality {ds.get('Modality')!r}, "
             f"SOP class {sop_class!r}); for a DICOM SEG use pacsai.imaging.read_seg"
@@ -188,13 +192,13 @@ def _read(path: str | Path | Dataset) -> Dataset:
 def _roi_table(ds: Dataset, source: str) -> dict[int, tuple[str, str | None]]:
     """{ROINumber: (ROIName, ReferencedFrameOfReferenceUID)} in Structure Set order."""
     rois: dict[int, tuple[str, str | None]] = {}
-    for item in ds.get("StructureSetROISequence", []):
-        number = int(item.ROINumber)
-        name = str(item.get("ROIName") or f"ROI {number}")
-        rois[number] = (name, str(item.get("ReferencedFrameOfReferenceUID") or "") or None)
+    for item in _items(ds, "StructureSetROISequence", source):
+        number = _number(item, "ROINumber", source)
+        name = str(_get(item, "ROIName", source) or f"ROI {number}")
+        rois[number] = (name, str(_get(item, "ReferencedFrameOfReferenceUID", source) or "") or None)
     # Some writers leave an ROIContour without a StructureSetROI entry: keep its contours, name it by number.
-    for item in ds.get("ROIContourSequence", []):
-        number = int(item.ReferencedROINumber)
+    for item in _items(ds, "ROIContourSequence", source):
+        number = _number(item, "ReferencedROINumber", source)
         if number not in rois:
             warnings.warn(
                 f"{source}: contours for ROI number {number} have no StructureSetROISequence entry; named "
@@ -204,6 +208,39 @@ def _roi_table(ds: Dataset, source: str) -> dict[int, tuple[str, str | None]]:
             )
             rois[number] = (f"ROI {number}", None)
     return rois
+
+
+def _get(item: Dataset, keyword: str, source: str) -> Any:
+    """``item.get(keyword)``, with pydicom's conversion errors (a corrupt value) as a StructureError."""
+    try:
+        return item.get(keyword)
+    except Exception as err:  # noqa: BLE001 - ValueError, BytesLengthException, NotImplementedError (bad VR)...
+        raise StructureError(
+            f"{source}: {keyword} cannot be read ({type(err).__name__}: {err}); the RTSTRUCT is corrupt: export "
+            "it again"
+        ) from err
+
+
+def _items(ds: Dataset, keyword: str, source: str) -> list[Dataset]:
+    """The items of a sequence (empty where absent), refusing a value that is not a sequence."""
+    seq = _get(ds, keyword, source)
+    if seq is None or seq == "":
+        return []
+    if not all(isinstance(item, Dataset) for item in seq):
+        raise StructureError(f"{source}: {keyword} is not a sequence of items; the RTSTRUCT is corrupt")
+    return list(seq)
+
+
+def _number(item: Dataset, keyword: str, source: str) -> int:
+    """An integer attribute every ROI item needs (ROINumber, ReferencedROINumber)."""
+    raw = _get(item, keyword, source)
+    try:
+        return int(raw)
+    except (TypeError, ValueError) as err:
+        raise StructureError(
+            f"{source}: an item has {keyword} {raw!r}, not an integer, so its contours cannot be matched to "
+            "an ROI; the RTSTRUCT is corrupt: export it again"
+        ) from err
 
 
 def _unique(name: str, taken: Mapping[str, Any], source: str) -> str:
@@ -229,12 +266,12 @@ def _roi_planes(
     warns about nothing."""
     contours: list[tuple[float, np.ndarray]] = []
     skipped: dict[str, int] = {}
-    for number, contour in enumerate(item.get("ContourSequence", []), start=1):
-        kind = str(contour.get("ContourGeometricType") or _CLOSED)
+    for number, contour in enumerate(_items(item, "ContourSequence", source), start=1):
+        kind = str(_get(contour, "ContourGeometricType", source) or _CLOSED)
         if kind != _CLOSED:
             skipped[kind] = skipped.get(kind, 0) + 1
             continue
-        data = _contour_data(contour)
+        data = _contour_data(contour, f"{source}: contour {number} of ROI {name!r}")
         if data.size < 9 or data.size % 3:
             skipped["degenerate"] = skipped.get("degenerate", 0) + 1
             continue
@@ -266,22 +303,34 @@ def _roi_planes(
     return planes
 
 
-def _contour_data(contour: Dataset) -> np.ndarray:
-    """ContourData as floats. Parsed from the raw bytes where possible: pydicom builds one DSfloat object per
-    number, which takes seconds on a real structure set (≈ 10⁵ points)."""
+def _contour_data(contour: Dataset, where: str) -> np.ndarray:
+    """ContourData as finite floats (StructureError naming ``where`` otherwise). Parsed from the raw bytes where
+    possible: pydicom builds one DSfloat object per number, which takes seconds on a real structure set (≈ 10⁵
+    points)."""
     element = contour.get_item("ContourData")
     if element is None:
         return np.zeros(0)
     raw = getattr(element, "value", None)
+    data = None
     if isinstance(raw, bytes):
-        text = raw.decode("ascii", errors="strict").strip(" \x00")
+        text = raw.decode("latin-1").strip(" \x00")
         if not text:
             return np.zeros(0)
         try:
-            return np.array(text.split("\\"), dtype=float)
+            data = np.array(text.split("\\"), dtype=float)
         except ValueError:
             pass  # an odd value: let pydicom parse it and report
-    return np.asarray(contour.ContourData or [], dtype=float)
+    if data is None:
+        try:
+            data = np.asarray(contour.ContourData or [], dtype=float).ravel()
+        except Exception as err:  # noqa: BLE001 - pydicom's DS conversion: ValueError, TypeError, length errors
+            raise StructureError(
+                f"{where}: ContourData is not a list of numbers ({type(err).__name__}: {err}); the RTSTRUCT is "
+                "corrupt: export it again"
+            ) from err
+    if not np.isfinite(data).all() or (np.abs(data) > MAX_MM).any():
+        raise StructureError(f"{where}: ContourData holds non-finite or implausibly large coordinates; the RTSTRUCT is corrupt")
+    return data
 
 
 def _contour_spacing(

@@ -34,6 +34,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless
 
 from pacsai.errors import PacsaiWarning, StructureError
+from pacsai.imaging.dicomio import check_orientation, floats
 from pacsai.imaging import dicomwrite
 from pacsai.imaging.geometry import affine_from, affine_of, make_volume, same_grid, world_to_index
 from pacsai.imaging.geometry import like as like_grid
@@ -101,6 +102,11 @@ def read_seg(
     n_slices, n_rows, n_cols = like.shape
     frames = _frames(seg, name)
     n_frames, frame_rows, frame_cols = frames.shape
+    if n_frames != len(positions):
+        raise StructureError(
+            f"{name}: the pixel data holds {n_frames} frame(s) but the functional groups place {len(positions)}; "
+            "NumberOfFrames or the pixel data is corrupt: export the SEG again"
+        )
 
     # Frame pixel (row a, column b) lies at IPP + b·Δcol·r + a·Δrow·c. On the grid, one frame column and one
     # frame row must each be exactly one step along a grid axis (either sign, any axis: grids with flipped or
@@ -134,7 +140,7 @@ def read_seg(
     offsets = rounded.astype(np.int64)
     unit = unit.astype(np.int64)
 
-    numbers, labels = _segments(seg)
+    numbers, labels = _segments(seg, name)
     frame_segments = _frame_segment_numbers(seg, name, seg_type, n_frames)
     max_fraction = float(seg.get("MaximumFractionalValue", 255) or 255)
     volumes = {n: np.zeros((n_slices, n_rows, n_cols), dtype=bool) for n in numbers}
@@ -217,14 +223,12 @@ def _frame_geometry(seg: Dataset, name: str) -> tuple[np.ndarray, float, float, 
             return shared[keyword][0]
         return None
 
+    # Every number goes through dicomio.floats: count, finiteness and sign are checked, and the error names
+    # the file (a NaN position or zero spacing would otherwise surface as a singular affine).
     orientations = {
-        tuple(
-            np.round(
-                np.asarray(lookup("PlaneOrientationSequence", f).ImageOrientationPatient, dtype=float), 6
-            )
-        )
-        for f in range(n_frames)
-        if lookup("PlaneOrientationSequence", f) is not None
+        tuple(np.round(floats(seg, "ImageOrientationPatient", 6, error=StructureError, holder=item), 6))
+        for item in (lookup("PlaneOrientationSequence", f) for f in range(n_frames))
+        if item is not None
     }
     measures = lookup("PixelMeasuresSequence", 0)
     if len(orientations) != 1 or measures is None or "PixelSpacing" not in measures:
@@ -233,7 +237,8 @@ def _frame_geometry(seg: Dataset, name: str) -> tuple[np.ndarray, float, float, 
             "non-volumetric SEG?); only SEGs of cross-sectional images can be mapped onto a grid"
         )
     iop = np.array(next(iter(orientations)))
-    row_spacing, col_spacing = (float(v) for v in measures.PixelSpacing)
+    check_orientation(seg, iop, error=StructureError)
+    row_spacing, col_spacing = floats(seg, "PixelSpacing", 2, error=StructureError, positive=True, holder=measures)
     positions = []
     for f in range(n_frames):
         plane = lookup("PlanePositionSequence", f)
@@ -242,8 +247,8 @@ def _frame_geometry(seg: Dataset, name: str) -> tuple[np.ndarray, float, float, 
                 f"{name}: frame {f + 1} has no PlanePositionSequence; pacsai maps SEG frames by patient "
                 "position only (re-export the SEG with plane positions)"
             )
-        positions.append(np.asarray(plane.ImagePositionPatient, dtype=float))
-    return iop, row_spacing, col_spacing, np.array(positions).reshape(-1, 3)
+        positions.append(floats(seg, "ImagePositionPatient", 3, error=StructureError, holder=plane))
+    return iop, float(row_spacing), float(col_spacing), np.array(positions).reshape(-1, 3)
 
 
 def _own_grid(
@@ -293,10 +298,17 @@ def _frames(seg: Dataset, name: str) -> np.ndarray:
     return pixels.reshape(-1, int(seg.Rows), int(seg.Columns))
 
 
-def _segments(seg: Dataset) -> tuple[list[int], dict[int, str]]:
+def _int(item: Dataset, keyword: str, name: str) -> int:
+    try:
+        return int(item.get(keyword))
+    except Exception as err:  # noqa: BLE001 - missing (TypeError), garbage (ValueError), wrong length...
+        raise StructureError(f"{name}: {keyword} is missing or not an integer; the SEG is corrupt") from err
+
+
+def _segments(seg: Dataset, name: str = "SEG") -> tuple[list[int], dict[int, str]]:
     labels: dict[int, str] = {}
-    for item in seg.SegmentSequence:
-        number = int(item.SegmentNumber)
+    for item in seg.get("SegmentSequence") or []:
+        number = _int(item, "SegmentNumber", name)
         if number == 0:  # LABELMAP background
             continue
         labels[number] = str(item.get("SegmentLabel") or f"Segment {number}")
@@ -314,7 +326,7 @@ def _frame_segment_numbers(seg: Dataset, name: str, seg_type: str, n_frames: int
         ident = group.get("SegmentIdentificationSequence") or shared.get("SegmentIdentificationSequence")
         if not ident:
             raise StructureError(f"{name}: frame {f + 1} does not say which segment it belongs to")
-        numbers.append(int(ident[0].ReferencedSegmentNumber))
+        numbers.append(_int(ident[0], "ReferencedSegmentNumber", name))
     return numbers
 
 

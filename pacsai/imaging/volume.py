@@ -36,7 +36,10 @@ from pacsai.imaging.dicomio import (
     expand_source,
     expected_pixel_bytes,
     read_file,
+    transfer_syntax,
 )
+from pacsai.imaging.dicomio import MAX_MM
+from pacsai.imaging.dicomio import value as get_value
 from pacsai.imaging.geometry import affine_from, affine_of, decompose, make_volume
 from pacsai.uids import derive_uid
 
@@ -205,9 +208,10 @@ def _refuse_mixed_series(datasets: Sequence[pydicom.Dataset]) -> None:
     for ds in datasets:
         groups.setdefault(str(_fast(ds, "SeriesInstanceUID") or ""), []).append(ds)
     if len(groups) > 1:
+        # Name a file of each group: with an empty or corrupt UID, the UID alone does not say which file.
         parts = [
-            f"{uid or '<empty>'} ({len(items)} file(s), {items[0].get('Modality', '?')}, "
-            f"{items[0].get('SeriesDescription', '')!s})"
+            f"{uid or '<empty>'} ({len(items)} file(s) such as {describe(items[0])}, "
+            f"{get_value(items[0], 'Modality', '?')}, {get_value(items[0], 'SeriesDescription', '')!s})"
             for uid, items in groups.items()
         ]
         raise VolumeError(
@@ -260,7 +264,7 @@ def _frames_of(ds: pydicom.Dataset, ds_index: int) -> list[_Frame]:
                 "functional groups, so its place in the patient is unknown; this object cannot be a volume"
             )
         transform = group("PixelValueTransformationSequence")
-        slope, intercept = _rescale_of(transform if transform is not None else ds)
+        slope, intercept = _rescale_of(transform if transform is not None else ds, ds)
         frames.append(
             _Frame(
                 ds_index=ds_index,
@@ -268,8 +272,8 @@ def _frames_of(ds: pydicom.Dataset, ds_index: int) -> list[_Frame]:
                 position=_floats(position.ImagePositionPatient, 3, ds, "ImagePositionPatient"),
                 orientation=_floats(orientation.ImageOrientationPatient, 6, ds, "ImageOrientationPatient"),
                 pixel_spacing=_pair(_floats(measures.PixelSpacing, 2, ds, "PixelSpacing")),
-                rows=int(ds.Rows),
-                columns=int(ds.Columns),
+                rows=_matrix(ds)[0],
+                columns=_matrix(ds)[1],
                 slope=slope,
                 intercept=intercept,
             )
@@ -285,27 +289,34 @@ def _single_frame(ds: pydicom.Dataset, ds_index: int) -> _Frame:
                 f"{describe(ds)} has no {keyword}, so its place in the patient is unknown (a secondary capture "
                 "or a projection image?); read_series needs cross-sectional images"
             )
-    slope, intercept = _rescale_of(ds)
+    slope, intercept = _rescale_of(ds, ds)
     return _Frame(
         ds_index=ds_index,
         frame_index=0,
         position=_floats(values["ImagePositionPatient"], 3, ds, "ImagePositionPatient"),
         orientation=_floats(values["ImageOrientationPatient"], 6, ds, "ImageOrientationPatient"),
         pixel_spacing=_pair(_floats(values["PixelSpacing"], 2, ds, "PixelSpacing")),
-        rows=int(_fast(ds, "Rows")),
-        columns=int(_fast(ds, "Columns")),
+        rows=_matrix(ds)[0],
+        columns=_matrix(ds)[1],
         slope=slope,
         intercept=intercept,
     )
 
 
-def _rescale_of(holder: pydicom.Dataset) -> tuple[float, float]:
-    slope = _fast(holder, "RescaleSlope")
-    intercept = _fast(holder, "RescaleIntercept")
-    return (
-        1.0 if slope in (None, "") else float(slope),
-        0.0 if intercept in (None, "") else float(intercept),
-    )
+def _rescale_of(holder: pydicom.Dataset, ds: pydicom.Dataset) -> tuple[float, float]:
+    """(slope, intercept) of ``holder`` (the dataset or a frame's transformation item of ``ds``)."""
+    out = []
+    for keyword, default in (("RescaleSlope", 1.0), ("RescaleIntercept", 0.0)):
+        raw = _fast(holder, keyword)
+        try:
+            number = default if raw in (None, "") else float(raw)
+        except (TypeError, ValueError) as err:
+            raise VolumeError(f"{describe(ds)}: {keyword} {raw!r} is not a number; the file is corrupt") from err
+        if not np.isfinite(number) or (keyword == "RescaleSlope" and number == 0):
+            # NaN/inf would fill the volume with NaN; a zero slope flattens it: both are corrupt headers.
+            raise VolumeError(f"{describe(ds)}: {keyword} is {raw!r}; the file is corrupt")
+        out.append(number)
+    return out[0], out[1]
 
 
 _FAST_VR = {
@@ -358,8 +369,7 @@ def _fast(ds: pydicom.Dataset, keyword: str) -> Any:
                 return text
         except (UnicodeDecodeError, ValueError):
             pass  # let pydicom decide (and complain) below
-    value = ds.get(keyword)
-    return None if value is None or value == "" else value
+    return get_value(ds, keyword)
 
 
 def _pair(values: np.ndarray) -> tuple[float, float]:
@@ -373,7 +383,19 @@ def _floats(value: Any, n: int, ds: pydicom.Dataset, keyword: str) -> np.ndarray
         raise VolumeError(f"{describe(ds)}: {keyword} {value!r} is not numeric") from err
     if arr.shape != (n,):
         raise VolumeError(f"{describe(ds)}: {keyword} needs {n} values, has {arr.size}")
+    if not np.isfinite(arr).all() or (np.abs(arr) > MAX_MM).any():
+        raise VolumeError(f"{describe(ds)}: {keyword} {_fmt(arr)} is not finite or implausibly large; the file is corrupt")
+    if keyword == "PixelSpacing" and (arr <= 0).any():
+        raise VolumeError(f"{describe(ds)}: PixelSpacing {_fmt(arr)} must be positive; the file is corrupt")
     return arr
+
+
+def _matrix(ds: pydicom.Dataset) -> tuple[int, int]:
+    """(Rows, Columns), both ≥ 1."""
+    rows, cols = (_fast(ds, k) for k in ("Rows", "Columns"))
+    if not isinstance(rows, int) or not isinstance(cols, int) or rows < 1 or cols < 1:
+        raise VolumeError(f"{describe(ds)}: Rows {rows!r} × Columns {cols!r} is not an image matrix")
+    return rows, cols
 
 
 # --------------------------------------------------------------------------------------------- geometry
@@ -518,7 +540,9 @@ def _fmt(values: np.ndarray) -> str:
 
 # --------------------------------------------------------------------------------------------- pixels
 def _pixel_dtype(ds: pydicom.Dataset) -> np.dtype:
-    bits = int(_fast(ds, "BitsAllocated"))
+    bits = _fast(ds, "BitsAllocated")
+    if not isinstance(bits, int):
+        raise DicomFileError(f"{describe(ds)}: BitsAllocated is {bits!r}; the pixel format is unknown (corrupt file)")
     if bits not in (8, 16, 32):
         raise DicomFileError(f"{describe(ds)}: BitsAllocated {bits} is not supported for image volumes")
     signed = int(_fast(ds, "PixelRepresentation") or 0) == 1
@@ -526,7 +550,7 @@ def _pixel_dtype(ds: pydicom.Dataset) -> np.dtype:
 
 
 def _is_native_le(ds: pydicom.Dataset) -> bool:
-    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    tsyntax = transfer_syntax(ds)
     if tsyntax is None:  # in-memory dataset without file meta: trust its own flag
         return bool(getattr(ds, "is_little_endian", True)) and "PixelData" in ds
     return (
@@ -548,6 +572,9 @@ def _read_frames(
                 f"mixed pixel formats in one series: {describe(first)} and {describe(ds)} differ in BitsAllocated/"
                 "BitsStored/PixelRepresentation; pass the files of one acquisition"
             )
+    for ds in datasets:
+        if _is_native_le(ds):
+            expected_pixel_bytes(ds)  # refuses zero/garbage NumberOfFrames, SamplesPerPixel, Rows (DicomFileError)
     rows, cols = frames[0].rows, frames[0].columns
     out = np.empty((len(order), rows, cols), dtype=dtype)
     if len(datasets) == 1:  # one (multi-frame or single) object: decode once, pick frames
@@ -604,7 +631,12 @@ def _all_frames(ds: pydicom.Dataset, dtype: np.dtype) -> np.ndarray:
     """Every frame of one dataset as a flat-frames array of ``dtype``."""
     if _is_native_le(ds):
         check_pixel_data(ds)
-        raw = ds.PixelData
+        raw = get_value(ds, "PixelData")
+        if not isinstance(raw, (bytes, bytearray)):  # a corrupt VR (e.g. UR) makes pydicom decode it as text
+            raise DicomFileError(
+                f"{describe(ds)}: PixelData is not binary (VR {ds['PixelData'].VR}); the file is corrupt: fetch it "
+                "again from the PACS"
+            )
         count = expected_pixel_bytes(ds) // dtype.itemsize
         return np.frombuffer(raw, dtype=dtype, count=count).copy()
     arr = decode_pixels(ds)
