@@ -1,29 +1,100 @@
-"""`make bench`: every benchmark, each comparing against its baseline in the same run; prints `NAME: R x BASELINE`."""
+"""`make bench`: every benchmark against its baseline in the same run, within a time budget; then the README table.
+
+Usage: ``python benchmarks/run_all.py [--budget-s 300] [--only NAME ...] [--quick] [--no-readme]``
+
+Each benchmark runs as its own process (its figures print as ``NAME: R x BASELINE`` lines, the rest as
+``# ...``) and writes ``benchmarks/results/<name>.json``. The budget is enforced: a benchmark gets at most
+the time left, and one that runs over is stopped (its process group only) and counted as failed. On a machine
+already loaded past its core count the benchmarks run with fewer repeats (``--quick`` forces that), because
+the budget matters more than the last digit of a figure measured under someone else's load. Afterwards the
+README's table between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` is regenerated from every result
+file. Prints the total time; exits 1 if a benchmark failed or the budget ran out.
+"""
 
 from __future__ import annotations
 
+import argparse
+import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["retrieve.py", "read_series.py"]
+from common import HERE, README, RESULTS_DIR, load_average, machine, machine_line, note, update_readme
+
+# (name, script, extra arguments when quick): cheapest first, so a tight budget loses the least.
+BENCHMARKS: list[tuple[str, str, list[str]]] = [
+    ("read_series", "read_series.py", ["--repeats", "2"]),
+    ("retrieve", "retrieve.py", ["--repeats", "2"]),
+    ("rtstruct", "rtstruct.py", ["--repeats", "1"]),
+    ("dvh", "dvh.py", ["--repeats", "1"]),
+    ("report", "report.py", ["--repeats", "1"]),
+]
 
 
-def main() -> int:
-    failed = []
-    for name in BENCHMARKS:
-        start = time.perf_counter()
-        print(f"# {name}", flush=True)
-        proc = subprocess.run([sys.executable, str(HERE / name)], check=False)
-        print(f"# {name}: {time.perf_counter() - start:.0f} s", flush=True)
-        if proc.returncode != 0:
+def run_one(script: Path, args: list[str], timeout_s: float) -> tuple[int | None, float]:
+    """Run a benchmark script; its output streams through. Returns (exit code or None if stopped, seconds)."""
+    start = time.perf_counter()
+    # Its own session, so that stopping it stops Orthanc, kernels and Chromium it started, and nothing else.
+    proc = subprocess.Popen([sys.executable, str(script), *args], cwd=HERE.parent, start_new_session=True)
+    try:
+        code: int | None = proc.wait(timeout=max(1.0, timeout_s))
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        code = None
+    return code, time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--budget-s", type=float, default=300.0, help="total wall-clock budget (default 300)")
+    parser.add_argument("--only", nargs="+", choices=[b[0] for b in BENCHMARKS], help="run only these")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, whatever the load")
+    parser.add_argument("--no-readme", action="store_true", help="leave README.md alone")
+    args = parser.parse_args(argv)
+
+    start = time.perf_counter()
+    load = load_average()
+    cores = os.cpu_count() or 1
+    quick = args.quick or bool(load and load[0] > cores)
+    note(f"machine: {machine_line(machine())}")
+    if quick:
+        note(f"fewer repeats: {'--quick' if args.quick else f'1-min load {load[0]} > {cores} cores'}")
+    failed: list[str] = []
+    for name, script, quick_args in BENCHMARKS:
+        if args.only and name not in args.only:
+            continue
+        left = args.budget_s - (time.perf_counter() - start)
+        if left < 5:
+            print(f"{name}: skipped (no time left in the {args.budget_s:.0f} s budget)", flush=True)
             failed.append(name)
+            continue
+        note(f"{name} ({left:.0f} s of the budget left)")
+        code, seconds = run_one(HERE / script, quick_args if quick else [], left)
+        if code is None:
+            print(f"{name}: skipped (stopped after {seconds:.0f} s: over the {args.budget_s:.0f} s budget)",
+                  flush=True)
+            failed.append(name)
+        elif code != 0:
+            note(f"{name} failed (exit {code}) after {seconds:.0f} s")
+            failed.append(name)
+        else:
+            note(f"{name}: {seconds:.0f} s")
+    if not args.no_readme:
+        changed = update_readme(README, RESULTS_DIR)
+        note(f"README table {'regenerated' if changed else 'unchanged'} from {RESULTS_DIR}/*.json")
+    total = time.perf_counter() - start
+    note(f"total: {total:.0f} s (budget {args.budget_s:.0f} s); load average {load} at start, "
+         f"{load_average()} at end")
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
         return 1
-    print(f"results: {HERE / 'results'}/*.json")
     return 0
 
 
