@@ -7,7 +7,9 @@ Starts its own Orthanc (pacsai.pacs.orthanc), stores the deterministic 100×512�
 * ``raw_http``: ``requests`` streaming the series' multipart body into a discarded buffer (the baseline);
 * ``dicomweb_client_retrieve_series``: dicomweb-client's ``retrieve_series`` (builds every Dataset);
 * ``retrieve_cold``: ``Pacs.retrieve_series`` into an empty cache;
-* ``retrieve_warm``: the same call again, answered from the cache.
+* ``retrieve_warm``: the same call again, answered from the cache;
+* ``retrieve_resume_half``: the call after an interrupted pull left every other instance (only the missing
+  half is fetched, instance by instance) against ``retrieve_cold``, the whole series streamed again.
 
 Prints ``NAME: R x BASELINE`` lines (R > 1: faster than the baseline) and writes
 ``benchmarks/results/retrieve.json``. Aim: cold ≥ 0.8 × raw HTTP, warm ≥ 50 × faster than cold.
@@ -41,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:  # no server to measure against: say so, in the figure's place
         figures = [emit(Figure(name, None, base, missing)) for name, base in
                    [("retrieve_cold", "raw_http"), ("retrieve_warm", "retrieve_cold"),
+                    ("retrieve_resume_half", "retrieve_cold"),
                     ("dicomweb_client_retrieve_series", "raw_http")]]
         write_result("retrieve", figures, {}, started_load=load)
         return 0
@@ -84,6 +87,16 @@ def main(argv: list[str] | None = None) -> int:
         t_cold, c_cold, _ = best_of(cold, args.repeats, before=empty_cache)
         cold()
         t_warm, c_warm, _ = best_of(cold, max(args.repeats, 5))
+
+        def drop_half() -> None:
+            # What an interrupted pull leaves: every other instance, no manifest, a partial marker.
+            paths = pacs.retrieve_series(study_uid, series_uid, progress=False)
+            pacs.cache.manifest_path(series_uid).unlink()
+            for path in paths[::2]:
+                path.unlink()
+            pacs.cache.mark_partial(series_uid)
+
+        t_resume, c_resume, _ = best_of(cold, args.repeats, before=drop_half)
         # A second raw measurement: on shared machines the baseline drifts during a run; keep the faster.
         t_raw2, c_raw2, _ = best_of(raw_http, args.repeats)
         if t_raw2 < t_raw:
@@ -103,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
                     "into an empty cache")),
         emit(Figure("retrieve_warm", t_cold / t_warm, "retrieve_cold",
                     f"{t_warm * 1000:.1f} ms from the cache vs {t_cold * 1000:.0f} ms cold")),
+        emit(Figure("retrieve_resume_half", t_cold / t_resume, "retrieve_cold",
+                    f"{t_resume * 1000:.0f} ms to fetch the missing half instance by instance "
+                    f"({retrieve_module.INSTANCE_FETCHERS} at a time) vs {t_cold * 1000:.0f} ms for the whole "
+                    "series; nothing cached is fetched again")),
         emit(Figure("dicomweb_client_retrieve_series", t_raw / t_dwc, "raw_http",
                     f"{t_dwc * 1000:.0f} ms vs {t_raw * 1000:.0f} ms; builds every Dataset in memory")),
     ]
@@ -112,9 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         {
             "series": {"slices": args.slices, "rows": 512, "columns": 512, "bytes": nbytes},
             "seconds": {"raw_http": t_raw, "dicomweb_client_retrieve_series": t_dwc, "retrieve_cold": t_cold,
-                        "retrieve_warm": t_warm},
+                        "retrieve_warm": t_warm, "retrieve_resume_half": t_resume},
             "client_cpu_seconds": {"raw_http": c_raw, "dicomweb_client_retrieve_series": c_dwc,
-                                   "retrieve_cold": c_cold, "retrieve_warm": c_warm},
+                                   "retrieve_cold": c_cold, "retrieve_warm": c_warm,
+                                   "retrieve_resume_half": c_resume},
             "repeats": args.repeats,
             "cache_writer": writer,
         },

@@ -24,6 +24,7 @@ import pytest
 from pacsai.errors import PacsConnectionError, PacsTimeoutError, RetrieveError
 from pacsai.pacs import OrthancServer, Pacs, connect
 from pacsai.pacs.client import HttpOptions, build_session
+from pacsai.pacs.retrieve import INSTANCE_FETCHERS
 from tests.faultproxy import FaultProxy
 
 MR = "tcia_sts001_mr_t2_rtstruct/mr_t2"
@@ -213,9 +214,10 @@ def test_link_that_keeps_cutting_fails_clearly_then_resumes(fault_proxy, orthanc
     assert not isinstance(info.value, PacsTimeoutError)
     assert f"series {series.uid} of study {series.study}: 25 of 40 instances arrived" in message
     assert "calling again fetches only the rest" in message and fault_proxy.url in message
-    # The first missing instance was tried 1 + 2 times (retries=2), then the retrieval gave up.
+    # Each fetcher tried its first missing instance 1 + 2 times (retries=2), then the retrieval gave up.
     tried = instance_gets(fault_proxy)
-    assert len(tried) == 3 and len(set(tried)) == 1
+    assert 1 <= len(set(tried)) <= INSTANCE_FETCHERS
+    assert all(tried.count(uid) == 3 for uid in set(tried))
     assert len(assert_cache_sound(pacs, series)) == 25
     assert pacs.cache.is_partial(series.uid) and pacs.cache.read_manifest(series.uid) is None
 
@@ -228,9 +230,28 @@ def test_link_that_keeps_cutting_fails_clearly_then_resumes(fault_proxy, orthanc
     assert_cache_sound(pacs, series)
 
 
+def test_resume_after_a_few_instances_never_fetches_the_cached_ones_again(fault_proxy, orthanc, series, tmp_path):
+    # Most of the series is missing here (30 of 40): still, only those 30 are asked for, never the whole series.
+    fault_proxy.cut(after_bytes=series.part(10.5), path=SERIES_GET, times=None)
+    fault_proxy.cut(after_bytes=1000, path=INSTANCE_GET, times=None)
+    pacs = through(fault_proxy, orthanc, tmp_path / "cache", retries=1)
+    with pytest.raises(PacsConnectionError, match="10 of 40 instances arrived"):
+        pacs.retrieve_series(series.study, series.uid, progress=False)
+    fault_proxy.clear()
+    fault_proxy.reset_log()
+    paths = pacs.retrieve_series(series.study, series.uid, progress=False)
+    assert_complete(paths, series)
+    assert fault_proxy.count(path=SERIES_GET) == 0
+    again = instance_gets(fault_proxy)
+    assert len(again) == len(set(again)) == 30
+    assert_cache_sound(pacs, series)
+
+
 def test_flaky_link_finishes_when_each_failure_is_followed_by_progress(
-    fault_proxy, orthanc, series, tmp_path
+    fault_proxy, orthanc, series, tmp_path, monkeypatch
 ):
+    # One fetcher, so that the order of the per-instance requests (and so which ones fail) is known.
+    monkeypatch.setattr("pacsai.pacs.retrieve.INSTANCE_FETCHERS", 1)
     fault_proxy.cut(after_bytes=series.part(10.5), path=SERIES_GET)
     # The 1st and the 4th per-instance answers are reset (the 2nd rule lets 2 requests pass, then fires):
     # two failures, but never two in a row, so retries=1 is enough because progress starts the count afresh.
@@ -289,8 +310,11 @@ def test_stall_mid_body_resumes_then_persistent_stall_times_out(fault_proxy, ort
     with pytest.raises(PacsTimeoutError) as info:
         other.retrieve_series(series.study, series.uid, progress=False)
     elapsed = time.perf_counter() - start
-    # The series stream stalls (0.5 s), then the first missing instance stalls twice (1 + 1 retry).
-    assert len(instance_gets(fault_proxy)) == 2
+    # The series stream stalls (0.5 s), then each fetcher's first missing instance stalls twice (1 + 1 retry),
+    # the fetchers side by side: about 1.5 s in all, whatever retries says.
+    tried = instance_gets(fault_proxy)
+    assert 1 <= len(set(tried)) <= INSTANCE_FETCHERS
+    assert all(tried.count(uid) == 2 for uid in set(tried))
     assert 1.5 <= elapsed < 4
     message = str(info.value)
     assert "PACSAI_PACS_TIMEOUT" in message and fault_proxy.url in message
@@ -369,7 +393,9 @@ def test_cli_pull_under_persistent_faults(fault_proxy, orthanc, series, tmp_path
     assert done.returncode == 0 and "error" not in done.stderr, done.stderr
     assert done.stdout.strip() == f"pulled 40 instance(s) in 1 series into {out}"
     drawn = [(int(a), int(b)) for a, b in re.findall(r"(\d+)/(\d+) \[", done.stderr)]
-    assert drawn == [(n, 15) for n in range(16)]  # the 15 missing instances, each counted once
+    # The 15 missing instances, each counted once (fetchers run side by side, so a draw may cover two updates).
+    assert drawn[0] == (0, 15) and drawn[-1] == (15, 15)
+    assert all(a[0] <= b[0] for a, b in zip(drawn, drawn[1:])) and {t for _, t in drawn} == {15}
     assert len(instance_gets(fault_proxy)) == 15 and fault_proxy.count(path=SERIES_GET) == 0
     assert {p.name: p.read_bytes() for p in (out / series.uid).iterdir()} == {
         f"{uid}.dcm": data for uid, data in series.files.items()

@@ -26,6 +26,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -59,9 +60,10 @@ QUEUE_CHUNKS = 64  # at most this many chunks (~64 MiB) wait for the writer thre
 # Whole-series streams use a writer thread only where cores are to spare: on the 2-core development host, next
 # to a local Orthanc, the thread hand-offs cost more CPU than the overlap saves (137 vs 76 ms per 52 MB).
 WRITER_THREAD_MIN_CPUS = 4
-# Fetch the whole series again rather than instance by instance when more than this fraction is missing:
-# per-instance GETs run at ~0.1 of a streamed series here (DICOM-NOTES).
-WHOLE_SERIES_ABOVE = 0.5
+# Where the cache already holds part of a series, only the missing instances are fetched (never what is cached
+# again), one GET each; per-instance GETs run at ~0.1 of a streamed series one at a time (DICOM-NOTES), so
+# several run at once.
+INSTANCE_FETCHERS = 4
 
 _STREAM_ERRORS = (
     requests.exceptions.ChunkedEncodingError,
@@ -675,7 +677,8 @@ def _fetch_http(
 
     attempts = _Attempts(pacs)
     base = f"{pacs.url}/studies/{study_uid}/series/{series_uid}"
-    whole = missing is None or expected is None or len(missing) > WHOLE_SERIES_ABOVE * len(expected)
+    # A whole-series stream only where nothing of the series is cached: a resume never brings back what is here.
+    whole = missing is None or expected is None or len(missing) >= len(expected)
     if whole:
         threaded = (os.cpu_count() or 1) >= WRITER_THREAD_MIN_CPUS
         broke = False
@@ -701,23 +704,66 @@ def _fetch_http(
         arrived = set(got)
         missing = [uid for uid in expected if uid not in arrived and not pacs.cache.has(uid)]
     assert missing is not None
-    pending = iter(missing)
-    uid = next(pending, None)
-    while uid is not None:
-        try:
-            what = f"retrieve instance {uid} of series {series_uid}"
-            _stream(pacs, f"{base}/instances/{uid}", what, record)
-        except PacsNotFoundError:
-            logger.warning("instance %s of series %s vanished from %s", uid, series_uid, pacs.url)
-        except _BrokenBody as err:
-            if not pacs.cache.has(uid):  # (it may have arrived whole before the cut: then move on)
-                attempts.failed(err)
-                continue
-        attempts.progressed()
-        uid = next(pending, None)
+    _fetch_instances(pacs, base, series_uid, missing, record, attempts)
     if attempts.count:
         logger.info("series %s: complete after %d retried answer(s)", series_uid, attempts.count)
     return expected
+
+
+def _fetch_instances(
+    pacs: Pacs,
+    base: str,
+    series_uid: str,
+    missing: list[str],
+    record: Callable[[str, Path, int], None],
+    attempts: _Attempts,
+) -> None:
+    """GET each of ``missing`` (``INSTANCE_FETCHERS`` at a time), retrying broken bodies.
+
+    Every fetcher retries its own instance with its own count (``attempts`` only collects the total); the
+    first one whose retries are spent stops the others after their current instance and its error is raised.
+    """
+    pending = list(reversed(missing))
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def take() -> str | None:
+        with lock:
+            return pending.pop() if pending and not stop.is_set() else None
+
+    def fetcher() -> None:
+        mine = _Attempts(pacs)
+        try:
+            while (uid := take()) is not None:
+                while True:
+                    try:
+                        what = f"retrieve instance {uid} of series {series_uid}"
+                        _stream(pacs, f"{base}/instances/{uid}", what, record)
+                    except PacsNotFoundError:
+                        logger.warning("instance %s of series %s vanished from %s", uid, series_uid, pacs.url)
+                    except _BrokenBody as err:
+                        if not pacs.cache.has(uid):  # (it may have arrived whole before the cut: then move on)
+                            mine.failed(err)
+                            continue
+                    mine.progressed()
+                    break
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            with lock:
+                attempts.count += mine.count
+
+    workers = min(INSTANCE_FETCHERS, len(missing))
+    if workers <= 1:
+        fetcher()
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pacsai-fetch") as pool:
+        futures = [pool.submit(fetcher) for _ in range(workers)]
+    errors = [f.exception() for f in futures if f.exception() is not None]
+    if errors:
+        # A connection problem over any other: the caller reports how many instances arrived.
+        raise next((e for e in errors if isinstance(e, PacsError)), errors[0])
 
 
 def _copy_from_store(
