@@ -811,7 +811,8 @@ def test_store_refuses_mutated_files_by_name(seeds: Seeds, embedded: Any, data: 
         mutated = folder / f"mutated-{target.name}"
         mutated.write_bytes(mutation.apply(original))
         # The library check on its own: prepared, skipped (not DICOM) or broken with a reason, nothing else.
-        with hard_limit(HARD_LIMIT_S, f"prepare_file [{mutation.label}]"):
+        with warnings.catch_warnings(), hard_limit(HARD_LIMIT_S, f"prepare_file [{mutation.label}]"):
+            warnings.simplefilter("ignore")  # pydicom's notes on the invalid values the mutation made
             try:
                 prepare_file(mutated)
                 accepted = True
@@ -834,6 +835,44 @@ def test_store_refuses_mutated_files_by_name(seeds: Seeds, embedded: Any, data: 
         assert failed[str(mutated)], "a refusal without a reason"
     elif str(mutated) not in summary.skipped:
         assert accepted, f"{mutation.label}: store kept a file prepare_file refused"
+
+
+# Header-level mutations that byte flips rarely reach (a 300-example probe found the empty PixelData crash only).
+_STORE_DATASET_MUTATIONS: dict[str, tuple[Callable[[Any], None], bool]] = {
+    # label: (mutation, must be refused)
+    "empty PixelData": (lambda ds: setattr(ds, "PixelData", b""), True),
+    "half PixelData": (lambda ds: setattr(ds, "PixelData", ds.PixelData[: len(ds.PixelData) // 2]), True),
+    "Rows 0": (lambda ds: setattr(ds, "Rows", 0), True),
+    "BitsAllocated 7": (lambda ds: setattr(ds, "BitsAllocated", 7), True),
+    "no SOPInstanceUID": (lambda ds: delattr(ds, "SOPInstanceUID"), True),
+    "no PixelData": (lambda ds: delattr(ds, "PixelData"), False),
+    "PatientName with backslashes": (lambda ds: setattr(ds, "PatientName", "A\\B\\C"), False),
+}
+
+
+@pytest.mark.parametrize("label", sorted(_STORE_DATASET_MUTATIONS))
+def test_store_on_mutated_headers(seeds: Seeds, label: str, tmp_path: Path):
+    mutate, refused = _STORE_DATASET_MUTATIONS[label]
+    folder = tmp_path / "push"
+    folder.mkdir()
+    for f in seeds.ct_files:
+        (folder / f.name).write_bytes(f.read_bytes())
+    ds = pydicom.dcmread(seeds.ct_files[MUTATED_SLICE])
+    ds.SOPInstanceUID = derive_uid("fuzz-store", label)
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    mutate(ds)
+    mutated = folder / "mutated.dcm"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds.save_as(mutated, enforce_file_format=False)
+    with connect(f"file://{tmp_path / 'store'}", cache_dir=tmp_path / "cache") as pacs, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with hard_limit(HARD_LIMIT_S, f"store [{label}]"):
+            summary = pacs.store(folder, progress=False)
+    failed = dict(summary.failed)
+    assert len(summary.stored) == len(seeds.ct_files) + (0 if str(mutated) in failed else 1), summary
+    if refused:
+        assert str(mutated) in failed and failed[str(mutated)], f"{label}: not refused by name ({summary})"
 
 
 def test_cli_push_exits_non_zero_naming_each_refused_file(seeds: Seeds, tmp_path: Path):

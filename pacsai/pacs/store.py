@@ -130,6 +130,9 @@ def _pixel_problem(ds: Dataset) -> str | None:
         return f"pixel data without usable Rows/Columns/BitsAllocated ({err})"
     if min(rows, cols, samples, frames, bits) < 1:
         return f"Rows/Columns/SamplesPerPixel/NumberOfFrames/BitsAllocated {rows}/{cols}/{samples}/{frames}/{bits} is not an image"
+    if bits != 1 and bits % 8:
+        # PS3.5 8.1.1: BitsAllocated is 1 or a multiple of 8; anything else cannot be decoded by anyone.
+        return f"BitsAllocated {bits} is neither 1 nor a multiple of 8 (corrupt header?)"
     meta = getattr(ds, "file_meta", None)
     syntax = meta.get("TransferSyntaxUID") if meta is not None else None
     value = ds.PixelData
