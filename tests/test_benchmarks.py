@@ -117,3 +117,23 @@ def test_benchmark_scripts_compile():
                                          "rtstruct.py", "dvh.py", "report.py"}
     for path in scripts:
         compile(path.read_text(), str(path), "exec")
+
+
+def test_benchmark_results_carry_no_patient_identifiers(test_data: Path):
+    # The committed results (and so the README table) come from real patients' files: none of their names,
+    # IDs or birth dates may appear in them (benchmark output is as public as the repository).
+    import pydicom
+
+    identifiers: set[str] = set()
+    for folder in ("tcia_sts001_mr_t2_rtstruct", "dicompyler_breast_rt"):
+        for path in sorted((test_data / folder).rglob("*.dcm")):
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientName", "PatientID", "PatientBirthDate"])
+            for keyword in ("PatientName", "PatientID", "PatientBirthDate"):
+                value = str(ds.get(keyword, "") or "").strip()
+                if len(value) >= 3:  # shorter values ("0", "M") would match anywhere
+                    identifiers.add(value)
+    assert identifiers, "no identifiers read: the check would prove nothing"
+    texts = {p.name: p.read_text() for p in sorted((BENCH / "results").glob("*.json"))}
+    texts["README.md"] = (REPO / "README.md").read_text()
+    leaks = sorted((name, ident) for name, text in texts.items() for ident in identifiers if ident in text)
+    assert not leaks, leaks
