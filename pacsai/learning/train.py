@@ -542,6 +542,7 @@ def train(
         bar = tqdm(
             range(start_epoch, epochs), desc="train", unit="epoch", disable=not (progress and dist.main)
         )
+        last_dice = "-"
         for epoch in bar:
             if sampler is not None:
                 sampler.set_epoch(epoch)
@@ -580,9 +581,9 @@ def train(
             mlflow.log_metrics(metrics, step=epoch)
             if callback is not None:
                 callback(epoch, metrics)
-            bar.set_postfix(
-                loss=f"{train_loss:.3f}", dice=f"{metrics.get('val_dice_mean', float('nan')):.3f}"
-            )
+            if "val_dice_mean" in metrics:  # validation runs every val_every epochs: show the latest, never "nan"
+                last_dice = f"{metrics['val_dice_mean']:.3f}"
+            bar.set_postfix(loss=f"{train_loss:.3f}", val_dice=last_dice)
             torch.save(
                 {
                     "model": net.state_dict(),
