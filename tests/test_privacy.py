@@ -497,3 +497,17 @@ def test_research_use_only_on_every_output(world, server, tmp_path):
     for args in (["--help"], ["report", "--help"], ["train", "--help"]):
         proc = cli(args, tmp_path, clean_env())
         assert proc.returncode == 0 and "research use only" in " ".join(proc.stdout.split()).lower(), args
+
+
+def test_credentials_out_of_url_moves_them_to_the_environment_for_the_block(monkeypatch):
+    # Used by the report and validation runners: their notebooks (and so MLflow) get the URL without the
+    # password, and the kernel, a child process, inherits the login from the environment.
+    from pacsai.pacs.credentials import credentials_out_of_url
+
+    monkeypatch.setenv("PACSAI_PACS_USER", "someone-else")
+    with credentials_out_of_url("https://alice:s%40cret@pacs.example/dicom-web") as url:
+        assert url == "https://pacs.example/dicom-web"
+        assert os.environ["PACSAI_PACS_USER"] == "alice" and os.environ["PACSAI_PACS_PASSWORD"] == "s@cret"
+    assert os.environ["PACSAI_PACS_USER"] == "someone-else" and "PACSAI_PACS_PASSWORD" not in os.environ
+    with credentials_out_of_url("file://./pacs") as url:
+        assert url == "file://./pacs" and "PACSAI_PACS_PASSWORD" not in os.environ

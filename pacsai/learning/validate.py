@@ -156,6 +156,8 @@ def run_validation(
     import papermill
 
     from pacsai import tracking
+    from pacsai.pacs.credentials import credentials_out_of_url
+    from pacsai.report.render import stderr_to
 
     limits = parse_thresholds(thresholds)
     ref = tracking.resolve_model(model_uri, settings=settings)
@@ -172,7 +174,7 @@ def run_validation(
         result_path = folder / f"validation-{ref.name}-v{ref.version}.json"
         params = {
             "model_uri": pinned,
-            "pacs_url": pacs_url or "",
+            "pacs_url": pacs_url or "",  # credentials in it move to the environment below
             "tracking_uri": tracking.tracking_uri(settings=settings),
             "thresholds": limits,
             "tolerance_mm": float(tolerance_mm),
@@ -181,15 +183,18 @@ def run_validation(
         }
         logger.info("validating %s with %s", pinned, template_path())
         try:
-            papermill.execute_notebook(
-                str(template_path()),
-                str(out_nb),
-                parameters=params,
-                kernel_name=kernel,
-                cwd=os.getcwd(),
-                progress_bar=False,
-                log_output=False,
-            )
+            # The executed notebook becomes an MLflow artifact: a user:password@ URL must not reach it, and the
+            # kernel's start-up chatter goes to a log file next to it rather than the user's terminal.
+            with credentials_out_of_url(params["pacs_url"]) as url, stderr_to(out_nb.with_suffix(".log")):
+                papermill.execute_notebook(
+                    str(template_path()),
+                    str(out_nb),
+                    parameters={**params, "pacs_url": url},
+                    kernel_name=kernel,
+                    cwd=os.getcwd(),
+                    progress_bar=False,
+                    log_output=False,
+                )
         except papermill.PapermillExecutionError as err:
             raise PacsaiError(
                 f"validation notebook failed for {pinned}: {err.ename}: {err.evalue} (executed notebook: {out_nb}; "

@@ -12,10 +12,12 @@ line may be the password itself).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import netrc
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -112,4 +114,31 @@ def resolve_credentials(
     return Credentials(user=user, password=password, token=token, source=source)
 
 
-__all__ = ["Credentials", "netrc_login", "netrc_path", "resolve_credentials"]
+@contextlib.contextmanager
+def credentials_out_of_url(url: str) -> Iterator[str]:
+    """Yield ``url`` without ``user:password@``; meanwhile those credentials are in this process's environment.
+
+    Notebook kernels (reports, validation) reconnect by URL, but the URL goes into the notebook, its HTML,
+    metrics.json and MLflow, so it must not carry the password: the kernel inherits it from the environment
+    instead, the way it would inherit ``PACSAI_PACS_PASSWORD`` from the user.
+    """
+    from pacsai.pacs.client import redact_url
+
+    parts = urlsplit(url) if "://" in url else None
+    if parts is None or parts.username is None:
+        yield url
+        return
+    values = {"PACSAI_PACS_USER": unquote(parts.username), "PACSAI_PACS_PASSWORD": unquote(parts.password or "")}
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield redact_url(url)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+__all__ = ["Credentials", "credentials_out_of_url", "netrc_login", "netrc_path", "resolve_credentials"]

@@ -55,7 +55,7 @@ def execute(
     output.parent.mkdir(parents=True, exist_ok=True)
     log_path = output.with_name(output.stem + ".log")
     try:
-        with _stderr_to(log_path):
+        with stderr_to(log_path):
             papermill.execute_notebook(
                 str(template),
                 str(output),
@@ -81,7 +81,7 @@ def execute(
 
 
 @contextlib.contextmanager
-def _stderr_to(path: Path) -> Iterator[None]:
+def stderr_to(path: Path) -> Iterator[None]:
     """Send file descriptor 2 (the kernel's and papermill's chatter) to ``path`` for the block.
 
     The kernel is a child process that inherits fd 2, so redirecting ``sys.stderr`` alone would not do.

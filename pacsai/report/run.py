@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import numpy as np
+
+from pacsai.pacs.credentials import credentials_out_of_url
 
 from pacsai.errors import PacsaiError, ReportError
 from pacsai.report import render
@@ -65,36 +64,9 @@ def run_report(
         Log an MLflow run (``pacsai.kind=report``), pseudonymised.
     """
     start = time.perf_counter()
-    with _credentials_out_of_url(params.pacs_url) as url:
+    with credentials_out_of_url(params.pacs_url) as url:
         return _run_report(params.model_copy(update={"pacs_url": url}), out_dir=out_dir, push=push,
                            track=track, pdf=pdf, start=start)
-
-
-@contextlib.contextmanager
-def _credentials_out_of_url(url: str) -> Iterator[str]:
-    """Yield ``url`` without ``user:password@``; meanwhile those credentials are in this process's environment.
-
-    The kernel and the push reconnect by URL, but the URL goes into the notebook, its HTML, metrics.json and
-    MLflow, so it must not carry the password: the kernel inherits it from the environment instead, the
-    way it would inherit ``PACSAI_PACS_PASSWORD`` from the user.
-    """
-    from pacsai.pacs.client import redact_url
-
-    parts = urlsplit(url) if "://" in url else None
-    if parts is None or parts.username is None:
-        yield url
-        return
-    values = {"PACSAI_PACS_USER": unquote(parts.username), "PACSAI_PACS_PASSWORD": unquote(parts.password or "")}
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield redact_url(url)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _run_report(
