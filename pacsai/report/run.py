@@ -87,7 +87,9 @@ def _run_report(
     values = params.model_dump(mode="json")
     for key in ("alpha_beta_tumour_gy", "alpha_beta_oar_gy"):
         values.pop(key)  # template defaults; not papermill parameters
-    values["out_dir"] = str(staging)
+    # The kernel runs in the output folder, so "." is that folder: the executed notebook (and its provenance)
+    # stays right when a cohort run renames its staging folder into place.
+    values["out_dir"] = "."
     # The kernel runs in the output folder: hand it this process's MLflow store, not one relative to there.
     from pacsai.tracking import tracking_uri
 
