@@ -69,8 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    _configure_logging(args.verbose)
     try:
+        _configure_logging(args.verbose)  # reads the settings at -vv: a bad one is a user error too
         return int(args.func(args) or 0)
     except PacsaiError as err:
         print(f"pacsai {args.verb}: error: {err}", file=sys.stderr)

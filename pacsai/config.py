@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 from platformdirs import user_cache_dir
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from pacsai.errors import ConfigError
@@ -87,7 +87,15 @@ def load_settings(experiment: str | Path | None = None, **overrides: Any) -> Set
             raise ConfigError(f"experiment file {path} must hold a mapping at the top level")
         values.update(doc.get("settings") or {})
         values["experiment"] = doc
-    settings = Settings(**values)
+    try:
+        settings = Settings(**values)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"PACSAI_{'_'.join(str(part) for part in e['loc']).upper()}={e.get('input')!r}: {e['msg']}"
+            for e in err.errors()
+            if not any("password" in str(part) or "token" in str(part) or "key" in str(part) for part in e["loc"])
+        ) or "a secret setting is invalid"
+        raise ConfigError(f"invalid settings ({problems}); fix the environment, .env or the experiment file") from err
     if overrides:
         settings = settings.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     return settings

@@ -163,7 +163,7 @@ def test_retry_after_is_capped(fault_proxy, orthanc, series, tmp_path):
     pacs = through(fault_proxy, orthanc, tmp_path / "cache", retry_after_max=0.2)
     start = time.perf_counter()
     assert_complete(pacs.retrieve_series(series.study, series.uid, progress=False), series)
-    assert 0.2 <= time.perf_counter() - start < 5  # waited the cap, not an hour
+    assert 0.2 <= time.perf_counter() - start < 15  # waited the cap, not an hour
 
 
 def test_connection_closed_before_the_answer_is_retried(fault_proxy, orthanc, series, tmp_path):
@@ -289,7 +289,7 @@ def test_server_that_never_answers_times_out_quickly(fault_proxy, orthanc, serie
     elapsed = time.perf_counter() - start
     # A read timeout is retried once, whatever `retries` says: 2 x 0.5 s, not 5 x 0.5 s.
     assert len(fault_proxy.requests) == 2
-    assert 1.0 <= elapsed < 2.5
+    assert 1.0 <= elapsed < 8  # ~2 timeouts; the bound only catches retries x timeout
     message = str(info.value)
     assert fault_proxy.url in message and "PACSAI_PACS_TIMEOUT" in message and series.uid in message
 
@@ -299,7 +299,7 @@ def test_stall_mid_body_resumes_then_persistent_stall_times_out(fault_proxy, ort
     pacs = through(fault_proxy, orthanc, tmp_path / "cache", timeout=0.5)
     start = time.perf_counter()
     assert_complete(pacs.retrieve_series(series.study, series.uid, progress=False), series)
-    assert time.perf_counter() - start < 3
+    assert time.perf_counter() - start < 10
     assert len(instance_gets(fault_proxy)) == 15
 
     fault_proxy.reset_log()
@@ -315,7 +315,7 @@ def test_stall_mid_body_resumes_then_persistent_stall_times_out(fault_proxy, ort
     tried = instance_gets(fault_proxy)
     assert 1 <= len(set(tried)) <= INSTANCE_FETCHERS
     assert all(tried.count(uid) == 2 for uid in set(tried))
-    assert 1.5 <= elapsed < 4
+    assert 1.5 <= elapsed < 10
     message = str(info.value)
     assert "PACSAI_PACS_TIMEOUT" in message and fault_proxy.url in message
     assert f"series {series.uid} of study {series.study}: 25 of 40 instances arrived" in message

@@ -830,7 +830,9 @@ def test_store_refuses_mutated_files_by_name(seeds: Seeds, embedded: Any, data: 
     failed = dict(summary.failed)
     good = {f"{folder / f.name}" for f in seeds.ct_files}
     assert not good & set(failed) and not good & set(summary.skipped), f"a good file was refused: {summary}"
-    assert len(summary.stored) + len(summary.already_present) >= len(seeds.ct_files) - (1 if accepted else 0)
+    kept = len(summary.stored) + len(summary.already_present)
+    refused = str(mutated) in failed or str(mutated) in summary.skipped
+    assert kept == len(seeds.ct_files) + (0 if refused else 1), f"{mutation.label}: {summary}"
     if str(mutated) in failed:
         assert failed[str(mutated)], "a refusal without a reason"
     elif str(mutated) not in summary.skipped:

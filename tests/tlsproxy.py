@@ -67,7 +67,9 @@ class TlsProxy:
                 done.set()
 
         threading.Thread(target=pump, args=(upstream, tls), daemon=True).start()
-        pump(tls, upstream)
+        threading.Thread(target=pump, args=(tls, upstream), daemon=True).start()
+        # Whichever side ends first ends the connection: a close-delimited answer must reach the client as EOF
+        # now, not after the other direction's 30 s timeout.
         done.wait(timeout=30)
         for s in (tls, upstream):
             with contextlib.suppress(OSError):

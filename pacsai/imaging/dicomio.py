@@ -178,6 +178,19 @@ def floats(
     raw = value(holder if holder is not None else ds, keyword)
     if raw is None:
         raise error(f"{describe(ds)} has no {keyword}; the file is incomplete or corrupt")
+    return as_floats(raw, n, ds=ds, keyword=keyword, error=error, positive=positive)
+
+
+def as_floats(
+    raw: Any,
+    n: int | None,
+    *,
+    ds: pydicom.Dataset,
+    keyword: str,
+    error: type[PacsaiError] = DicomFileError,
+    positive: bool = False,
+) -> np.ndarray:
+    """``raw`` (a value already read from ``ds``) as ``n`` finite floats; see :func:`floats`."""
     items = raw if isinstance(raw, (list, tuple, pydicom.multival.MultiValue)) else [raw]
     try:
         arr = np.array([float(v) for v in items], dtype=float)

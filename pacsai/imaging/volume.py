@@ -30,6 +30,7 @@ from pydicom.dataelem import RawDataElement
 from pacsai.errors import DicomFileError, PacsaiWarning, VolumeError
 from pacsai.imaging.dicomio import (
     Source,
+    as_floats,
     check_pixel_data,
     decode_pixels,
     describe,
@@ -38,7 +39,6 @@ from pacsai.imaging.dicomio import (
     read_file,
     transfer_syntax,
 )
-from pacsai.imaging.dicomio import MAX_MM
 from pacsai.imaging.dicomio import value as get_value
 from pacsai.imaging.geometry import affine_from, affine_of, decompose, make_volume
 from pacsai.uids import derive_uid
@@ -265,6 +265,7 @@ def _frames_of(ds: pydicom.Dataset, ds_index: int) -> list[_Frame]:
             )
         transform = group("PixelValueTransformationSequence")
         slope, intercept = _rescale_of(transform if transform is not None else ds, ds)
+        rows, columns = _matrix(ds)
         frames.append(
             _Frame(
                 ds_index=ds_index,
@@ -272,8 +273,8 @@ def _frames_of(ds: pydicom.Dataset, ds_index: int) -> list[_Frame]:
                 position=_floats(position.ImagePositionPatient, 3, ds, "ImagePositionPatient"),
                 orientation=_floats(orientation.ImageOrientationPatient, 6, ds, "ImageOrientationPatient"),
                 pixel_spacing=_pair(_floats(measures.PixelSpacing, 2, ds, "PixelSpacing")),
-                rows=_matrix(ds)[0],
-                columns=_matrix(ds)[1],
+                rows=rows,
+                columns=columns,
                 slope=slope,
                 intercept=intercept,
             )
@@ -377,17 +378,7 @@ def _pair(values: np.ndarray) -> tuple[float, float]:
 
 
 def _floats(value: Any, n: int, ds: pydicom.Dataset, keyword: str) -> np.ndarray:
-    try:
-        arr = np.array([float(v) for v in value], dtype=float)
-    except (TypeError, ValueError) as err:
-        raise VolumeError(f"{describe(ds)}: {keyword} {value!r} is not numeric") from err
-    if arr.shape != (n,):
-        raise VolumeError(f"{describe(ds)}: {keyword} needs {n} values, has {arr.size}")
-    if not np.isfinite(arr).all() or (np.abs(arr) > MAX_MM).any():
-        raise VolumeError(f"{describe(ds)}: {keyword} {_fmt(arr)} is not finite or implausibly large; the file is corrupt")
-    if keyword == "PixelSpacing" and (arr <= 0).any():
-        raise VolumeError(f"{describe(ds)}: PixelSpacing {_fmt(arr)} must be positive; the file is corrupt")
-    return arr
+    return as_floats(value, n, ds=ds, keyword=keyword, error=VolumeError, positive=keyword == "PixelSpacing")
 
 
 def _matrix(ds: pydicom.Dataset) -> tuple[int, int]:

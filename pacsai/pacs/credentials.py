@@ -17,6 +17,7 @@ import logging
 import netrc
 import os
 import stat
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +115,9 @@ def resolve_credentials(
     return Credentials(user=user, password=password, token=token, source=source)
 
 
+_ENVIRON_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def credentials_out_of_url(url: str) -> Iterator[str]:
     """Yield ``url`` without ``user:password@``; meanwhile those credentials are in this process's environment.
@@ -128,17 +132,22 @@ def credentials_out_of_url(url: str) -> Iterator[str]:
     if parts is None or parts.username is None:
         yield url
         return
-    values = {"PACSAI_PACS_USER": unquote(parts.username), "PACSAI_PACS_PASSWORD": unquote(parts.password or "")}
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield redact_url(url)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    values = {"PACSAI_PACS_USER": unquote(parts.username)}
+    if parts.password is not None:  # user@host only: the password still comes from the environment or netrc
+        values["PACSAI_PACS_PASSWORD"] = unquote(parts.password)
+    # The environment is the process's: threads running reports side by side (a threaded Dask worker) take
+    # turns here, so that one never starts its kernel with another's login, or with none.
+    with _ENVIRON_LOCK:
+        saved = {k: os.environ.get(k) for k in values}
+        os.environ.update(values)
+        try:
+            yield redact_url(url)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 __all__ = ["Credentials", "credentials_out_of_url", "netrc_login", "netrc_path", "resolve_credentials"]

@@ -26,7 +26,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -508,7 +508,10 @@ def retrieve_series(
     except PacsError as err:
         if received:
             cache.mark_partial(series_uid)
-        raise _incomplete(err, pacs, study_uid, series_uid, expected, total, received) from err
+        restated = _incomplete(err, pacs, study_uid, series_uid, expected, total, received)
+        if restated is err:
+            raise
+        raise restated from err
     except BaseException:
         if received:
             cache.mark_partial(series_uid)
@@ -558,7 +561,7 @@ def _incomplete(
     Connection problems stay :class:`PacsConnectionError` / :class:`PacsTimeoutError` (a caller may treat an
     unreachable PACS differently from a bad series); anything else becomes :class:`RetrieveError`.
     """
-    if isinstance(err, (PacsAuthError, PacsNotFoundError, CacheError)):
+    if isinstance(err, (PacsAuthError, PacsNotFoundError)):
         return err  # about credentials or UIDs, not about this transfer: already says what to fix
     if expected is not None:
         arrived, of = sum(1 for uid in expected if uid in received or pacs.cache.has(uid)), len(expected)
@@ -760,6 +763,11 @@ def _fetch_instances(
         return
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pacsai-fetch") as pool:
         futures = [pool.submit(fetcher) for _ in range(workers)]
+        try:
+            wait(futures)
+        except BaseException:  # Ctrl-C: the fetchers finish the instance in hand, then stop
+            stop.set()
+            raise
     errors = [f.exception() for f in futures if f.exception() is not None]
     if errors:
         # A connection problem over any other: the caller reports how many instances arrived.

@@ -337,7 +337,7 @@ def store(pacs: Pacs, items: Any, *, progress: bool = True) -> StoreSummary:
             stored.extend(ok)
             failed.extend(bad)
             bar.update(len(batch))
-    if to_send:
+    if to_send and not pacs.is_embedded:  # the embedded store has no filters: its answer is the truth
         stored, failed = _verify(pacs, to_send, stored, failed)
     summary = StoreSummary(
         stored=tuple(stored), already_present=tuple(already), skipped=tuple(skipped), failed=tuple(failed)
@@ -396,16 +396,36 @@ def _present(pacs: Pacs, study_uids: Iterable[str]) -> set[str]:
                 warnings.simplefilter("ignore", DeprecationWarning)
                 items = pacs.client.search_for_instances(search_filters={"StudyInstanceUID": study_uid})
         else:
-            assert pacs.session is not None
-            url = f"{pacs.url}/studies/{study_uid}/instances?includefield=00080018"
-            with pacs.errors(f"check which instances of study {study_uid} are already stored"):
-                answer = pacs.session.get(url, headers={"Accept": "application/dicom+json"})
-                if answer.status_code == 404:
-                    continue
-                answer.raise_for_status()
-            items = answer.json() if answer.content and answer.status_code != 204 else []
+            items = _study_instances(pacs, study_uid)
         present.update(str(v) for v in (dicom_json_value(i, "00080018") for i in items) if v)
     return present
+
+
+QIDO_PAGE = 1000  # many PACS cap a QIDO answer (dcm4chee, cloud stores): page through a study's instances
+
+
+def _study_instances(pacs: Pacs, study_uid: str) -> list[Any]:
+    """Every instance of a study on a DICOMweb PACS (QIDO with limit/offset paging), or [] if it is absent."""
+    assert pacs.session is not None
+    items: list[Any] = []
+    seen: set[str] = set()
+    offset = 0
+    while True:
+        url = (f"{pacs.url}/studies/{study_uid}/instances?includefield=00080018"
+               f"&limit={QIDO_PAGE}&offset={offset}")
+        with pacs.errors(f"check which instances of study {study_uid} are stored"):
+            answer = pacs.session.get(url, headers={"Accept": "application/dicom+json"})
+            if answer.status_code == 404:
+                return items
+            answer.raise_for_status()
+        page = answer.json() if answer.content and answer.status_code != 204 else []
+        uids = {str(dicom_json_value(i, "00080018")) for i in page}
+        if len(page) < QIDO_PAGE or uids <= seen:  # the last page (or a server that ignores offset)
+            items.extend(i for i in page if str(dicom_json_value(i, "00080018")) not in seen)
+            return items
+        items.extend(page)
+        seen |= uids
+        offset += len(page)
 
 
 def _send(pacs: Pacs, batch: list[_Prepared]) -> tuple[list[str], list[tuple[str, str]]]:

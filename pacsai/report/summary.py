@@ -285,10 +285,9 @@ def _flag(level: str, message: str) -> dict[str, str]:
 
 def _redact(url: str) -> str:
     """Never write credentials embedded in a URL (user:password@host) anywhere."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://{rest.split('@', 1)[1]}"
-    return url
+    from pacsai.pacs.client import redact_url
+
+    return redact_url(url) if "://" in url else url
 
 
 def _jsonable(value: Any) -> Any:
