@@ -214,3 +214,15 @@ def test_summary_text():
     buffer = io.StringIO()
     print(summary, file=buffer)
     assert buffer.getvalue().startswith("stored 1")
+
+
+def test_stored_instances_are_found_across_qido_pages(clean_orthanc, test_data: Path, tmp_path: Path, monkeypatch):
+    # PACS cap QIDO answers; with pages of 2 the 3 instances of the study span two pages, and a capped listing
+    # would turn stored instances into "refused" ones (after STOW) or send them again (before).
+    monkeypatch.setattr(store_module, "QIDO_PAGE", 2)
+    server = clean_orthanc
+    with connect(server.url, user=server.user, password=server.password, cache_dir=tmp_path / "c") as pacs:
+        first = pacs.store(test_data / CT3, progress=False)
+        assert len(first.stored) == 3 and first.ok, first
+        again = pacs.store(test_data / CT3, progress=False)
+    assert len(again.already_present) == 3 and not again.stored and again.ok, again
