@@ -67,19 +67,11 @@ def tps_statistics(rtdose: Path, rois: dict[int, str]) -> dict[str, dict[str, fl
 def pacsai_dvhs(folder: Path, names: list[str]) -> dict[str, Any]:
     from pacsai.errors import PacsaiWarning
     from pacsai.imaging import read_dose, read_rtstruct
-    from pacsai.imaging.geometry import make_volume
+    from pacsai.imaging.geometry import refined_grid
     from pacsai.planning.dvh import dvh
 
     dose = read_dose(folder / "rtdose.dcm")
-    a = np.asarray(dose.attrs["affine"], dtype=float)
-    fine = a.copy()
-    fine[:3, :2] /= 2
-    fine[:3, 3] -= (a[:3, 0] + a[:3, 1]) / 4  # keep the outer cell edges where the dose grid's are
-    template = make_volume(
-        np.zeros((dose.shape[0], dose.shape[1] * 2, dose.shape[2] * 2), bool),
-        fine,
-        attrs={"frame_of_reference_uid": dose.attrs["frame_of_reference_uid"]},
-    )
+    template = refined_grid(dose)  # 2x2 structure samples per dose cell, as in tests/test_planning_dvh.py
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PacsaiWarning)  # BODY reaches past the dose grid: 0 Gy there, as stated
         masks = read_rtstruct(folder / "rtss.dcm", like=template, names=names)

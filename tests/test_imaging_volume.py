@@ -437,3 +437,20 @@ def test_mixed_pixel_spacing_and_matrix_size_refused(test_data):
     datasets[2].Rows = 256
     with pytest.raises(VolumeError, match=r"mixed matrix sizes.*512×512.*256×512"):
         read_series(datasets)
+
+
+def test_refined_grid_splits_cells_and_keeps_the_outer_edges():
+    from pacsai.imaging.geometry import affine_from, index_to_world, make_volume, refined_grid
+
+    direction = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # rows and columns swapped
+    coarse = make_volume(np.zeros((2, 3, 4)), affine_from([10.0, -5.0, 2.5], direction, [3.0, 2.0, 2.5]),
+                         attrs={"frame_of_reference_uid": "1.2.3"})
+    for n in (2, 3):
+        fine = refined_grid(coarse, n)
+        assert fine.shape == (2, 3 * n, 4 * n) and fine.dtype == bool
+        assert fine.attrs["frame_of_reference_uid"] == "1.2.3"
+        a, f = np.asarray(coarse.attrs["affine"]), np.asarray(fine.attrs["affine"])
+        # The first and last cell edges along columns (i) and rows (j) are the same in both grids.
+        edges_coarse = index_to_world(a, np.array([[-0.5, -0.5, 0.0], [3.5, 2.5, 1.0]]))
+        edges_fine = index_to_world(f, np.array([[-0.5, -0.5, 0.0], [4 * n - 0.5, 3 * n - 0.5, 1.0]]))
+        np.testing.assert_allclose(edges_fine, edges_coarse, atol=1e-9)

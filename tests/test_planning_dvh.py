@@ -11,7 +11,7 @@ import pydicom
 import pytest
 
 from pacsai.errors import PacsaiWarning, PlanningError
-from pacsai.imaging.geometry import affine_from, make_volume
+from pacsai.imaging.geometry import affine_from, make_volume, refined_grid
 from pacsai.planning import fractionation as fx
 from pacsai.planning.dvh import DVH, dvh, homogeneity_index, plan_quality
 
@@ -202,15 +202,7 @@ def test_dvh_agrees_with_the_tps(test_data):
     big = sorted(name for name, (_, _, cc) in tps.items() if cc >= 10)
     assert big == ["BODY", "Breast", "Heart", "Lt Lung", "Tumor Bed", "Tumor Bed Block"]
 
-    a = np.asarray(dose.attrs["affine"], dtype=float).copy()
-    fine = a.copy()
-    fine[:3, :2] /= 2
-    fine[:3, 3] -= (a[:3, 0] + a[:3, 1]) / 4  # keep the outer cell edges where the dose grid's are
-    template = make_volume(
-        np.zeros((dose.shape[0], dose.shape[1] * 2, dose.shape[2] * 2), bool),
-        fine,
-        attrs={"frame_of_reference_uid": dose.attrs["frame_of_reference_uid"]},
-    )
+    template = refined_grid(dose)
     with warnings.catch_warnings():
         warnings.simplefilter(
             "ignore", PacsaiWarning

@@ -66,6 +66,25 @@ def make_volume(
     return xr.DataArray(array, dims=DIMS, coords=coords, name=name, attrs=all_attrs)
 
 
+def refined_grid(volume: xr.DataArray, in_plane: int = 2) -> xr.DataArray:
+    """An empty boolean grid over the same cells as ``volume`` with each row/column cell split ``in_plane`` ways.
+
+    The outer cell edges stay where ``volume``'s are, so structures rasterised on it (e.g. for a DVH on a coarse
+    dose grid) sample each dose cell ``in_plane``² times. Slices are kept as they are.
+    """
+    a = np.asarray(volume.attrs["affine"], dtype=float)
+    fine = a.copy()
+    fine[:3, :2] /= in_plane
+    # Cell centres move inwards by (1 - 1/n)/2 of a coarse cell along rows and columns.
+    fine[:3, 3] -= (a[:3, 0] + a[:3, 1]) * (1 - 1 / in_plane) / 2
+    nz, ny, nx = volume.shape
+    return make_volume(
+        np.zeros((nz, ny * in_plane, nx * in_plane), bool),
+        fine,
+        attrs={"frame_of_reference_uid": volume.attrs.get("frame_of_reference_uid")},
+    )
+
+
 def is_axis_aligned(direction: np.ndarray, atol: float = 1e-6) -> bool:
     """True where each grid axis runs along one patient axis (i→x, j→y, k→z, either sign)."""
     direction = np.asarray(direction, dtype=float)
