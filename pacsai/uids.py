@@ -1,7 +1,7 @@
 """Deterministic DICOM UIDs.
 
 Same inputs → same UID → re-sending adds nothing to a PACS; changed content → new UID → never a silent discard
-(Orthanc keeps the old object when a different one arrives under a known SOP Instance UID; DICOM-NOTES.md).
+(Orthanc keeps the old object when a different one arrives under a known SOP Instance UID; docs/dicom_notes.md).
 UIDs are ``2.25.<integer>`` from a UUID5 over the inputs joined with a separator that cannot occur in them,
 so ``("ab", "c")`` and ``("a", "bc")`` differ (pydicom's ``generate_uid`` gets that wrong).
 """

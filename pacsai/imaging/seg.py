@@ -10,7 +10,7 @@ resampled silently.
 Segmentation types: BINARY; FRACTIONAL (PROBABILITY or OCCUPANCY) thresholded at ``threshold`` × the maximum
 fractional value (0.5 by default: a voxel belongs to a segment when it is at least half occupied / half
 likely); LABELMAP (pixel value = segment number, read frame by frame, which avoids highdicom 0.28.2's
-``get_volume`` segment-filter bug noted in ``../shared/DICOM-NOTES.md``).
+``get_volume`` segment-filter bug noted in ``docs/dicom_notes.md``).
 
 Writing uses :class:`highdicom.seg.Segmentation`, with the UIDs, dates, times, DimensionOrganizationUID and
 the ContributingEquipment timestamp all derived from the inputs, so the same inputs give byte-identical
@@ -439,7 +439,7 @@ def write_seg(
         Series and equipment attributes; ``content_label`` must be a DICOM CS (upper case, ≤ 16 characters).
     transfer_syntax
         Explicit VR Little Endian for BINARY (highdicom refuses compression for it); RLE Lossless for LABELMAP
-        by default (about 15× smaller on real data, DICOM-NOTES.md).
+        by default (about 15× smaller on real data, docs/dicom_notes.md).
     uid_parts
         Further inputs that shape the content (model version, parameters): they enter the UIDs.
 

@@ -1,6 +1,6 @@
 """Series retrieval into the instance cache: streamed, resumable, served from the cache the second time.
 
-DICOMweb (see DICOM-NOTES "Retrieval speed"): one ``GET .../studies/{s}/series/{r}`` asking for
+DICOMweb (see docs/dicom_notes.md): one ``GET .../studies/{s}/series/{r}`` asking for
 ``multipart/related; type="application/dicom"; transfer-syntax=*`` with ``Accept-Encoding: identity``; the body
 is streamed straight into cache files (no Dataset is built: the SOPInstanceUID is scanned from tag (0002,0003)
 in each part's first bytes), each written in the cache's tmp folder and renamed into place. The instance list
@@ -61,7 +61,7 @@ QUEUE_CHUNKS = 64  # at most this many chunks (~64 MiB) wait for the writer thre
 # to a local Orthanc, the thread hand-offs cost more CPU than the overlap saves (137 vs 76 ms per 52 MB).
 WRITER_THREAD_MIN_CPUS = 4
 # Where the cache already holds part of a series, only the missing instances are fetched (never what is cached
-# again), one GET each; per-instance GETs run at ~0.1 of a streamed series one at a time (DICOM-NOTES), so
+# again), one GET each; per-instance GETs run at ~0.1 of a streamed series one at a time (docs/dicom_notes.md), so
 # several run at once.
 INSTANCE_FETCHERS = 4
 
