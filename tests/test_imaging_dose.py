@@ -11,7 +11,7 @@ import pytest
 from scipy import ndimage
 
 from pacsai.errors import DoseError, VolumeError
-from pacsai.imaging.dose import read_dose, resample
+from pacsai.imaging.dose import NotPlanDoseError, check_plan_dose, read_dose, resample
 from pacsai.imaging.geometry import affine_from, index_to_world, make_volume
 from pacsai.imaging.volume import read_series
 
@@ -103,6 +103,39 @@ def test_absolute_and_descending_frame_offsets(tiny_dose):
     np.testing.assert_array_equal(flipped.values, relative.values[::-1])
     np.testing.assert_allclose(flipped.attrs["origin"][2], z0 - 70.0)
     assert flipped.attrs["spacing"][2] == pytest.approx(5.0)
+
+
+def test_only_a_total_plan_dose_in_gy_is_accepted(breast, tiny_dose):
+    check_plan_dose(read_dose(breast / "rtdose.dcm"))  # PLAN, PHYSICAL, GY: accepted
+    tiny_dose.DoseUnits = "GY"
+    uid = str(tiny_dose.SOPInstanceUID)
+    for summation, kind in (("PLAN", "PHYSICAL"), ("MULTI_PLAN", "PHYSICAL"), ("PLAN", "EFFECTIVE")):
+        tiny_dose.DoseSummationType, tiny_dose.DoseType = summation, kind
+        dose = read_dose(tiny_dose)
+        assert (dose.attrs["dose_summation_type"], dose.attrs["dose_type"], dose.attrs["dose_units"]) == (
+            summation, kind, "GY",
+        )
+        check_plan_dose(dose)
+    for summation, meaning in (
+        ("FRACTION", "one fraction of a plan"),
+        ("BEAM", "one beam of a plan"),
+        ("BRACHY", "one brachytherapy"),
+        ("CONTROL_POINT", "one control point"),
+        ("RECORD", "a treatment record"),
+    ):
+        tiny_dose.DoseSummationType, tiny_dose.DoseType = summation, "PHYSICAL"
+        with pytest.raises(NotPlanDoseError, match=rf"RTDOSE {uid}: DoseSummationType is {summation} \({meaning}.*PLAN or MULTI_PLAN.*export"):
+            check_plan_dose(read_dose(tiny_dose))
+    tiny_dose.DoseSummationType, tiny_dose.DoseType = "PLAN", "ERROR"
+    with pytest.raises(NotPlanDoseError, match=rf"{uid}: DoseType is ERROR.*uncertainty map"):
+        check_plan_dose(read_dose(tiny_dose))
+    tiny_dose.DoseType, tiny_dose.DoseUnits = "PHYSICAL", "RELATIVE"
+    with pytest.raises(NotPlanDoseError, match="DoseUnits is RELATIVE, not GY"):
+        check_plan_dose(read_dose(tiny_dose, allow_relative=True))
+    del tiny_dose.DoseSummationType
+    tiny_dose.DoseUnits = "GY"
+    with pytest.raises(NotPlanDoseError, match="DoseSummationType is missing"):
+        check_plan_dose(read_dose(tiny_dose))
 
 
 def test_bad_frame_offsets_refused(tiny_dose):

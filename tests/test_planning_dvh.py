@@ -13,7 +13,7 @@ import pytest
 from pacsai.errors import PacsaiWarning, PlanningError
 from pacsai.imaging.geometry import affine_from, make_volume, refined_grid
 from pacsai.planning import fractionation as fx
-from pacsai.planning.dvh import DVH, dvh, homogeneity_index, plan_quality
+from pacsai.planning.dvh import DVH, dose_coverage, dvh, homogeneity_index, plan_quality
 
 FOR = "1.2.3.4"
 
@@ -102,13 +102,30 @@ def test_dose_on_another_grid_is_interpolated_and_edge_voxels_supersampled():
         dvh(coarse, mask, method="voxel")
 
 
-def test_structure_outside_the_dose_grid_warns_and_counts_zero():
+def test_structure_half_outside_the_dose_grid_is_measured_and_never_silently_zero():
     dose = grid(np.full((4, 4, 4), 10.0), spacing=(1.0, 1.0, 1.0), units="Gy")
     mask = np.zeros((4, 4, 12), bool)
     mask[1:3, 1:3, 2:6] = True  # x 2..5 mm: voxels at 4 and 5 mm lie beyond the dose grid's edge (3.5 mm)
-    with pytest.warns(PacsaiWarning, match="outside the dose grid"):
-        h = dvh(dose, grid(mask, spacing=(1.0, 1.0, 1.0)), method="centre")
-    assert h.v(10) == pytest.approx(50.0) and h.min == 0.0
+    structure = grid(mask, spacing=(1.0, 1.0, 1.0))
+    # Half of the 16 voxels (8 × 1 mm³) are outside; every sub-point of a voxel is on the voxel's side of
+    # the edge (the grid faces coincide), so centre and supersample agree exactly.
+    for method in ("centre", "supersample"):
+        assert dose_coverage(dose, structure, method=method) == pytest.approx((0.008, 0.5))
+    with pytest.warns(PacsaiWarning, match=r"0.008 cm³ \(50 %\).*excluded"):
+        h = dvh(dose, structure, method="centre")
+    assert (h.volume_cc, h.uncovered_cc, h.min, h.v(10)) == pytest.approx((0.008, 0.008, 10.0, 100.0))
+    assert "0.008 cm³ outside the dose grid excluded" in h.method and h.to_dict()["uncovered_cc"] == 0.008
+    with pytest.warns(PacsaiWarning, match="counted as 0 Gy"):
+        z = dvh(dose, structure, method="centre", outside="zero")
+    assert (z.volume_cc, z.v(10), z.min) == pytest.approx((0.016, 50.0, 0.0))
+    with pytest.raises(PlanningError, match="0.008 cm³ .* outside the dose grid"):
+        dvh(dose, structure, method="centre", outside="error")
+    far = np.zeros((4, 4, 12), bool)
+    far[1, 1, 9:11] = True
+    with pytest.raises(PlanningError, match="entirely outside"):
+        dvh(dose, grid(far, spacing=(1.0, 1.0, 1.0)))
+    assert dose_coverage(dose, grid(far, spacing=(1.0, 1.0, 1.0))) == pytest.approx((0.002, 1.0))
+    assert dose_coverage(dose, grid(np.ones((4, 4, 4), bool), spacing=(1.0, 1.0, 1.0))) == (0.0, 0.0)
 
 
 def test_incompatible_inputs_raise():

@@ -95,16 +95,17 @@ def test_structure_stats_components_and_edge():
 
 # ------------------------------------------------------------------------------------------ margins
 def brute_expand(arr, spacing, margins_xyz, direction=None):
-    """Definition: v in the expansion iff min over mask voxels u of sqrt(Σ((Δ_a)/m_a)²) ≤ 1 (patient axes)."""
-    direction = np.eye(3) if direction is None else direction
+    """Definition (voxels as boxes): v in the expansion iff min over mask voxels u of
+    Σ_a (max(|Δ_a| − s_a/2, 0) / m_a)² ≤ 1, Δ_a the centre offset along grid axis a (mm). The direction only
+    rotates the grid rigidly, which changes no distance along its own axes."""
     kji_all = np.argwhere(np.ones(arr.shape, bool))
     kji_in = np.argwhere(arr)
-    to_mm = direction * np.asarray(spacing)[None, :]
-    p_all = kji_all[:, ::-1] @ to_mm.T
-    p_in = kji_in[:, ::-1] @ to_mm.T
+    s = np.asarray(spacing, dtype=float)
     m = np.asarray(margins_xyz, dtype=float)
-    d = ((p_all[:, None, :] - p_in[None, :, :]) / m) ** 2
-    inside = d.sum(-1).min(axis=1) <= 1 + 1e-9
+    gap = np.maximum(np.abs(kji_all[:, None, ::-1] - kji_in[None, :, ::-1]) * s - s / 2, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(gap > 0, gap / m, 0.0)
+    inside = (ratio**2).sum(-1).min(axis=1) <= 1 + 1e-9
     return inside.reshape(arr.shape)
 
 
@@ -115,6 +116,8 @@ def test_expand_matches_the_definition_exactly_for_anisotropic_margins():
     margins = {"lr": 2.1, "ap": 3.0, "si": 5.0}
     got = st.expand(vol(arr), margins).values
     assert np.array_equal(got, brute_expand(arr, SPACING, (2.1, 3.0, 5.0)))
+    flat = st.expand(vol(arr), {"lr": 0.0, "ap": 1.9, "si": 2.6}).values  # a zero margin on one axis
+    assert np.array_equal(flat, brute_expand(arr, SPACING, (0.0, 1.9, 2.6)))
 
 
 def test_isotropic_expand_is_exact_on_an_oblique_grid():
@@ -126,40 +129,60 @@ def test_isotropic_expand_is_exact_on_an_oblique_grid():
     assert np.array_equal(got, brute_expand(arr, SPACING, (3.0, 3.0, 3.0), direction=rot))
 
 
-def test_box_grows_by_floor_of_margin_over_spacing_along_each_axis():
-    arr = box((20, 20, 20), (8, 8, 8), (12, 12, 12))
+def test_five_mm_margin_on_3_mm_slices_reaches_two_slices_each_way():
+    # One voxel, 1 × 1 mm pixels on 3 mm slices. The voxel's cell spans ±1.5 mm in z and ±0.5 mm in-plane.
+    # Slice centres 3 mm and 6 mm away are 1.5 mm and 4.5 mm from its face (≤ 5 mm: in); 9 mm away is 7.5 mm
+    # (out). In-plane, pixel centres n mm away are n − 0.5 mm from the face: n = 1..5 in, 6 (5.5 mm) out.
+    spacing = (1.0, 1.0, 3.0)
+    arr = np.zeros((9, 15, 15), bool)
+    arr[4, 7, 7] = True
+    out = st.expand(vol(arr, spacing=spacing), 5.0).values
+    assert out[:, 7, 7].tolist() == [False, False, True, True, True, True, True, False, False]
+    assert out[4, 7, :].tolist() == [False] * 2 + [True] * 11 + [False] * 2
+    # Off-axis, by hand: 2 slices up and 1 pixel over: (4.5, 0.5) mm from the cell → 4.53 mm, in;
+    # 2 slices up and 3 pixels over: (4.5, 2.5) → 5.15 mm, out; 1 slice up, 4 over: (1.5, 3.5) → 3.81, in.
+    assert out[6, 7, 8] and not out[6, 7, 10] and out[5, 7, 11]
+    assert out[5, 10, 10] and not out[5, 11, 11]  # (1.5, 2.5, 2.5) → 3.84 mm in; (1.5, 3.5, 3.5) → 5.17 out
+    # Exactly at the margin counts as inside: 1.5 mm reaches the next slice's centre, 1.49 mm does not.
+    assert st.expand(vol(arr, spacing=spacing), {"si": 1.5}).values[:, 7, 7].sum() == 3
+    assert st.expand(vol(arr, spacing=spacing), {"si": 1.49}).values.sum() == 1
+    # Voxel-centre distances would have added one slice each way; the surface rule adds floor(m/s + ½).
+    assert out.sum(axis=(1, 2)).astype(bool).sum() == 1 + 2 * math.floor(5 / 3 + 0.5)
+
+
+def test_box_grows_by_floor_of_margin_over_spacing_plus_half_along_each_axis():
+    arr = box((24, 24, 24), (10, 10, 10), (14, 14, 14))
     out = st.expand(vol(arr), (5.0, 3.0, 10.0)).values  # (lr, ap, si)
     nz = np.argwhere(out)
-    # x: floor(5/0.8)=6, y: floor(3/1.2)=2, z: floor(10/2.5)=4 voxels beyond each face.
-    assert nz.min(axis=0).tolist() == [8 - 4, 8 - 2, 8 - 6]
-    assert nz.max(axis=0).tolist() == [11 + 4, 11 + 2, 11 + 6]
-    # Corners are ellipsoidal, not boxy: the voxel 4 steps out in z and 6 in x is beyond the ellipsoid.
-    assert not out[11 + 4, 10, 11 + 6]
-    assert out[11 + 4, 10, 11]
+    # x: floor(5/0.8 + ½)=6, y: floor(3/1.2 + ½)=3, z: floor(10/2.5 + ½)=4 voxels beyond each face.
+    assert nz.min(axis=0).tolist() == [10 - 4, 10 - 3, 10 - 6]
+    assert nz.max(axis=0).tolist() == [13 + 4, 13 + 3, 13 + 6]
+    # Corners are ellipsoidal, not boxy: 4 steps out in z and 6 in x is (8.75/10)² + (4.4/5)² = 1.54 > 1.
+    assert not out[13 + 4, 12, 13 + 6]
+    assert out[13 + 4, 12, 13]
 
 
 @pytest.mark.parametrize(("r", "m"), [(6.0, 4.0), (10.0, 7.5)])
 def test_sphere_expanded_by_m_is_a_sphere_of_radius_r_plus_m(r, m):
     # Sandwich (δ = half the voxel diagonal): every grid point within r + m − 2δ of the centre has a mask
-    # voxel within m (the nearest grid point to the point at distance r − δ is in the digital ball), and none
-    # beyond r + m can (triangle inequality).
-    shape = (20, 44, 64)
-    centre = (25.6, 26.4, 25.0)
+    # voxel centre within m (the nearest grid point to the point at distance r − δ is in the digital ball),
+    # and none beyond r + m + δ can reach a mask cell (cell points lie within δ of a centre within r).
+    shape = (22, 44, 64)
+    centre = (25.6, 26.4, 27.5)
     delta = 0.5 * math.hypot(*SPACING)
     got = st.expand(vol(ball(shape, centre, r)), m).values
-    outer = ball(shape, centre, r + m)
+    outer = ball(shape, centre, r + m + delta)
     inner = ball(shape, centre, r + m - 2 * delta)
     assert not np.any(got & ~outer)
     assert not np.any(inner & ~got)
-    # Volume: cells of a digital ball of radius R lie between the balls R − δ and R + δ.
+    # Volume: cells of the result lie between the balls r + m − 3δ and r + m + 2δ.
     v = got.sum() * np.prod(SPACING)
-    assert 4 / 3 * math.pi * (r + m - 3 * delta) ** 3 <= v <= 4 / 3 * math.pi * (r + m + delta) ** 3
-    assert v == pytest.approx(4 / 3 * math.pi * (r + m) ** 3, rel=0.15)
+    assert 4 / 3 * math.pi * (r + m - 3 * delta) ** 3 <= v <= 4 / 3 * math.pi * (r + m + 2 * delta) ** 3
 
 
 def test_anisotropic_margin_extents_on_a_sphere():
-    # A sphere ⊕ ellipsoid (semi-axes m_a) reaches r + m_a along each axis: the furthest voxel centre along
-    # the axis lies within one spacing of it.
+    # A sphere ⊕ ellipsoid (semi-axes m_a) reaches r + m_a along each axis; the mask's cells reach half a
+    # spacing beyond its centres, so the furthest voxel centre lies within [r + m − s, r + m + s/2].
     shape, centre, r = (24, 40, 60), (24.0, 24.0, 30.0), 6.0
     margins = (8.0, 3.0, 12.5)
     got = st.expand(vol(ball(shape, centre, r)), margins).values
@@ -167,7 +190,7 @@ def test_anisotropic_margin_extents_on_a_sphere():
     for axis, (m, sp, c) in enumerate(zip(margins, SPACING, centre)):
         coords = kji[:, 2 - axis] * sp
         reach = coords.max() - c
-        assert r + m - sp - 1e-9 <= reach <= r + m + 1e-9
+        assert r + m - sp - 1e-9 <= reach <= r + m + sp / 2 + 1e-9
         assert c - coords.min() == pytest.approx(reach, abs=sp)
 
 
@@ -189,14 +212,24 @@ def test_ctv_ptv_prv_and_van_herk():
     spacing = (1.0, 1.0, 1.0)
     gtv = vol(ball((30, 30, 30), (15, 15, 15), 4.0, spacing), spacing=spacing, name="GTV")
     body = vol(box((30, 30, 30), (0, 0, 0), (30, 30, 17)), spacing=spacing, name="BODY")
-    ctv, ptv = st.ctv_ptv(gtv, ctv_margin=5.0, ptv_margin=(3.0, 3.0, 5.0), body=body)
+    # The GTV (z 11..19) pokes out of the BODY (z < 17): the clip trims the margin, never the GTV.
+    with pytest.warns(PacsaiWarning, match="outside 'BODY'"):
+        ctv, ptv = st.ctv_ptv(gtv, ctv_margin=5.0, ptv_margin=(3.0, 3.0, 5.0), body=body)
     assert (ctv.name, ptv.name) == ("CTV", "PTV")
-    assert not np.any(ctv.values & ~body.values)
-    assert np.array_equal(ctv.values, st.expand(gtv, 5.0).values & body.values)
+    outside = gtv.values & ~body.values
+    assert outside.sum() > 0 and ctv.attrs["gtv_outside_body_cc"] == pytest.approx(outside.sum() / 1000)
+    assert np.array_equal(ctv.values, (st.expand(gtv, 5.0).values & body.values) | gtv.values)
+    assert not np.any(gtv.values & ~ctv.values) and not np.any(ctv.values & ~ptv.values)
     assert np.array_equal(ptv.values, st.expand(ctv, (3.0, 3.0, 5.0)).values)
     assert np.any(ptv.values & ~body.values)  # the PTV is not clipped unless asked
-    _, ptv_clipped = st.ctv_ptv(gtv, ctv_margin=5.0, ptv_margin=3.0, body=body, clip_ptv_to_body=True)
-    assert not np.any(ptv_clipped.values & ~body.values)
+    with pytest.warns(PacsaiWarning, match="outside"):
+        ctv2, ptv_clipped = st.ctv_ptv(gtv, ctv_margin=5.0, ptv_margin=3.0, body=body, clip_ptv_to_body=True)
+    assert not np.any(ptv_clipped.values & ~body.values & ~ctv2.values)  # clipped, but never inside the CTV
+    assert not np.any(ctv2.values & ~ptv_clipped.values)
+    # An anatomy clip that excludes the whole GTV still leaves the GTV in the CTV.
+    none = vol(np.zeros((30, 30, 30), bool), spacing=spacing)
+    ctv3, _ = st.ctv_ptv(gtv, ctv_margin=5.0, ptv_margin=0.0, body=vol(np.ones((30, 30, 30), bool), spacing=spacing), anatomy=none)
+    assert np.array_equal(ctv3.values, gtv.values)
     with pytest.warns(PacsaiWarning, match="not clipped"):
         st.ctv_ptv(gtv, ctv_margin=1.0, ptv_margin=1.0)
     oar = vol(box((30, 30, 30), (5, 5, 5), (8, 8, 8)), spacing=spacing, name="Cord")
@@ -263,3 +296,27 @@ def test_diameters_equal_brute_force_over_all_voxel_corners_on_an_oblique_grid()
         p2 = ((sl[:, None, :] + square[None]).reshape(-1, 2)) @ to_mm[:, :2].T
         expected = np.sqrt(((p2[:, None] - p2[None]) ** 2).sum(-1).max()) if len(sl) else 0.0
         assert st.axial_diameters(mask)[k] == pytest.approx(expected, abs=1e-9)
+
+
+# ------------------------------------------------------------------------------------------ states, fragments
+def test_structure_state_distinguishes_present_empty_and_missing():
+    masks = {"Heart": vol(box((4, 4, 4), (1, 1, 1), (2, 2, 2))), "SpinalCord": vol(np.zeros((4, 4, 4)))}
+    assert st.structure_state(masks, "heart") == "present"
+    assert st.structure_state(masks, "SPINALCORD") == "empty"
+    assert st.structure_state(masks, "Esophagus") == "missing"
+    assert st.find_key(masks, "HEART") == "Heart" and st.find_key(masks, "Lung") is None
+
+
+def test_components_above_a_volume_are_counted_largest_first():
+    spacing = (1.0, 1.0, 1.0)  # 1 voxel = 0.001 cm³
+    arr = np.zeros((30, 30, 30), bool)
+    arr[0:10, 0:10, 0:10] = True  # 1.000 cm³
+    arr[20:25, 20:30, 20:30] = True  # 0.500 cm³
+    arr[15, 15, 15] = True  # 0.001 cm³
+    arr[16, 16, 16] = True  # touches the one above by a corner: 26-connected, one 0.002 cm³ component
+    mask = vol(arr, spacing=spacing, name="BODY")
+    assert st.component_volumes_cc(mask) == pytest.approx([1.0, 0.5, 0.002])
+    assert [st.count_components(mask, min_cc=c) for c in (0.0, 0.002, 0.5, 0.6)] == [3, 3, 2, 1]
+    parts = st.components(mask, min_cc=0.5)
+    assert [int(p.values.sum()) for p in parts] == [1000, 500] and parts[0].name == "BODY#1"
+    assert st.component_volumes_cc(vol(np.zeros((3, 3, 3)))) == [] and st.components(vol(np.zeros((3, 3, 3)))) == []

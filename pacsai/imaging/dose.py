@@ -24,6 +24,20 @@ from pacsai.imaging.geometry import affine_from, affine_of, make_volume
 
 logger = logging.getLogger(__name__)
 
+#: DoseSummationType values that are a patient's total planned dose (PS3.3 C.8.8.3): constraints need one.
+PLAN_SUMMATION_TYPES = ("PLAN", "MULTI_PLAN")
+#: DoseType values that are dose (PHYSICAL; EFFECTIVE = physical × RBE, e.g. protons), not an ERROR map.
+PLAN_DOSE_TYPES = ("PHYSICAL", "EFFECTIVE")
+_SUMMATION_MEANING = {
+    "FRACTION": "one fraction of a plan",
+    "BEAM": "one beam of a plan",
+    "BRACHY": "one brachytherapy application setup",
+    "FRACTION_SESSION": "one fraction, delivered in a session",
+    "BEAM_SESSION": "one beam, delivered in a session",
+    "BRACHY_SESSION": "one brachytherapy setup, delivered in a session",
+    "CONTROL_POINT": "one control point of a beam",
+    "RECORD": "a treatment record (delivered so far)",
+}
 _GRID_TOLERANCE_MM = 0.01  # GridFrameOffsetVector values are written by the TPS, regular to well below this
 
 
@@ -120,6 +134,52 @@ def read_dose(source: PathLike | pydicom.Dataset, *, allow_relative: bool = Fals
         "grid_frame_offsets": tuple(float(v) for v in offsets),
     }
     return make_volume(dose, affine, name="dose", attrs=attrs)
+
+
+class NotPlanDoseError(DoseError):
+    """An RTDOSE is not a total plan dose in Gy, so dose constraints cannot be evaluated on it."""
+
+
+def check_plan_dose(dose: xr.DataArray) -> None:
+    """Accept only a total plan dose in Gy: DoseSummationType PLAN or MULTI_PLAN, DoseType PHYSICAL or EFFECTIVE.
+
+    Constraints (QUANTEC) are limits on the whole course: a FRACTION dose is 1/n of it, a BEAM dose a part
+    of it, a RECORD what was delivered so far; evaluating any of them against a total-dose limit passes
+    everything. An ERROR dose is an uncertainty map, not dose.
+
+    Parameters
+    ----------
+    dose
+        A dose grid from :func:`read_dose` (its attrs ``dose_summation_type``, ``dose_type``, ``units``).
+
+    Raises
+    ------
+    NotPlanDoseError
+        Naming the SOP instance UID, the value found (with its meaning) and the fix.
+    """
+    uid = str(dose.attrs.get("sop_instance_uid") or dose.name or "the dose grid")
+    summation = str(dose.attrs.get("dose_summation_type") or "").upper()
+    kind = str(dose.attrs.get("dose_type") or "").upper()
+    units = str(dose.attrs.get("units") or "")
+    if summation not in PLAN_SUMMATION_TYPES:
+        found = f"{summation} ({_SUMMATION_MEANING[summation]})" if summation in _SUMMATION_MEANING else (
+            repr(summation) if summation else "missing"
+        )
+        raise NotPlanDoseError(
+            f"RTDOSE {uid}: DoseSummationType is {found}, not a total plan dose (PLAN or MULTI_PLAN); "
+            "constraints are limits on the whole course: export the plan's total dose from the TPS"
+        )
+    if kind not in PLAN_DOSE_TYPES:
+        raise NotPlanDoseError(
+            f"RTDOSE {uid}: DoseType is {kind or 'missing'}, not PHYSICAL or EFFECTIVE"
+            + (" (an ERROR dose is an uncertainty map)" if kind == "ERROR" else "")
+            + "; export the physical (or RBE-weighted effective) plan dose"
+        )
+    if units.lower() != "gy":
+        raise NotPlanDoseError(
+            f"RTDOSE {uid}: DoseUnits is {dose.attrs.get('dose_units') or units or 'missing'}, not GY: relative "
+            "values cannot be compared with dose limits; export the dose in Gy"
+        )
 
 
 def _frame_offsets(

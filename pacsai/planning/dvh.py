@@ -15,7 +15,15 @@ dose of each mask voxel is used as is. Otherwise the dose grid is interpolated t
 coordinates, through both affines) at the centre of every mask voxel, and every voxel on the structure's
 surface is sub-sampled on an s×s×s lattice of points (default s = 2, equal weights): dose gradients are steepest
 at target edges, and a finer structure grid (e.g. contours rasterised on the CT grid) should see the dose vary
-within its edge voxels. Mask voxels outside the dose grid get 0 Gy with a :class:`~pacsai.errors.PacsaiWarning`.
+within its edge voxels.
+
+Structure outside the dose grid (a sample point beyond the grid's outer voxel faces) has no dose: it is never
+silently counted as 0 Gy. :func:`dose_coverage` measures it (cm³ and fraction, with the same sample points as
+the DVH), and :func:`dvh` handles it as its ``outside`` argument says: ``"exclude"`` (default: the DVH covers
+the part inside the grid, :attr:`DVH.uncovered_cc` and :attr:`DVH.method` state the rest, with a
+:class:`~pacsai.errors.PacsaiWarning`), ``"error"`` (raise), or ``"zero"`` (count it as 0 Gy, stated the same
+way — only where the dose there is known to be negligible). Constraint evaluation marks a structure more than
+1 % or 0.5 cm³ uncovered as unreliable (:mod:`pacsai.planning.constraints`).
 
 Statistics: mean, min and max are exact over the samples; Dx/Dcc/Vx are computed from the samples quantised to
 ``resolution`` (0.1 mGy by default, far below any clinical relevance) so that a DVH of millions of voxels stays
@@ -27,6 +35,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -40,6 +49,7 @@ from pacsai.imaging.geometry import affine_of, same_grid, voxel_volume_cc
 logger = logging.getLogger(__name__)
 
 Method = Literal["auto", "voxel", "centre", "supersample"]
+Outside = Literal["exclude", "error", "zero"]
 
 _REL_TOL = 1e-9  # relative slack on volume comparisons (sums of float weights)
 _DENSE_LEVELS = 20_000_000  # dose levels (2000 Gy at 0.1 mGy) up to which the histogram is a dense bincount
@@ -63,9 +73,14 @@ class DVH:
         Exact Dmean, Dmin, Dmax (Gy).
     resolution
         Dose quantisation of the histogram (Gy).
+    uncovered_cc
+        Structure volume outside the dose grid (cm³): not in the histogram (``outside="exclude"``) or counted
+        as 0 Gy (``outside="zero"``, then included in :attr:`volume_cc`). 0 for a fully covered structure.
     """
 
-    __slots__ = ("_cum", "_q", "max", "mean", "method", "min", "name", "resolution", "volume_cc")
+    __slots__ = (
+        "_cum", "_q", "max", "mean", "method", "min", "name", "resolution", "uncovered_cc", "volume_cc",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -90,6 +105,7 @@ class DVH:
         self.min = float(min)
         self.max = float(max)
         self.resolution = float(resolution)
+        self.uncovered_cc = 0.0
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -247,6 +263,7 @@ class DVH:
             "d50_gy": self.d(50),
             "d2_gy": self.d(2),
             "d0_03cc_gy": near_max,
+            "uncovered_cc": self.uncovered_cc,
             "method": self.method,
         }
 
@@ -258,17 +275,20 @@ class DVH:
 
 
 # --------------------------------------------------------------------------------------------- sampling
-def _sample(dose: np.ndarray, kji: np.ndarray) -> tuple[np.ndarray, int]:
-    """Trilinear dose at fractional (k, j, i) points (3, N); points beyond half a voxel outside → 0 Gy.
+def _outside(shape: tuple[int, ...], kji: np.ndarray) -> np.ndarray:
+    """Points (3, N) beyond the outer voxel faces of a grid of ``shape`` (half a voxel past the last centre)."""
+    bounds = np.asarray(shape, dtype=float)[:, None]
+    return np.any((kji < -0.5) | (kji > bounds - 0.5), axis=0)  # type: ignore[no-any-return]
 
-    Returns the values and how many points fell outside.
+
+def _sample(dose: np.ndarray, kji: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Trilinear dose at fractional (k, j, i) points (3, N), and which points lie outside the grid.
+
+    Within the outer half voxel the nearest edge value is used (``mode="nearest"``), as a TPS does; the
+    values of outside points are meaningless and must be handled by the caller.
     """
-    shape = np.asarray(dose.shape, dtype=float)[:, None]
-    outside = np.any((kji < -0.5) | (kji > shape - 0.5), axis=0)
-    # Within the outer half voxel the nearest edge value is used (mode="nearest"), as a TPS does.
     values = ndimage.map_coordinates(dose, kji, order=1, mode="nearest", prefilter=False)
-    values[outside] = 0.0
-    return values, int(outside.sum())
+    return values, _outside(dose.shape, kji)
 
 
 def _supersample_offsets(s: int) -> np.ndarray:
@@ -276,6 +296,116 @@ def _supersample_offsets(s: int) -> np.ndarray:
     ticks = (np.arange(s) + 0.5) / s - 0.5
     grid = np.stack(np.meshgrid(ticks, ticks, ticks, indexing="ij"), axis=-1).reshape(-1, 3)
     return grid
+
+
+def _check_inputs(dose: xr.DataArray, mask: xr.DataArray, label: str) -> np.ndarray:
+    """The mask as a 3-D bool array, after checking units and frames of reference."""
+    values = np.asarray(mask.values)
+    if values.ndim != 3:
+        raise PlanningError(f"mask {label!r} must be 3-D (z, y, x); got shape {values.shape}")
+    values = values.astype(bool, copy=False)
+    units = dose.attrs.get("units")
+    if units is not None and str(units).lower() != "gy":
+        raise PlanningError(
+            f"dose {dose.name!r} is in {units!r}, not Gy: scale it to absolute dose before computing a DVH of {label!r}"
+        )
+    for_dose = str(dose.attrs.get("frame_of_reference_uid") or "")
+    for_mask = str(mask.attrs.get("frame_of_reference_uid") or "")
+    if for_dose and for_mask and for_dose != for_mask:
+        raise PlanningError(
+            f"dose (frame of reference {for_dose}) and {label!r} ({for_mask}) are in different patient frames; "
+            "register them first"
+        )
+    return values
+
+
+def _resolve_method(dose: xr.DataArray, mask: xr.DataArray, method: str, subsamples: Any, label: str) -> str:
+    grid_shared = same_grid(dose, mask)
+    if method == "auto":
+        return "voxel" if grid_shared else "supersample"
+    if method == "voxel":
+        if not grid_shared:
+            raise PlanningError(
+                f"method='voxel' needs the dose and {label!r} on one grid; use method='supersample' or 'centre'"
+            )
+        return method
+    if method not in ("centre", "supersample"):
+        raise PlanningError(f"unknown DVH method {method!r}: use auto, voxel, centre or supersample")
+    if method == "supersample" and (not isinstance(subsamples, (int, np.integer)) or subsamples < 1):
+        raise PlanningError(f"subsamples must be a positive integer, got {subsamples!r}")
+    return method
+
+
+def _sample_points(
+    dose: xr.DataArray, mask: xr.DataArray, values: np.ndarray, method: str, subsamples: int
+) -> Iterator[tuple[np.ndarray, float]]:
+    """The structure's sample points in the dose grid's (k, j, i) index space, in chunks: (points (3, N), weight cc).
+
+    ``"centre"``: every mask voxel centre; ``"supersample"``: interior voxel centres plus every surface voxel
+    on a ``subsamples``³ lattice with equal shares of its volume.
+    """
+    voxel_cc = voxel_volume_cc(mask)
+    if method == "supersample" and subsamples > 1:
+        padded = np.pad(values, 1)
+        interior = ndimage.binary_erosion(padded, structure=ndimage.generate_binary_structure(3, 1))[
+            1:-1, 1:-1, 1:-1
+        ]
+        edge = values & ~interior
+        core = values & interior
+    else:
+        edge = np.zeros_like(values)
+        core = values
+    # mask (i, j, k) → dose (i, j, k), in the (k, j, i) order of the arrays, so no index columns need reversing.
+    ijk_map = np.linalg.inv(affine_of(dose)) @ affine_of(mask)
+    perm = np.eye(4)[[2, 1, 0, 3]]
+    kji_map = perm @ ijk_map @ perm
+    lin, shift = kji_map[:3, :3], kji_map[:3, 3]
+
+    def run(kji_idx: np.ndarray, offsets: np.ndarray, weight: float) -> Iterator[tuple[np.ndarray, float]]:
+        steps = offsets @ lin.T  # sub-point offsets, already mapped into the dose grid's index space
+        per = max(1, _CHUNK // len(offsets))
+        for start in range(0, len(kji_idx), per):
+            centres = kji_idx[start : start + per].astype(np.float64) @ lin.T + shift  # float: BLAS matmul
+            src = centres if len(offsets) == 1 else (centres[:, None, :] + steps[None, :, :]).reshape(-1, 3)
+            yield src.T, weight
+
+    yield from run(np.argwhere(core), np.zeros((1, 3)), voxel_cc)
+    if edge.any():
+        offsets = _supersample_offsets(int(subsamples))
+        yield from run(np.argwhere(edge), offsets, voxel_cc / len(offsets))
+
+
+def dose_coverage(
+    dose: xr.DataArray,
+    mask: xr.DataArray,
+    *,
+    method: Method = "auto",
+    subsamples: int = 2,
+) -> tuple[float, float]:
+    """Structure volume outside the dose grid: ``(uncovered_cc, uncovered_fraction)``.
+
+    Measured on the same sample points as :func:`dvh` with the same ``method``/``subsamples`` (a point is
+    uncovered beyond the grid's outer voxel faces), so it is exactly the volume a DVH would have no dose for.
+    A structure on the dose grid itself is fully covered.
+
+    Raises
+    ------
+    PlanningError
+        Empty mask, different frames of reference, non-absolute dose.
+    """
+    label = str(mask.name or "structure")
+    values = _check_inputs(dose, mask, label)
+    if not values.any():
+        raise PlanningError(f"structure {label!r} is empty: its dose coverage is undefined")
+    method = _resolve_method(dose, mask, method, subsamples, label)  # type: ignore[assignment]
+    if method == "voxel":
+        return 0.0, 0.0
+    total = uncovered = 0.0
+    for points, weight in _sample_points(dose, mask, values, method, subsamples):
+        outside = int(_outside(dose.shape, points).sum())
+        uncovered += outside * weight
+        total += points.shape[1] * weight
+    return uncovered, (uncovered / total if total > 0 else 0.0)
 
 
 def dvh(
@@ -286,6 +416,7 @@ def dvh(
     method: Method = "auto",
     subsamples: int = 2,
     resolution: float = 1e-4,
+    outside: Outside = "exclude",
 ) -> DVH:
     """Cumulative DVH of a structure (DESIGN.md "DVH").
 
@@ -306,6 +437,10 @@ def dvh(
         Points per axis inside each surface voxel for ``"supersample"``.
     resolution
         Dose quantisation of the histogram (Gy); mean/min/max are exact regardless.
+    outside
+        Sample points beyond the dose grid: ``"exclude"`` them (the DVH is that of the covered part),
+        raise (``"error"``), or count them as 0 Gy (``"zero"``). Either way :attr:`DVH.uncovered_cc` and
+        :attr:`DVH.method` state the uncovered volume; see also :func:`dose_coverage`.
 
     Returns
     -------
@@ -314,101 +449,45 @@ def dvh(
     Raises
     ------
     PlanningError
-        Empty mask, different frames of reference, non-absolute dose, ``"voxel"`` on different grids.
+        Empty mask, different frames of reference, non-absolute dose, ``"voxel"`` on different grids, a
+        structure entirely outside the dose grid, or any of it outside with ``outside="error"``.
 
     Warns
     -----
     PacsaiWarning
-        Part of the structure lies outside the dose grid (those voxels get 0 Gy).
+        Part of the structure lies outside the dose grid (with its cm³ and what was done).
     """
     label = name if name is not None else str(mask.name or "structure")
-    values = np.asarray(mask.values)
-    if values.ndim != 3:
-        raise PlanningError(f"mask {label!r} must be 3-D (z, y, x); got shape {values.shape}")
-    values = values.astype(bool, copy=False)
-    units = dose.attrs.get("units")
-    if units is not None and str(units).lower() != "gy":
-        raise PlanningError(
-            f"dose {dose.name!r} is in {units!r}, not Gy: scale it to absolute dose before computing a DVH of {label!r}"
-        )
-    for_dose = str(dose.attrs.get("frame_of_reference_uid") or "")
-    for_mask = str(mask.attrs.get("frame_of_reference_uid") or "")
-    if for_dose and for_mask and for_dose != for_mask:
-        raise PlanningError(
-            f"dose (frame of reference {for_dose}) and {label!r} ({for_mask}) are in different patient frames; "
-            "register them first"
-        )
+    if outside not in ("exclude", "error", "zero"):
+        raise PlanningError(f"outside must be 'exclude', 'error' or 'zero', got {outside!r}")
+    values = _check_inputs(dose, mask, label)
     if not values.any():
         raise PlanningError(f"structure {label!r} is empty: no DVH can be computed")
-    voxel_cc = voxel_volume_cc(mask)
-    grid_shared = same_grid(dose, mask)
-    if method == "auto":
-        method = "voxel" if grid_shared else "supersample"
+    method = _resolve_method(dose, mask, method, subsamples, label)  # type: ignore[assignment]
     if method == "voxel":
-        if not grid_shared:
-            raise PlanningError(
-                f"method='voxel' needs the dose and {label!r} on one grid; use method='supersample' or 'centre'"
-            )
         return DVH.from_samples(
             np.asarray(dose.values, dtype=float)[values],
-            voxel_cc,
+            voxel_volume_cc(mask),
             name=label,
             method="dose grid voxels (structure on the dose grid)",
             resolution=resolution,
         )
-    if method not in ("centre", "supersample"):
-        raise PlanningError(f"unknown DVH method {method!r}: use auto, voxel, centre or supersample")
-    if method == "supersample" and (not isinstance(subsamples, (int, np.integer)) or subsamples < 1):
-        raise PlanningError(f"subsamples must be a positive integer, got {subsamples!r}")
 
-    # mask (i, j, k) → dose (i, j, k), then to the (k, j, i) order of the arrays.
-    ijk_map = np.linalg.inv(affine_of(dose)) @ affine_of(mask)
     dose_values = np.asarray(dose.values, dtype=float)
-
-    if method == "supersample" and subsamples > 1:
-        padded = np.pad(values, 1)
-        interior = ndimage.binary_erosion(padded, structure=ndimage.generate_binary_structure(3, 1))[
-            1:-1, 1:-1, 1:-1
-        ]
-        edge = values & ~interior
-        core = values & interior
-    else:
-        edge = np.zeros_like(values)
-        core = values
-
     doses: list[np.ndarray] = []
     weights: list[np.ndarray] = []
-    n_outside = 0
-    n_points = 0
-
-    # The same map in the (k, j, i) order of the arrays, so no index columns need reversing.
-    perm = np.eye(4)[[2, 1, 0, 3]]
-    kji_map = perm @ ijk_map @ perm
-    lin, shift = kji_map[:3, :3], kji_map[:3, 3]
-
-    def run(kji_idx: np.ndarray, offsets: np.ndarray, weight: float) -> None:
-        nonlocal n_outside, n_points
-        steps = offsets @ lin.T  # sub-point offsets, already mapped into the dose grid's index space
-        per = max(1, _CHUNK // len(offsets))
-        for start in range(0, len(kji_idx), per):
-            centres = kji_idx[start : start + per].astype(np.float64) @ lin.T + shift  # float: BLAS matmul
-            src = centres if len(offsets) == 1 else (centres[:, None, :] + steps[None, :, :]).reshape(-1, 3)
-            sampled, outside = _sample(dose_values, src.T)
-            doses.append(sampled)
-            weights.append(np.full(sampled.size, weight))
-            n_outside += outside
-            n_points += sampled.size
-
-    run(np.argwhere(core), np.zeros((1, 3)), voxel_cc)
-    if edge.any():
-        offsets = _supersample_offsets(int(subsamples))
-        run(np.argwhere(edge), offsets, voxel_cc / len(offsets))
-    if n_outside:
-        warnings.warn(
-            f"{n_outside} of {n_points} dose sample points of {label!r} lie outside the dose grid and count as 0 Gy",
-            PacsaiWarning,
-            stacklevel=2,
-        )
+    uncovered = total = 0.0
+    for points, weight in _sample_points(dose, mask, values, method, subsamples):
+        sampled, out = _sample(dose_values, points)
+        n_out = int(out.sum())
+        uncovered += n_out * weight
+        total += sampled.size * weight
+        if n_out and outside == "zero":
+            sampled[out] = 0.0
+        elif n_out:
+            sampled = sampled[~out]
+        doses.append(sampled)
+        weights.append(np.full(sampled.size, weight))
     if method == "centre" or subsamples == 1:
         text = "dose grid interpolated trilinearly at the structure's voxel centres (structure grid)"
     else:
@@ -416,9 +495,23 @@ def dvh(
             "dose grid interpolated trilinearly at the structure's voxel centres (structure grid); surface "
             f"voxels sub-sampled {subsamples}×{subsamples}×{subsamples}"
         )
-    return DVH.from_samples(
+    if uncovered > 0:
+        share = f"{uncovered:.3g} cm³ ({100 * uncovered / total:.3g} %) of {label!r} lies outside the dose grid"
+        if outside == "error":
+            raise PlanningError(
+                f"{share} (dose {dose.attrs.get('sop_instance_uid') or dose.name!r}): no dose is known there; "
+                "export a dose grid that covers the structure, or pass outside='exclude'"
+            )
+        if uncovered >= total * (1 - _REL_TOL):
+            raise PlanningError(f"{label!r} lies entirely outside the dose grid: no DVH can be computed")
+        done = "excluded from the DVH" if outside == "exclude" else "counted as 0 Gy"
+        warnings.warn(f"{share}: {done}", PacsaiWarning, stacklevel=2)
+        text += f"; {uncovered:.3g} cm³ outside the dose grid {done}"
+    out_dvh = DVH.from_samples(
         np.concatenate(doses), np.concatenate(weights), name=label, method=text, resolution=resolution
     )
+    out_dvh.uncovered_cc = uncovered
+    return out_dvh
 
 
 # --------------------------------------------------------------------------------------------- plan quality

@@ -70,7 +70,9 @@ def eqd2_total(total_dose_gy: Any, n_fractions: Any, alpha_beta: Any) -> Any:
 def eqd2_dvh(dvh: DVH, *, n_fractions: int, alpha_beta: float) -> DVH:
     """The DVH with every dose level converted to EQD2 (each voxel's total dose in ``n_fractions`` fractions).
 
-    The conversion is monotonic, so volumes carry over level by level; the mean is recomputed from the
+    Each voxel's dose per fraction is its own total over ``n_fractions`` (d_i = D_i / n), not the
+    prescription's: an OAR voxel at 20 Gy in 20 fractions gets 1 Gy fractions. The conversion is monotonic,
+    so volumes carry over level by level; the mean is recomputed from the
     histogram levels (so it is exact to the DVH's resolution), min and max are converted exactly.
     """
     levels = dvh.doses
@@ -85,4 +87,5 @@ def eqd2_dvh(dvh: DVH, *, n_fractions: int, alpha_beta: float) -> DVH:
     )
     out.min = float(eqd2_total(dvh.min, n_fractions, alpha_beta))
     out.max = float(eqd2_total(dvh.max, n_fractions, alpha_beta))
+    out.uncovered_cc = dvh.uncovered_cc
     return out

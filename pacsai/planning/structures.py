@@ -312,18 +312,65 @@ def touches_edge(mask: xr.DataArray) -> bool:
     )
 
 
-def components(mask: xr.DataArray) -> list[xr.DataArray]:
-    """26-connected components of a mask, largest first (same grid, same attrs)."""
+def _labels(values: np.ndarray) -> tuple[np.ndarray, int]:
+    return ndimage.label(values, structure=ndimage.generate_binary_structure(3, 3))  # type: ignore[no-any-return]
+
+
+def component_volumes_cc(mask: xr.DataArray) -> list[float]:
+    """Volumes (cm³) of the 26-connected components of a mask, largest first; ``[]`` for an empty mask.
+
+    Cheap on whole-body masks (one labelling, no per-component arrays): the QA gate's fragmentation check.
+    """
     values = _as_mask(mask)
-    labels, n = ndimage.label(values, structure=ndimage.generate_binary_structure(3, 3))
+    labels, n = _labels(values)
+    if n == 0:
+        return []
+    sizes = np.bincount(labels.ravel())[1:]
+    return sorted((float(c) * voxel_volume_cc(mask) for c in sizes), reverse=True)
+
+
+def count_components(mask: xr.DataArray, *, min_cc: float = 0.0) -> int:
+    """Number of 26-connected components of at least ``min_cc`` cm³ (e.g. ``min_cc=5`` for "BODY in pieces")."""
+    return sum(v >= min_cc * (1 - 1e-9) for v in component_volumes_cc(mask))
+
+
+def components(mask: xr.DataArray, *, min_cc: float = 0.0) -> list[xr.DataArray]:
+    """26-connected components of a mask of at least ``min_cc`` cm³, largest first (same grid, same attrs).
+
+    Each component is a full-grid array: for counting on large masks use :func:`count_components`.
+    """
+    values = _as_mask(mask)
+    labels, n = _labels(values)
     if n == 0:
         return []
     sizes = np.bincount(labels.ravel())[1:]
     order = np.argsort(-sizes, kind="stable") + 1
+    voxel_cc = voxel_volume_cc(mask)
     return [
         like(mask, labels == lab, name=f"{mask.name or 'structure'}#{rank}")
         for rank, lab in enumerate(order, 1)
+        if sizes[lab - 1] * voxel_cc >= min_cc * (1 - 1e-9)
     ]
+
+
+def find_key(masks: Mapping[str, Any], name: str) -> str | None:
+    """The key of ``masks`` equal to ``name`` ignoring case (the report's lookup); ``None`` when absent."""
+    if name in masks:
+        return name
+    wanted = str(name).upper()
+    return next((key for key in masks if str(key).upper() == wanted), None)
+
+
+def structure_state(masks: Mapping[str, xr.DataArray], name: str) -> str:
+    """``"present"`` (a non-empty mask), ``"empty"`` (the structure exists, no voxel) or ``"missing"``.
+
+    Names match ignoring case (:func:`find_key`). "Empty" and "missing" are different facts: a model that
+    segmented nothing produces an empty structure; a structure set without that organ has none.
+    """
+    key = find_key(masks, name)
+    if key is None:
+        return "missing"
+    return "present" if bool(np.asarray(masks[key].values).any()) else "empty"
 
 
 def structure_stats(mask: xr.DataArray, *, name: str | None = None) -> StructureStats:
@@ -343,7 +390,7 @@ def structure_stats(mask: xr.DataArray, *, name: str | None = None) -> Structure
         warnings.warn(f"structure {label!r} is empty", PacsaiWarning, stacklevel=2)
         nan = float("nan")
         return StructureStats(label, 0.0, 0, 0.0, 0.0, (nan, nan, nan), 0, False)
-    _, n_comp = ndimage.label(values, structure=ndimage.generate_binary_structure(3, 3))
+    _, n_comp = _labels(values)
     return StructureStats(
         name=label,
         volume_cc=n * voxel_volume_cc(mask),
@@ -424,6 +471,40 @@ def _grid_margins(
     return np.array([margin[p] for p in patient_axis])
 
 
+def _box_distance_mask(
+    values: np.ndarray, spacing_kji: Sequence[float], margin_kji: Sequence[float]
+) -> np.ndarray:
+    """Voxels whose centre lies within the ellipsoidal margin of the *cells* (boxes) of ``values``.
+
+    Normalised squared distance from a voxel centre v to the cell of a voxel u, along grid axes a with spacing
+    s_a and margin m_a: ``Σ_a (max(|v_a − u_a|·s_a − s_a/2, 0) / m_a)²`` (0 inside the cell). The minimum over
+    the mask is separable: a 1-D min-convolution per axis, each over the few offsets a margin can reach
+    (``floor(m_a/s_a + 1/2)`` voxels), so it is exact and needs no distance-transform approximation. An axis
+    with a zero margin allows no offset along it.
+    """
+    cost = np.where(values, 0.0, np.inf)
+    for axis in range(3):
+        s, m = float(spacing_kji[axis]), float(margin_kji[axis])
+        if m <= 0:
+            continue
+        out = cost.copy()
+        for step in range(1, _reach(m, s) + 1):
+            penalty = ((step - 0.5) * s / m) ** 2
+            lo = [slice(None)] * 3
+            hi = [slice(None)] * 3
+            lo[axis], hi[axis] = slice(None, -step), slice(step, None)
+            # v = u + step and v = u − step along this axis.
+            np.minimum(out[tuple(hi)], cost[tuple(lo)] + penalty, out=out[tuple(hi)])
+            np.minimum(out[tuple(lo)], cost[tuple(hi)] + penalty, out=out[tuple(lo)])
+        cost = out
+    return cost <= 1.0 + _EPS
+
+
+def _reach(margin_mm: float, spacing_mm: float) -> int:
+    """Voxels a margin adds beyond a face: centres at (n − ½)·s from the cell's face, so n ≤ m/s + ½."""
+    return math.floor(margin_mm / spacing_mm + 0.5 + _EPS) if margin_mm > 0 else 0
+
+
 def expand(
     mask: xr.DataArray,
     margin: MarginLike,
@@ -432,13 +513,21 @@ def expand(
     name: str | None = None,
     max_obliquity_deg: float = 1.0,
 ) -> xr.DataArray:
-    """Grow a structure by a margin in mm with an exact Euclidean distance transform (ICRU 50/62/83).
+    """Grow the contoured volume by a margin in mm (ICRU 50/62/83), voxels taken as boxes.
 
-    A voxel is in the expansion where ``min over mask voxels u of sqrt(Σ_a ((v_a − u_a) / m_a)²) ≤ 1``,
-    distances between voxel centres in mm along the patient axes a = lr, ap, si: an ellipsoidal structuring
-    element with semi-axes m_a (a ball for an isotropic margin). It is computed by
-    ``scipy.ndimage.distance_transform_edt`` with ``sampling = spacing / m`` on a crop around the structure,
-    so it is exact on anisotropic grids — not an accumulation of voxel dilation steps.
+    The structure is the union of its voxel *cells* (boxes of the grid spacing), as the contour it was
+    rasterised from; the grown volume is that union ⊕ an ellipsoid with semi-axes m_a (a ball for an
+    isotropic margin), and a voxel belongs to the result where its *centre* lies in the grown volume (the same
+    centre rule that rasterises a contour). So distances run from the structure's surface, not between voxel
+    centres: a voxel v is in the expansion where ``min over mask voxels u of
+    Σ_a (max(|v_a − u_a| − s_a/2, 0) / m_a)² ≤ 1`` (mm along the axes a = lr, ap, si, spacing s_a).
+
+    Along an axis the margin therefore adds ``floor(m/s + 1/2)`` voxels beyond each face: a one-slice GTV on
+    3 mm slices grown by 5 mm reaches the slice centres 3 mm and 6 mm away (1.5 mm and 4.5 mm from the
+    slice's face, both ≤ 5 mm) but not the one 9 mm away (7.5 mm): 2 slices each way; voxel-centre
+    distances would add only one. A centre exactly at the margin is inside. Computed exactly (a separable
+    min-convolution, :func:`_box_distance_mask`) on a crop around the structure, on anisotropic grids and, for
+    isotropic margins, on oblique orthogonal grids.
 
     Parameters
     ----------
@@ -457,7 +546,7 @@ def expand(
     Returns
     -------
     xarray.DataArray
-        Boolean volume on the mask's grid.
+        Boolean volume on the mask's grid; it contains the mask unless ``within`` removes part of it.
 
     Raises
     ------
@@ -476,16 +565,9 @@ def expand(
     box = _bbox(values)
     if box is not None and m.max() > 0:
         # Grid axis order is (i, j, k) for m/spacing; arrays are (k, j, i).
-        pad_kji = [math.ceil(mm / s) + 1 for mm, s in zip(m[::-1], spacing[::-1], strict=True)]
-        crop = _padded(box, pad_kji, values.shape)
-        sub = values[crop]
-        with np.errstate(divide="ignore"):
-            # A zero margin gets an enormous sampling so that any step along that axis exceeds distance 1.
-            sampling = np.where(m > 0, spacing / np.where(m > 0, m, 1.0), 1e12)[::-1]
-        dist = ndimage.distance_transform_edt(~sub, sampling=sampling)
-        result[crop] = dist <= 1.0 + _EPS
-        # The expansion reaches floor(m / spacing) voxels past the structure along each axis.
-        reach = [math.floor(mm / sp + _EPS) for mm, sp in zip(m[::-1], spacing[::-1], strict=True)]
+        reach = [_reach(mm, s) for mm, s in zip(m[::-1], spacing[::-1], strict=True)]
+        crop = _padded(box, [r + 1 for r in reach], values.shape)
+        result[crop] = _box_distance_mask(values[crop], spacing[::-1], m[::-1])
         cut = [s.start - r < 0 or s.stop + r > n for s, r, n in zip(box, reach, values.shape, strict=True)]
         if any(cut):
             warnings.warn(
@@ -509,7 +591,13 @@ def ctv_ptv(
     anatomy: xr.DataArray | None = None,
     clip_ptv_to_body: bool = False,
 ) -> tuple[xr.DataArray, xr.DataArray]:
-    """GTV → CTV → PTV (ICRU 50/62/83): CTV = (GTV ⊕ ctv_margin) ∩ BODY [∩ anatomy]; PTV = CTV ⊕ ptv_margin.
+    """GTV → CTV → PTV (ICRU 50/62/83), each containing the one before.
+
+    CTV = ((GTV ⊕ ctv_margin) ∩ BODY [∩ anatomy]) ∪ GTV; PTV = (CTV ⊕ ptv_margin) [∩ BODY] ∪ CTV, with ⊕ the
+    box-based expansion of :func:`expand`. The clips only trim the *margin*: the gross tumour is never cut
+    from the CTV (ICRU 62: the CTV contains the GTV), nor the CTV from the PTV, even where a BODY outline
+    misses part of the GTV (e.g. an auto-contoured BODY with a hole). Such a GTV part outside the BODY is
+    stated in ``attrs["gtv_outside_body_cc"]`` of the CTV and warned about.
 
     Parameters
     ----------
@@ -518,25 +606,45 @@ def ctv_ptv(
     ctv_margin, ptv_margin
         mm per side (see :func:`parse_margin`).
     body
-        BODY/External on the same grid; the CTV is clipped to it (strongly recommended: without it a CTV can
-        extend into air).
+        BODY/External on the same grid; the CTV margin is clipped to it (strongly recommended: without it a
+        CTV can extend into air).
     anatomy
-        Optional extra clip for the CTV (e.g. "not bone"/"within the organ"): the CTV is intersected with it.
+        Optional extra clip for the CTV margin (e.g. "not bone"/"within the organ").
     clip_ptv_to_body
-        Also clip the PTV to the body (off by default: the PTV is a geometric concept that may leave the body).
+        Also clip the PTV margin to the body (off by default: the PTV is a geometric concept that may leave
+        the body).
 
     Returns
     -------
     (ctv, ptv)
         Boolean volumes named ``"CTV"`` and ``"PTV"`` on the GTV's grid.
+
+    Warns
+    -----
+    PacsaiWarning
+        No BODY given, or part of the GTV lies outside the BODY.
     """
+    gtv_values = _as_mask(gtv, what="GTV")
+    outside_cc = 0.0
     if body is None:
         warnings.warn("CTV not clipped to the body: no BODY structure was given", PacsaiWarning, stacklevel=2)
-    ctv = expand(gtv, ctv_margin, within=body, name="CTV")
+    else:
+        _require_same_grid(gtv, body)
+        outside_cc = float(np.count_nonzero(gtv_values & ~_as_mask(body, what="BODY"))) * voxel_volume_cc(gtv)
+        if outside_cc > 0:
+            warnings.warn(
+                f"{outside_cc:.3g} cm³ of {gtv.name!r} lies outside {body.name!r}: kept in the CTV (the CTV "
+                "always contains the GTV); check the BODY outline",
+                PacsaiWarning,
+                stacklevel=2,
+            )
+    ctv_values = expand(gtv, ctv_margin, within=body).values
     if anatomy is not None:
         _require_same_grid(gtv, anatomy)
-        ctv = like(gtv, ctv.values & _as_mask(anatomy, what="anatomy"), name="CTV")
-    ptv = expand(ctv, ptv_margin, within=body if clip_ptv_to_body else None, name="PTV")
+        ctv_values = ctv_values & _as_mask(anatomy, what="anatomy")
+    ctv = like(gtv, ctv_values | gtv_values, name="CTV", gtv_outside_body_cc=outside_cc)
+    ptv_values = expand(ctv, ptv_margin, within=body if clip_ptv_to_body else None).values
+    ptv = like(gtv, ptv_values | ctv.values, name="PTV")
     return ctv, ptv
 
 
