@@ -1,4 +1,4 @@
-"""Contour agreement metrics against brute-force and analytic answers, on anisotropic grids."""
+"""Contour agreement and dose-aware comparison against brute-force and hand-computed answers."""
 
 from __future__ import annotations
 
@@ -8,9 +8,19 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import cdist
 
-from pacsai.errors import VolumeError
+import pandas as pd
+
+from pacsai.errors import DoseError, VolumeError
 from pacsai.imaging.geometry import affine_from, make_volume
-from pacsai.learning.evaluate import agreement, evaluate_structures, summarize, surface
+from pacsai.learning.evaluate import (
+    added_path_length,
+    agreement,
+    dose_aware_agreement,
+    evaluate_structures,
+    summarize,
+    summary_metrics,
+    surface,
+)
 
 SPACING_ZYX = (3.0, 1.0, 2.0)  # deliberately anisotropic: z 3 mm, y 1 mm, x 2 mm
 
@@ -97,3 +107,144 @@ def test_different_grids_are_refused():
         evaluate_structures({"A": v1}, {"A": v2})
     with pytest.raises(VolumeError, match="missing from the prediction"):
         evaluate_structures({}, {"A": v2}, structures=["A"])
+
+
+# ------------------------------------------------------------------------------------------ dose-aware agreement
+
+
+def _vol(mask, spacing_xyz=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0)):
+    return make_volume(mask, affine_from(origin, np.eye(3), spacing_xyz))
+
+
+def _square_slices(shape, y, x):
+    """A (z, y, x) mask holding the same rectangle rows y[0]:y[1], columns x[0]:x[1] on every slice."""
+    m = np.zeros(shape, bool)
+    m[:, y[0] : y[1], x[0] : x[1]] = True
+    return m
+
+
+def test_added_path_length_of_a_shifted_square_by_hand():
+    # 10 × 10 px square, 1 mm pixels, on 3 slices; the prediction is the same square 5 px (5 mm) to the right.
+    ref = _square_slices((3, 20, 30), (5, 15), (5, 15))
+    pred = _square_slices((3, 20, 30), (5, 15), (10, 20))
+    apl, length = added_path_length(pred, ref, spacing_zyx=(3.0, 1.0, 1.0), tolerance_mm=2.0)
+    assert length == pytest.approx(3 * 40.0)  # perimeter of 10 × 10 mm, three slices
+    # Per slice, by hand (distances from each reference edge's midpoint to the predicted contour):
+    # - left side, x = 4.5 px: 5 mm from the predicted left side, ≥ 5 mm from its corners → all 10 mm redrawn;
+    # - right side, x = 14.5 px, runs inside the prediction: its edges at y = 5, 6 and 13, 14 lie 0.5 or 1.5 mm
+    #   from the predicted top or bottom edge, the middle 6 lie ≥ 2.5 mm from everything → 6 mm;
+    # - top and bottom: the predicted top starts at x = 9.5 px; reference edges at x = 5, 6, 7 lie 4.5, 3.5,
+    #   2.5 mm from that corner (x = 8 at 1.5 mm, the rest on it) → 3 mm each.
+    # 10 + 6 + 3 + 3 = 22 mm per slice.
+    assert apl == pytest.approx(3 * 22.0)
+    # identical contours: nothing to draw; no prediction at all: everything
+    assert added_path_length(ref, ref, spacing_zyx=(3.0, 1.0, 1.0))[0] == 0.0
+    assert added_path_length(np.zeros_like(ref), ref, spacing_zyx=(3.0, 1.0, 1.0))[0] == pytest.approx(120.0)
+
+
+def test_added_path_length_on_anisotropic_pixels_and_partial_slices():
+    # pixels 1 mm (y) × 2 mm (x): a 10 × 10 px square is 10 mm high and 20 mm wide (perimeter 60 mm).
+    ref = _square_slices((2, 20, 20), (5, 15), (5, 15))
+    pred = _square_slices((2, 20, 20), (5, 15), (7, 17))  # 2 px = 4 mm to the right
+    pred[1] = False  # nothing predicted on the second slice
+    apl, length = added_path_length(pred, ref, spacing_zyx=(2.0, 1.0, 2.0), tolerance_mm=2.0)
+    assert length == pytest.approx(2 * 60.0)
+    # slice 0: the left side (4 mm off, 10 edges of 1 mm); the right side runs inside the prediction, its edges
+    # at y = 5, 6, 13, 14 within 1.5 mm of the predicted top/bottom, the middle 6 not (6 mm); on top and bottom
+    # the leftmost 2 mm edge lies 1.5 px = 3 mm from the predicted corner, the next 1 mm (2 + 2 mm):
+    # 10 + 6 + 2 + 2 = 20 mm. Slice 1 has no prediction: the whole 60 mm.
+    assert apl == pytest.approx(20.0 + 60.0)
+
+
+def test_dose_aware_agreement_geometry_states_and_dose_gradient_by_hand():
+    shape = (10, 20, 50)  # 1 mm voxels; dose = x in mm, so Gy rises 1 Gy per mm to the right
+    ref_box = _box(shape, (2, 5, 10), (8, 15, 30))  # x 10..29 mm
+    pred_box = _box(shape, (2, 5, 15), (8, 15, 35))  # the same box 5 mm to the right
+    dose = _vol(np.broadcast_to(np.arange(50, dtype=float), shape).copy())
+    dose.attrs.update(units="Gy", dose_summation_type="PLAN", dose_type="PHYSICAL")
+    empty = np.zeros(shape, bool)
+    pred = {"Heart": _vol(pred_box), "GTV": _vol(empty), "Cord": _vol(ref_box)}
+    ref = {"Heart": _vol(ref_box), "GTV": _vol(ref_box), "Cord": _vol(empty), "Lung": _vol(ref_box)}
+    table = dose_aware_agreement(pred, ref, dose, patient="p-1").set_index("structure")
+    assert list(table.index) == ["Heart", "GTV", "Cord", "Lung"]
+    heart = table.loc["Heart"]
+    assert heart.state == "present" and heart.dose_state == "evaluated"
+    assert heart.dice == pytest.approx(15 / 20)  # 15 of 20 columns overlap
+    assert heart.hd95 == pytest.approx(agreement(pred_box, ref_box, spacing_zyx=(1, 1, 1)).hd95)
+    assert heart.dmean_ref_gy == pytest.approx(19.5) and heart.dmean_pred_gy == pytest.approx(24.5)
+    assert heart.delta_dmean_gy == pytest.approx(5.0)
+    # D0.03cc: the hottest 0.03 cm³ (30 voxels) lies in the last column slab (60 voxels): x = 29 vs 34 Gy
+    assert heart.delta_d0_03cc_gy == pytest.approx(5.0)
+    assert heart.v20_ref_pct == pytest.approx(50.0) and heart.v20_pred_pct == pytest.approx(75.0)
+    assert heart.delta_v20_pct == pytest.approx(25.0)
+    # 6 slices, each the 22 mm of the shifted square of test_added_path_length_of_a_shifted_square_by_hand
+    assert heart.added_path_length_mm == pytest.approx(6 * 22.0)
+    # empty or missing: NaN metrics and the state, never a silent 0 or 1
+    for name, state in (("GTV", "empty pred"), ("Cord", "empty ref"), ("Lung", "missing")):
+        row = table.loc[name]
+        assert row.state == state and row.dose_state == "not evaluable"
+        for col in ("dice", "hd95", "surface_dice", "added_path_length_mm", "delta_dmean_gy"):
+            assert math.isnan(row[col]), (name, col)
+        assert row.reason
+    assert "the model found nothing" in table.loc["GTV", "reason"]
+    assert table.loc["GTV", "volume_ref_cc"] == pytest.approx(1.2)  # the volumes that were measured stay
+    assert "missing from the prediction" in table.loc["Lung", "reason"]
+    # no dose: geometry only
+    plain = dose_aware_agreement(pred, ref).set_index("structure")
+    assert plain.loc["Heart", "dose_state"] == "no dose" and math.isnan(plain.loc["Heart", "delta_dmean_gy"])
+    assert plain.loc["Heart", "dice"] == pytest.approx(0.75)
+
+
+def test_dose_on_its_own_coarser_grid_and_partly_uncovered():
+    shape = (10, 20, 50)
+    ref_box = _box(shape, (2, 5, 10), (8, 15, 30))
+    pred_box = _box(shape, (2, 5, 15), (8, 15, 35))
+    # a 2 mm dose grid, dose = x mm again: trilinear interpolation of a linear dose is exact
+    coarse = _vol(np.broadcast_to(np.arange(25, dtype=float) * 2.0, (5, 10, 25)).copy(), (2.0, 2.0, 2.0))
+    coarse.attrs["units"] = "Gy"
+    row = dose_aware_agreement({"H": _vol(pred_box)}, {"H": _vol(ref_box)}, coarse).iloc[0]
+    assert row.dose_state == "evaluated" and row.dose_uncovered_ref_cc == 0.0
+    assert row.delta_dmean_gy == pytest.approx(5.0, abs=1e-6)
+    # a dose grid that ends at x = 19.5 mm: 10 of the reference box's 20 mm (0.6 cm³) get no dose
+    half = _vol(np.broadcast_to(np.arange(20, dtype=float), shape[:2] + (20,)).copy())
+    row = dose_aware_agreement({"H": _vol(pred_box)}, {"H": _vol(ref_box)}, half).iloc[0]
+    assert row.dose_state == "unreliable" and row.dose_uncovered_ref_cc == pytest.approx(0.6)
+    assert math.isnan(row.delta_dmean_gy) and "outside the dose grid" in row.reason
+    assert row.dice == pytest.approx(0.75)  # the geometry is still measured
+
+
+def test_only_a_total_plan_dose_is_compared():
+    m = _vol(_box((4, 4, 4), (1, 1, 1), (3, 3, 3)))
+    for attrs, match in (
+        ({"dose_summation_type": "BEAM"}, "BEAM dose"),
+        ({"dose_summation_type": "FRACTION"}, "FRACTION dose"),
+        ({"dose_type": "ERROR"}, "DoseType ERROR"),
+        ({"units": "relative"}, "not Gy"),
+    ):
+        dose = _vol(np.ones((4, 4, 4)))
+        dose.attrs.update(sop_instance_uid="1.2.3.4", **attrs)
+        with pytest.raises(DoseError, match=match) as err:
+            dose_aware_agreement({"A": m}, {"A": m}, dose)
+        assert "1.2.3.4" in str(err.value)
+
+
+def test_summary_hides_no_empty_case_and_checks_the_worst_dose_delta():
+    shape = (10, 20, 50)
+    ref_box = _box(shape, (2, 5, 10), (8, 15, 30))
+    dose = _vol(np.broadcast_to(np.arange(50, dtype=float), shape).copy())
+    shifted = {"H": _vol(_box(shape, (2, 5, 15), (8, 15, 35))), "G": _vol(ref_box)}  # H: +5 Gy
+    back = {"H": _vol(_box(shape, (2, 5, 7), (8, 15, 27))), "G": _vol(np.zeros(shape, bool))}  # H: −3 Gy
+    ref = {"H": _vol(ref_box), "G": _vol(ref_box)}
+    table = pd.concat(
+        [dose_aware_agreement(shifted, ref, dose, patient="a"), dose_aware_agreement(back, ref, dose, patient="b")]
+    )
+    summary = summarize(table)
+    assert summary.loc["H", "delta_dmean_gy"] == pytest.approx(1.0)  # mean bias (+5 − 3) / 2
+    assert summary.loc["H", "abs_delta_dmean_gy"] == pytest.approx(5.0)  # the worst patient
+    assert summary.loc["H", "dice"] == pytest.approx((0.75 + 17 / 20) / 2)
+    # G is perfect in patient a and empty in patient b: no mean over a alone
+    assert math.isnan(summary.loc["G", "dice"]) and summary.loc["G", "n_present"] == 1
+    assert "empty pred in 1 of 2" in summary.loc["G", "note"]
+    metrics = summary_metrics(summary)
+    assert metrics["abs_delta_dmean_H"] == pytest.approx(5.0) and metrics["apl_H"] > 0
+    assert math.isnan(metrics["dice_G"])

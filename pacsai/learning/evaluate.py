@@ -1,4 +1,4 @@
-"""Contour agreement in mm on the true grid: Dice, HD95, mean surface distance, surface Dice at τ mm.
+"""Contour agreement in mm on the true grid, and what a contour difference does to the plan's dose numbers.
 
 Definitions (DESIGN.md, "Contour agreement"): Dice = 2|A∩B| / (|A| + |B|). The surface of a mask is its voxels
 with at least one face-neighbour outside it (6-connectivity; the volume's edge counts as outside). Surface
@@ -6,6 +6,22 @@ distances are Euclidean distances in mm between voxel centres, from each surface
 surface voxel of B and back, by an exact Euclidean distance transform with the grid's spacing (so anisotropic
 grids are handled exactly). HD95 is the 95th percentile of the pooled symmetric distances, MSD their mean, and
 surface Dice at τ the fraction of both surfaces lying within τ mm of the other.
+
+Added path length (APL; Vaassen F et al., "Evaluation of measures for assessing time-saving of automatic
+organ-at-risk segmentation in radiotherapy", Phys Imaging Radiat Oncol 2020;13:1-6): the length in mm of the
+reference contour, slice by slice on the image's axial (k) planes, that lies farther than τ from the predicted
+contour of the same slice, i.e. the contour a person must redraw. A slice's contour here is the boundary of the
+union of its pixel squares (edges of length Δx or Δy); an edge's distance to the predicted contour is taken from
+its midpoint to the nearest midpoint or corner of a predicted edge (exact between parallel edges, within a
+quarter pixel otherwise).
+
+Dose-aware comparison (:func:`dose_aware_agreement`): the same plan dose read under the reference and the
+predicted contour (DVHs by :func:`pacsai.planning.dvh`), ΔDmean, ΔD0.03cc and ΔV20Gy = model − reference. Only
+a total plan dose counts (DoseSummationType PLAN/MULTI_PLAN, DoseType PHYSICAL/EFFECTIVE), and a structure more
+than 1 % or 0.5 cm³ outside the dose grid gets no dose numbers (they would count 0 Gy there).
+
+An empty or missing structure has no agreement: its metrics are NaN and its ``state`` says why, never a silent
+Dice of 0 or 1.
 
 Pure NumPy/SciPy (no torch), so it runs anywhere; MONAI's metrics use a different HD95 (max of the two
 directed percentiles) and surface extraction, which is why they are not used here.
@@ -24,8 +40,8 @@ import pandas as pd
 import xarray as xr
 from scipy import ndimage
 
-from pacsai.errors import PacsaiWarning, VolumeError
-from pacsai.imaging.geometry import affine_of, same_grid, spacing_of
+from pacsai.errors import ConfigError, DoseError, PacsaiWarning, VolumeError
+from pacsai.imaging.geometry import affine_of, same_grid, spacing_of, voxel_volume_cc
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +185,444 @@ def evaluate_structures(
     )
 
 
+
+
+# ------------------------------------------------------------------------------------------ added path length
+
+
+def contour_edges(mask2d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The pixel edges that bound a 2-D mask: (edges between rows, edges between columns).
+
+    ``rows[r, c]`` is the edge between pixel rows ``r - 1`` and ``r`` in column ``c`` (shape ``(ny + 1, nx)``,
+    length Δx each); ``cols[r, c]`` the edge between columns ``c - 1`` and ``c`` in row ``r`` (shape
+    ``(ny, nx + 1)``, length Δy each). The array's border counts as outside.
+    """
+    m = np.pad(np.asarray(mask2d, dtype=bool), 1)
+    rows = m[1:, 1:-1] != m[:-1, 1:-1]
+    cols = m[1:-1, 1:] != m[1:-1, :-1]
+    return rows, cols
+
+
+def _edge_points(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Midpoints and end points of the given edges on the half-pixel lattice (shape ``(2ny + 1, 2nx + 1)``).
+
+    Lattice point (a, b) is the position (a/2 - 1/2, b/2 - 1/2) in pixel units: pixel centres at odd (a, b).
+    """
+    ny, nx = shape
+    lattice = np.zeros((2 * ny + 1, 2 * nx + 1), dtype=bool)
+    lattice[0::2, 1::2] |= rows  # midpoint of the edge between rows
+    lattice[0::2, 0:-1:2] |= rows  # its two corners
+    lattice[0::2, 2::2] |= rows
+    lattice[1::2, 0::2] |= cols  # midpoint of the edge between columns
+    lattice[0:-1:2, 0::2] |= cols
+    lattice[2::2, 0::2] |= cols
+    return lattice
+
+
+def added_path_length(
+    pred: np.ndarray,
+    ref: np.ndarray,
+    *,
+    spacing_zyx: tuple[float, float, float],
+    tolerance_mm: float = 2.0,
+) -> tuple[float, float]:
+    """Added path length (Vaassen et al. 2020) and the reference contour's total length, both in mm.
+
+    Parameters
+    ----------
+    pred, ref
+        Boolean arrays (z, y, x) of one grid; contours are compared slice by slice along z.
+    spacing_zyx
+        Voxel size along (z, y, x) in mm (only y and x matter: APL is measured in-plane).
+    tolerance_mm
+        Reference contour within this distance of the predicted contour needs no editing.
+
+    Returns
+    -------
+    (apl_mm, reference_length_mm)
+        The reference contour farther than ``tolerance_mm`` from the predicted contour of its slice (a slice
+        without predicted contour counts whole), and the reference contour's full length.
+    """
+    pred = np.asarray(pred, dtype=bool)
+    ref = np.asarray(ref, dtype=bool)
+    if pred.shape != ref.shape or ref.ndim != 3:
+        raise VolumeError(
+            f"added path length needs two 3-D masks of one shape, got {pred.shape} and {ref.shape}"
+        )
+    _, sy, sx = (float(v) for v in spacing_zyx)
+    # Predicted contour beyond this many pixels of the reference's bounding box is farther than τ from every
+    # reference edge, so each slice is cropped to that box (a 512×512 CT would otherwise cost a full lattice).
+    margin = int(math.ceil(tolerance_mm / min(sy, sx))) + 2
+    apl = total = 0.0
+    for k in np.flatnonzero(ref.any(axis=(1, 2))):
+        ys, xs = np.nonzero(ref[k])
+        y0, y1 = max(int(ys.min()) - margin, 0), min(int(ys.max()) + margin + 1, ref.shape[1])
+        x0, x1 = max(int(xs.min()) - margin, 0), min(int(xs.max()) + margin + 1, ref.shape[2])
+        r2, p2 = ref[k, y0:y1, x0:x1], pred[k, y0:y1, x0:x1]
+        r_rows, r_cols = contour_edges(r2)
+        length = float(r_rows.sum()) * sx + float(r_cols.sum()) * sy
+        total += length
+        p_rows, p_cols = contour_edges(p2)
+        if not (p_rows.any() or p_cols.any()):
+            apl += length  # nothing drawn on this slice: the whole reference contour is to be drawn
+            continue
+        marks = _edge_points(p_rows, p_cols, r2.shape)
+        dist = ndimage.distance_transform_edt(~marks, sampling=(sy / 2.0, sx / 2.0))
+        far_rows = r_rows & (dist[0::2, 1::2] > tolerance_mm)
+        far_cols = r_cols & (dist[1::2, 0::2] > tolerance_mm)
+        apl += float(far_rows.sum()) * sx + float(far_cols.sum()) * sy
+    return apl, total
+
+
+# ---------------------------------------------------------------------------------------- dose-aware comparison
+
+STATES = ("present", "empty pred", "empty ref", "missing")
+PLAN_SUMMATIONS = ("PLAN", "MULTI_PLAN")
+DOSE_TYPES = ("PHYSICAL", "EFFECTIVE")
+# A structure this much outside the dose grid would get 0 Gy there: its dose figures are not reported.
+UNCOVERED_FRACTION = 0.01
+UNCOVERED_CC = 0.5
+V_GY = 20.0  # V20Gy: the lung figure of QUANTEC (pneumonitis), reported for every structure
+
+CONTOUR_COLUMNS = (
+    "dice",
+    "hd95",
+    "msd",
+    "surface_dice",
+    "added_path_length_mm",
+    "ref_path_length_mm",
+)
+DOSE_COLUMNS = (
+    "dmean_ref_gy",
+    "dmean_pred_gy",
+    "delta_dmean_gy",
+    "d0_03cc_ref_gy",
+    "d0_03cc_pred_gy",
+    "delta_d0_03cc_gy",
+    "v20_ref_pct",
+    "v20_pred_pct",
+    "delta_v20_pct",
+    "dose_uncovered_ref_cc",
+    "dose_uncovered_pred_cc",
+)
+AGREEMENT_COLUMNS = (
+    "patient",
+    "structure",
+    "state",
+    *CONTOUR_COLUMNS,
+    "volume_pred_cc",
+    "volume_ref_cc",
+    "tolerance_mm",
+    "dose_state",
+    *DOSE_COLUMNS,
+    "reason",
+)
+
+
+def check_plan_dose(dose: xr.DataArray) -> None:
+    """Refuse a dose that is not a total plan dose in Gy (issue 12: constraints only on a PLAN dose).
+
+    Attributes absent (a dose built by hand) are not held against it; present and wrong, they are.
+
+    Raises
+    ------
+    DoseError
+        DoseSummationType other than PLAN/MULTI_PLAN, DoseType other than PHYSICAL/EFFECTIVE, units not Gy.
+    """
+    uid = dose.attrs.get("sop_instance_uid") or "(dose without SOP instance UID)"
+    summation = str(dose.attrs.get("dose_summation_type") or "").upper()
+    if summation and summation not in PLAN_SUMMATIONS:
+        raise DoseError(
+            f"RTDOSE {uid} is a {summation} dose, not the total plan dose: compare contours on the RTDOSE with "
+            "DoseSummationType PLAN or MULTI_PLAN"
+        )
+    kind = str(dose.attrs.get("dose_type") or "").upper()
+    if kind and kind not in DOSE_TYPES:
+        raise DoseError(f"RTDOSE {uid} has DoseType {kind}: only a PHYSICAL or EFFECTIVE dose is compared")
+    units = dose.attrs.get("units")
+    if units is not None and str(units).lower() != "gy":
+        raise DoseError(f"RTDOSE {uid} is in {units!r}, not Gy: read it as absolute dose")
+
+
+def uncovered_cc(dose: xr.DataArray, mask: xr.DataArray) -> float:
+    """Volume (cm³) of ``mask`` whose voxel centres lie outside ``dose``'s grid (beyond half a dose voxel)."""
+    values = np.asarray(mask.values, dtype=bool)
+    if not values.any() or same_grid(dose, mask):
+        return 0.0
+    to_dose = np.linalg.inv(affine_of(dose)) @ affine_of(mask)
+    upper = np.asarray(dose.shape[::-1], dtype=float) - 0.5  # (i, j, k) extent
+    outside = 0
+    kji = np.argwhere(values)
+    for start in range(0, len(kji), 1_000_000):  # chunks bound the memory of a whole-body mask
+        ijk = kji[start : start + 1_000_000, ::-1].astype(float) @ to_dose[:3, :3].T + to_dose[:3, 3]
+        outside += int(np.any((ijk < -0.5) | (ijk > upper), axis=1).sum())
+    return outside * voxel_volume_cc(mask)
+
+
+def _dose_figures(dose: xr.DataArray, mask: xr.DataArray, name: str) -> tuple[float, float, float]:
+    """(Dmean, D0.03cc, V20Gy %) of ``mask`` under ``dose``, from :func:`pacsai.planning.dvh`."""
+    from pacsai.planning.dvh import dvh
+
+    with warnings.catch_warnings():
+        # the share outside the dose grid is measured and reported separately (dose_uncovered_*_cc)
+        warnings.simplefilter("ignore", PacsaiWarning)
+        histogram = dvh(dose, mask, name=name)
+        figures = histogram.to_dict()
+        v20 = histogram.v(V_GY)
+    return float(figures["mean_gy"]), float(figures["d0_03cc_gy"]), float(v20)
+
+
+def _too_uncovered(outside_cc: float, volume_cc: float) -> bool:
+    return outside_cc > UNCOVERED_CC or outside_cc > UNCOVERED_FRACTION * volume_cc
+
+
+def _compare_one(
+    name: str,
+    p: xr.DataArray | None,
+    r: xr.DataArray | None,
+    dose: xr.DataArray | None,
+    tolerance_mm: float,
+) -> dict[str, object]:
+    row: dict[str, object] = {c: math.nan for c in (*CONTOUR_COLUMNS, *DOSE_COLUMNS)}
+    row.update(structure=name, tolerance_mm=tolerance_mm, volume_pred_cc=math.nan, volume_ref_cc=math.nan)
+    reasons = []
+    if p is None or r is None:
+        side = "prediction" if p is None else "reference"
+        for key, mask in (("volume_pred_cc", p), ("volume_ref_cc", r)):
+            if mask is not None:
+                row[key] = float(np.asarray(mask.values, dtype=bool).sum()) * voxel_volume_cc(mask)
+        row["state"] = "missing"
+        reasons.append(f"{name} is missing from the {side}")
+    else:
+        if not same_grid(p, r):
+            raise VolumeError(
+                f"structure {name!r}: prediction and reference are on different grids "
+                f"({p.shape} vs {r.shape}, affines {affine_of(p).tolist()} vs {affine_of(r).tolist()}); "
+                "resample the prediction onto the reference grid first"
+            )
+        pv, rv = np.asarray(p.values, dtype=bool), np.asarray(r.values, dtype=bool)
+        voxel_cc = voxel_volume_cc(r)
+        row.update(volume_pred_cc=float(pv.sum()) * voxel_cc, volume_ref_cc=float(rv.sum()) * voxel_cc)
+        if not rv.any():
+            row["state"] = "empty ref"
+            reasons.append(
+                f"the reference {name} is empty" + (" and so is the prediction" if not pv.any() else "")
+            )
+        elif not pv.any():
+            row["state"] = "empty pred"
+            reasons.append(f"the predicted {name} is empty (the model found nothing)")
+        else:
+            row["state"] = "present"
+            spacing = _zyx_spacing(r)
+            a = agreement(pv, rv, spacing_zyx=spacing, tolerance_mm=tolerance_mm)
+            apl, length = added_path_length(pv, rv, spacing_zyx=spacing, tolerance_mm=tolerance_mm)
+            row.update(
+                dice=a.dice,
+                hd95=a.hd95,
+                msd=a.msd,
+                surface_dice=a.surface_dice,
+                added_path_length_mm=apl,
+                ref_path_length_mm=length,
+            )
+    if dose is None:
+        row["dose_state"] = "no dose"
+    elif row["state"] != "present":
+        row["dose_state"] = "not evaluable"
+    else:
+        assert p is not None and r is not None
+        out_ref, out_pred = uncovered_cc(dose, r), uncovered_cc(dose, p)
+        row.update(dose_uncovered_ref_cc=out_ref, dose_uncovered_pred_cc=out_pred)
+        volumes = float(row["volume_ref_cc"]), float(row["volume_pred_cc"])  # type: ignore[arg-type]
+        if _too_uncovered(out_ref, volumes[0]) or _too_uncovered(out_pred, volumes[1]):
+            row["dose_state"] = "unreliable"
+            reasons.append(
+                f"{name} lies partly outside the dose grid (reference {out_ref:.2f} cm³, prediction "
+                f"{out_pred:.2f} cm³; limit {UNCOVERED_FRACTION:.0%} or {UNCOVERED_CC} cm³): no dose figures"
+            )
+        else:
+            dm_r, d03_r, v_r = _dose_figures(dose, r, name)
+            dm_p, d03_p, v_p = _dose_figures(dose, p, name)
+            row.update(
+                dmean_ref_gy=dm_r,
+                dmean_pred_gy=dm_p,
+                delta_dmean_gy=dm_p - dm_r,
+                d0_03cc_ref_gy=d03_r,
+                d0_03cc_pred_gy=d03_p,
+                delta_d0_03cc_gy=d03_p - d03_r,
+                v20_ref_pct=v_r,
+                v20_pred_pct=v_p,
+                delta_v20_pct=v_p - v_r,
+                dose_state="evaluated",
+            )
+    row["reason"] = "; ".join(reasons)
+    return row
+
+
+def dose_aware_agreement(
+    pred: Mapping[str, xr.DataArray],
+    ref: Mapping[str, xr.DataArray],
+    dose: xr.DataArray | None = None,
+    *,
+    tolerance_mm: float = 2.0,
+    structures: Iterable[str] | None = None,
+    patient: str = "",
+) -> pd.DataFrame:
+    """Model contours against reference contours: geometry, editing effort and, with a plan dose, the dose.
+
+    Parameters
+    ----------
+    pred, ref
+        Boolean masks by structure name (pacsai volumes), each predicted mask on its reference's grid.
+    dose
+        The plan dose in Gy (e.g. :func:`pacsai.imaging.read_dose`) in the masks' frame of reference, on any
+        grid; ``None``: geometry only.
+    tolerance_mm
+        τ of the surface Dice and of the added path length (2 mm: about a CT pixel or two, within which
+        clinicians accept a contour unedited).
+    structures
+        Names to compare; default every name of ``ref`` then those only in ``pred``.
+    patient
+        Label of the ``patient`` column (a pseudonym where the table goes to MLflow).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per structure, columns :data:`AGREEMENT_COLUMNS`: ``state`` ("present", "empty pred",
+        "empty ref", "missing"); ``dice``, ``hd95``, ``msd`` (mm), ``surface_dice``, ``added_path_length_mm``,
+        ``ref_path_length_mm``; ``volume_pred_cc``, ``volume_ref_cc``; ``dose_state`` ("evaluated", "no dose",
+        "not evaluable", "unreliable"); ``dmean_ref_gy``, ``dmean_pred_gy``, ``delta_dmean_gy``,
+        ``d0_03cc_ref_gy``, ``d0_03cc_pred_gy``, ``delta_d0_03cc_gy``, ``v20_ref_pct``, ``v20_pred_pct``,
+        ``delta_v20_pct`` (deltas = prediction − reference), ``dose_uncovered_ref_cc``,
+        ``dose_uncovered_pred_cc``; ``reason`` (why a figure is missing). Metrics of a structure that is not
+        "present", and dose figures that are not "evaluated", are NaN.
+
+    Raises
+    ------
+    DoseError
+        ``dose`` is not a total plan dose in Gy (see :func:`check_plan_dose`).
+    VolumeError
+        A predicted mask is not on its reference's grid.
+    PlanningError
+        Dose and masks in different frames of reference (from :func:`pacsai.planning.dvh`).
+    """
+    if not float(tolerance_mm) > 0:
+        raise ConfigError(f"tolerance_mm must be > 0 mm, got {tolerance_mm!r}")
+    if dose is not None:
+        check_plan_dose(dose)
+    names = list(structures) if structures is not None else [*ref, *(n for n in pred if n not in ref)]
+    rows = [
+        {"patient": patient, **_compare_one(n, pred.get(n), ref.get(n), dose, float(tolerance_mm))}
+        for n in names
+    ]
+    return pd.DataFrame(rows, columns=list(AGREEMENT_COLUMNS))
+
+
+# ------------------------------------------------------------------------------------------ over a cohort
+
+SUMMARY_CONTOUR = ("dice", "hd95", "msd", "surface_dice", "added_path_length_mm")
+SUMMARY_DELTAS = ("delta_dmean_gy", "delta_d0_03cc_gy", "delta_v20_pct")
+# summary column → MLflow metric prefix (metric name = prefix + "_" + structure)
+METRIC_PREFIX = {
+    "dice": "dice",
+    "hd95": "hd95",
+    "msd": "msd",
+    "surface_dice": "surface_dice",
+    "added_path_length_mm": "apl",
+    "delta_dmean_gy": "delta_dmean",
+    "abs_delta_dmean_gy": "abs_delta_dmean",
+    "delta_d0_03cc_gy": "delta_d0_03cc",
+    "abs_delta_d0_03cc_gy": "abs_delta_d0_03cc",
+    "delta_v20_pct": "delta_v20",
+    "abs_delta_v20_pct": "abs_delta_v20",
+}
+
+
+def _counted(states: pd.Series, skip: Iterable[str]) -> str:
+    counts = states[~states.isin(list(skip))].value_counts()
+    return ", ".join(f"{state} in {n} of {len(states)}" for state, n in counts.items())
+
+
 def summarize(table: pd.DataFrame) -> pd.DataFrame:
-    """Mean of each metric per structure over patients (NaN distances ignored) → index ``structure``."""
-    return table.groupby("structure", sort=False)[list(METRICS)].mean()
+    """Per structure over patients: mean contour metrics, mean and worst dose deltas → index ``structure``.
+
+    A contour metric is NaN unless the structure is "present" in every case (an empty prediction in one patient
+    must not vanish into the mean of the others); the dose deltas likewise over the cases that have a plan dose
+    (NaN when one of them is "not evaluable" or "unreliable", or none has a dose). ``abs_delta_*`` is the
+    largest |Δ| over patients (what a per-patient dose limit is checked against), ``delta_*`` the mean signed
+    Δ (the model's bias). ``note`` says why a figure is NaN. Tables without ``state`` (from
+    :func:`evaluate_structures`) count every row as present.
+    """
+    out = []
+    for name, sub in table.groupby("structure", sort=False):
+        sub = sub.reset_index(drop=True)
+        states = sub["state"] if "state" in sub else pd.Series(["present"] * len(sub))
+        dose_states = sub["dose_state"] if "dose_state" in sub else pd.Series(["no dose"] * len(sub))
+        row: dict[str, object] = {
+            "structure": name,
+            "n_cases": len(sub),
+            "n_present": int((states == "present").sum()),
+        }
+        notes = []
+        all_present = bool((states == "present").all())
+        for col in SUMMARY_CONTOUR:
+            row[col] = float(sub[col].mean()) if all_present and col in sub else math.nan
+        if not all_present:
+            notes.append(_counted(states, ["present"]))
+        dosed = sub[dose_states != "no dose"]
+        row["n_dose"] = len(dosed)
+        dose_ok = len(dosed) > 0 and bool((dose_states[dosed.index] == "evaluated").all())
+        for col in SUMMARY_DELTAS:
+            values = dosed[col].astype(float) if dose_ok else pd.Series(dtype=float)
+            row[col] = float(values.mean()) if dose_ok else math.nan
+            row[f"abs_{col}"] = float(values.abs().max()) if dose_ok else math.nan
+        if len(dosed) == 0:
+            notes.append("no case has a plan dose")
+        elif not dose_ok:
+            notes.append("dose " + _counted(dose_states[dosed.index], ["evaluated"]))
+        row["note"] = "; ".join(notes)
+        out.append(row)
+    columns = ["structure", "n_cases", "n_present", *SUMMARY_CONTOUR, "n_dose"]
+    columns += [c for d in SUMMARY_DELTAS for c in (d, f"abs_{d}")] + ["note"]
+    return pd.DataFrame(out, columns=columns).set_index("structure")
+
+
+def summary_metrics(summary: pd.DataFrame) -> dict[str, float]:
+    """The summary as flat metric names: ``dice_<S>``, ``hd95_<S>``, ``apl_<S>``, ``delta_dmean_<S>``,
+    ``abs_delta_dmean_<S>`` ... (see :data:`METRIC_PREFIX`); NaN where not evaluable."""
+    metrics: dict[str, float] = {}
+    for structure, values in summary.iterrows():
+        for col, prefix in METRIC_PREFIX.items():
+            if col in values:
+                metrics[f"{prefix}_{structure}"] = float(values[col])
+    return metrics
+
+
+def plan_dose_of_study(pacs: object, study_uid: str) -> tuple[xr.DataArray | None, str]:
+    """The total plan dose of a study on the PACS, or ``None`` and why not.
+
+    Every RTDOSE series of the study is read; the last one that :func:`check_plan_dose` accepts is used (a
+    study with beam or fraction doses beside the plan dose still gets its plan dose).
+    """
+    from pacsai.errors import PacsaiError
+    from pacsai.imaging import read_dose
+
+    series = pacs.search_series(StudyInstanceUID=study_uid)  # type: ignore[attr-defined]
+    if series.empty or "Modality" not in series:
+        return None, f"study {study_uid} has no RTDOSE"
+    doses = series[series.Modality == "RTDOSE"]
+    if doses.empty:
+        return None, f"study {study_uid} has no RTDOSE"
+    refused = []
+    chosen = None
+    for uid in doses.SeriesInstanceUID:
+        for path in pacs.retrieve_series(study_uid, str(uid), progress=False):  # type: ignore[attr-defined]
+            try:
+                dose = read_dose(path)
+                check_plan_dose(dose)
+            except PacsaiError as err:
+                refused.append(str(err))
+                continue
+            chosen = dose
+    if chosen is None:
+        return None, "no usable plan dose: " + "; ".join(refused)
+    return chosen, ""
