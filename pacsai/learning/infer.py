@@ -191,31 +191,53 @@ def evaluate_cohort(
     *,
     model: str | LoadedModel,
     tolerance_mm: float = 2.0,
+    with_dose: bool = True,
     settings: Any = None,
     progress: bool = False,
 ) -> pd.DataFrame:
-    """Segment every image series of ``cohort`` and compare with its RTSTRUCT on the series' own grid.
+    """Segment every image series of ``cohort`` and compare with its RTSTRUCT (and plan dose) on its own grid.
+
+    Parameters
+    ----------
+    pacs, cohort
+        The PACS and the series to evaluate (a pseudonymised cohort where the table goes to MLflow).
+    model
+        Model URI or :class:`LoadedModel`; every structure it outputs gets a row, also those the RTSTRUCT lacks
+        (state "missing").
+    tolerance_mm
+        τ of the surface Dice and the added path length.
+    with_dose
+        Read the study's total plan dose (the last RTDOSE with DoseSummationType PLAN/MULTI_PLAN) where there is
+        one and add the dose differences (:func:`pacsai.learning.evaluate.dose_aware_agreement`).
 
     Returns
     -------
     pandas.DataFrame
-        One row per series × structure (:func:`pacsai.learning.evaluate.evaluate_structures` columns),
-        ``patient`` as in the cohort table (pass a pseudonymised cohort where the table goes to MLflow).
+        One row per series × structure, :data:`pacsai.learning.evaluate.AGREEMENT_COLUMNS`, ``patient`` as in the
+        cohort table.
     """
     from tqdm.auto import tqdm
 
     from pacsai.learning.dataset import load_reference
-    from pacsai.learning.evaluate import evaluate_structures
+    from pacsai.learning.evaluate import dose_aware_agreement, plan_dose_of_study
 
     loaded = model if isinstance(model, LoadedModel) else load_model(model, settings=settings)
+    outputs = list(loaded.spec.structures)
     tables = []
     for row in tqdm(list(cohort.table.itertuples()), desc="evaluate", unit="series", disable=not progress):
-        available = match_structures(row.roi_names, loaded.spec.structures) if len(row.roi_names) else {}
-        wanted = [s for s in loaded.spec.structures if s in available] or list(loaded.spec.structures)
-        volume, truth = load_reference(pacs, row, wanted)
-        pred = segment(volume, model=loaded, structures=wanted)
+        available = match_structures(row.roi_names, outputs) if len(row.roi_names) else {}
+        volume, truth = load_reference(pacs, row, [s for s in outputs if s in available])
+        result = segment(volume, model=loaded)
+        pred = result[0] if isinstance(result, tuple) else result
+        dose = None
+        if with_dose:
+            dose, why = plan_dose_of_study(pacs, str(row.study_instance_uid))
+            if dose is None:
+                logger.info("series %s: geometry only (%s)", row.series_instance_uid, why)
         tables.append(
-            evaluate_structures(pred, truth, tolerance_mm=tolerance_mm, patient=str(row.patient_id))
+            dose_aware_agreement(
+                pred, truth, dose, tolerance_mm=tolerance_mm, structures=outputs, patient=str(row.patient_id)
+            )
         )
     return pd.concat(tables, ignore_index=True)
 
