@@ -19,14 +19,31 @@ near-maximum), ``V<x>Gy`` (% of the structure), ``V<x>Gy_cc`` (cm³). Comparator
 V20 ≤ 30–35 %: limit 35, goal 30). The unit must match the metric.
 
 Names are matched tolerantly: case, spaces, ``_``, ``-`` and ``+`` are ignored, and each structure lists its
-aliases. A constraint whose structure is missing yields a row with status ``"not evaluated"`` and the reason;
-nothing is silently dropped. The limits are for the fractionation stated in each file (conventional); convert a
-hypofractionated DVH with :func:`pacsai.planning.fractionation.eqd2_dvh` first.
+aliases.
+
+What a row may state (DESIGN.md "Constraints"): a value and PASS/FAIL only on a total plan dose, on a
+structure that is present, non-empty and covered by the dose grid, at conventional fractionation or converted
+to EQD2 with the organ's α/β. Otherwise the row's ``status`` says why not, and it counts as not passed
+(``passed`` is False):
+
+* ``"not evaluable"``: the structure is missing ("no structure named 'X'"), empty ("X is empty (the model
+  found nothing)"), a derived structure lacks a component ("Lungs-GTV: GTV is empty ..."), the dose is not a
+  total plan dose, or the fractionation is not conventional and the table gives no α/β;
+* ``"unreliable"``: more than 1 % or 0.5 cm³ of the structure lies outside the dose grid (no dose there;
+  never taken as 0 Gy).
+
+Fractionation: QUANTEC limits are for ~2 Gy fractions. At a prescription dose per fraction outside
+1.8–2.2 Gy the DVH is converted voxel by voxel to EQD2 (each voxel's dose per fraction is its own dose / n,
+:func:`pacsai.planning.fractionation.eqd2_dvh`) with the α/β of the constraint (``alpha_beta_gy`` on the
+constraint or its structure), and the row's ``conversion`` says so ("EQD2, α/β 3 Gy, 20 × 3 Gy").
+:func:`evaluate_plan` does all of this from a dose grid and masks; :func:`evaluate_constraints` evaluates
+DVHs already computed.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import operator
 import re
 import warnings
@@ -50,6 +67,7 @@ logger = logging.getLogger(__name__)
 COLUMNS = [
     "structure",
     "matched",
+    "state",
     "metric",
     "value",
     "unit",
@@ -62,7 +80,19 @@ COLUMNS = [
     "priority",
     "source",
     "reason",
+    "conversion",
+    "alpha_beta_gy",
+    "uncovered_cc",
+    "uncovered_pct",
 ]
+
+#: Row statuses: only "pass" is a constraint known to be met.
+STATUSES = ("pass", "fail", "not evaluable", "unreliable")
+#: Prescription dose per fraction (Gy) within which the limits apply to the physical dose as is.
+CONVENTIONAL_GY = (1.8, 2.2)
+#: A structure more uncovered by the dose grid than this (either) is "unreliable".
+MAX_UNCOVERED_PCT = 1.0
+MAX_UNCOVERED_CC = 0.5
 
 _COMPARATORS: dict[str, Callable[[float, float], bool]] = {
     "<": operator.lt,
@@ -93,6 +123,7 @@ class Constraint:
     priority: str
     source: str
     goal: float | None = None
+    alpha_beta_gy: float | None = None
 
     def measure(self, dvh: DVH) -> float:
         """The metric's value on a DVH (Gy, % or cm³)."""
@@ -193,6 +224,11 @@ def load_constraints(site: str | Path) -> ConstraintSet:
             priority = str(raw.get("priority", "hard"))
             if priority not in ("hard", "soft"):
                 raise ValueError(f"priority {priority!r} must be 'hard' or 'soft'")
+            # α/β of the constraint's endpoint: on the constraint, else on its structure.
+            ab_raw = raw.get("alpha_beta_gy", structures.get(str(raw["structure"]), {}).get("alpha_beta_gy"))
+            alpha_beta = None if ab_raw is None else float(ab_raw)
+            if alpha_beta is not None and not (math.isfinite(alpha_beta) and alpha_beta > 0):
+                raise ValueError(f"alpha_beta_gy {ab_raw!r} must be a number > 0 Gy")
             rows.append(
                 Constraint(
                     structure=str(raw["structure"]),
@@ -203,6 +239,7 @@ def load_constraints(site: str | Path) -> ConstraintSet:
                     priority=priority,
                     source=str(raw.get("source", "")),
                     goal=None if raw.get("goal") is None else float(raw["goal"]),
+                    alpha_beta_gy=alpha_beta,
                 )
             )
         except (KeyError, TypeError, ValueError) as err:
@@ -267,13 +304,99 @@ def _resolve(
     return match, ""
 
 
+# --------------------------------------------------------------------------------------------- rows
+def _row(c: Constraint, **values: Any) -> dict[str, Any]:
+    """A table row for constraint ``c``, not evaluable until a value is measured."""
+    row: dict[str, Any] = {
+        "structure": c.structure,
+        "matched": None,
+        "state": None,
+        "metric": c.metric,
+        "value": np.nan,
+        "unit": c.unit,
+        "comparator": c.comparator,
+        "limit": c.limit,
+        "goal": np.nan if c.goal is None else c.goal,
+        "passed": False,  # only a measured value that meets the limit is "passed"
+        "goal_met": pd.NA,
+        "status": "not evaluable",
+        "priority": c.priority,
+        "source": c.source,
+        "reason": "",
+        "conversion": "",
+        "alpha_beta_gy": np.nan if c.alpha_beta_gy is None else c.alpha_beta_gy,
+        "uncovered_cc": np.nan,
+        "uncovered_pct": np.nan,
+    }
+    row.update(values)
+    return row
+
+
+def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    frame["passed"] = frame["passed"].astype("boolean")
+    frame["goal_met"] = frame["goal_met"].astype("boolean")
+    return frame
+
+
+def _conversion(
+    c: Constraint, fractions: int | None, prescription_gy: float | None
+) -> tuple[str, bool, str]:
+    """(conversion text, convert to EQD2?, reason it cannot be evaluated or "")."""
+    if fractions is None or prescription_gy is None:
+        return "none (fractionation not stated: the limits assume ~2 Gy per fraction)", False, ""
+    if fractions < 1 or not prescription_gy > 0:
+        raise PlanningError(f"fractions must be ≥ 1 and the prescription > 0 Gy; got {fractions}, {prescription_gy}")
+    per = prescription_gy / fractions
+    schedule = f"{fractions} × {per:.4g} Gy"
+    lo, hi = CONVENTIONAL_GY
+    if lo - 1e-9 <= per <= hi + 1e-9:
+        return f"none (physical dose; {schedule} is within {lo}–{hi} Gy per fraction)", False, ""
+    if c.alpha_beta_gy is None:
+        return "", False, (
+            f"{schedule} is outside {lo}–{hi} Gy per fraction and the table gives no α/β for "
+            f"{c.structure} {c.metric}: the limit (for ~2 Gy fractions) cannot be applied; add alpha_beta_gy"
+        )
+    return f"EQD2, α/β {c.alpha_beta_gy:g} Gy, {schedule}", True, ""
+
+
+def _measure(
+    c: Constraint, dvh: DVH, fractions: int | None, prescription_gy: float | None
+) -> dict[str, Any]:
+    """Value, pass/fail and conversion of one constraint on one DVH (already known reliable)."""
+    text, convert, refusal = _conversion(c, fractions, prescription_gy)
+    if refusal:
+        return {"reason": refusal}
+    if convert:
+        from pacsai.planning.fractionation import eqd2_dvh  # fractionation imports dvh; not at module load
+
+        dvh = eqd2_dvh(dvh, n_fractions=int(fractions), alpha_beta=float(c.alpha_beta_gy))  # type: ignore[arg-type]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PacsaiWarning)
+        value = c.measure(dvh)
+    passed, goal_met = c.check(value)
+    return {
+        "value": value,
+        "passed": passed,
+        "goal_met": pd.NA if goal_met is None else goal_met,
+        "status": "pass" if passed else "fail",
+        "reason": "; ".join(str(w.message) for w in caught),
+        "conversion": text,
+    }
+
+
 def evaluate_constraints(
     dvhs: Mapping[str, DVH],
     site: str | Path | ConstraintSet = "thorax",
     *,
     names: Mapping[str, str] | None = None,
+    fractions: int | None = None,
+    prescription_gy: float | None = None,
 ) -> pd.DataFrame:
-    """Evaluate a site's constraints against DVHs: one row per constraint, pass/fail with value and limit.
+    """Evaluate a site's constraints against DVHs already computed: one row per constraint.
+
+    The DVHs must be of present, non-empty structures on a total plan dose; :func:`evaluate_plan` checks
+    all of that from the dose and the masks and is what a report should call.
 
     Parameters
     ----------
@@ -284,14 +407,18 @@ def evaluate_constraints(
     names
         Explicit mapping from the table's structure names to keys of ``dvhs`` (wins over aliases), e.g.
         ``{"Lung_Ipsi": "Lt Lung"}``.
+    fractions, prescription_gy
+        The schedule. Outside 1.8–2.2 Gy per fraction each DVH is converted to EQD2 with the constraint's
+        α/β, or the row is not evaluable without one. Not given: the physical dose is compared as is and
+        ``conversion`` says that the fractionation was not stated.
 
     Returns
     -------
     pandas.DataFrame
-        Columns :data:`COLUMNS`: ``structure`` (the table's name), ``matched`` (the DVH used), ``metric``,
-        ``value``, ``unit``, ``comparator``, ``limit``, ``goal``, ``passed`` (nullable boolean), ``goal_met``,
-        ``status`` (``"pass"``, ``"fail"`` or ``"not evaluated"``), ``priority``, ``source`` and ``reason``
-        (why a row was not evaluated).
+        Columns :data:`COLUMNS`: ``structure`` (the table's name), ``matched`` (the DVH used), ``state``,
+        ``metric``, ``value``, ``unit``, ``comparator``, ``limit``, ``goal``, ``passed`` (boolean; False
+        unless measured and met), ``goal_met``, ``status`` (:data:`STATUSES`), ``priority``, ``source``,
+        ``reason``, ``conversion``, ``alpha_beta_gy``, ``uncovered_cc``/``uncovered_pct`` (from the DVH).
     """
     table = site if isinstance(site, ConstraintSet) else load_constraints(site)
     mapping = dict(names or {})
@@ -299,39 +426,188 @@ def evaluate_constraints(
     rows: list[dict[str, Any]] = []
     for c in table.constraints:
         key, reason = _resolve(table, c.structure, available, mapping)
-        row: dict[str, Any] = {
-            "structure": c.structure,
-            "matched": key,
-            "metric": c.metric,
-            "value": np.nan,
-            "unit": c.unit,
-            "comparator": c.comparator,
-            "limit": c.limit,
-            "goal": np.nan if c.goal is None else c.goal,
-            "passed": pd.NA,
-            "goal_met": pd.NA,
-            "status": "not evaluated",
-            "priority": c.priority,
-            "source": c.source,
-            "reason": reason,
-        }
-        if key is not None:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", PacsaiWarning)
-                value = c.measure(dvhs[key])
-            passed, goal_met = c.check(value)
-            row.update(
-                value=value,
-                passed=passed,
-                goal_met=pd.NA if goal_met is None else goal_met,
-                status="pass" if passed else "fail",
-                reason="; ".join(str(w.message) for w in caught),
-            )
+        if key is None:
+            rows.append(_row(c, state="missing", reason=reason))
+            continue
+        h = dvhs[key]
+        total = h.volume_cc + h.uncovered_cc
+        row = _row(
+            c,
+            matched=key,
+            state="present",
+            uncovered_cc=h.uncovered_cc,
+            uncovered_pct=100.0 * h.uncovered_cc / total if total > 0 else np.nan,
+        )
+        row.update(_measure(c, h, fractions, prescription_gy))
         rows.append(row)
-    frame = pd.DataFrame(rows, columns=COLUMNS)
-    frame["passed"] = frame["passed"].astype("boolean")
-    frame["goal_met"] = frame["goal_met"].astype("boolean")
-    return frame
+    return _frame(rows)
+
+
+def _empty_reason(name: str, mask: xr.DataArray) -> str:
+    """"<Structure> is empty (...)", saying who drew nothing (model masks carry ``attrs["source_model"]``)."""
+    if mask.attrs.get("source_model"):
+        return f"{name} is empty (the model found nothing)"
+    return f"{name} is empty (the structure set has no voxel of it)"
+
+
+def _component_problem(
+    table: ConstraintSet,
+    canonical: str,
+    masks: Mapping[str, xr.DataArray],
+    mapping: Mapping[str, str],
+) -> str:
+    """Why a derived structure cannot be formed ("" when every component is present and non-empty)."""
+    derive = table.structures.get(canonical, {}).get("derive") or {}
+    formula = " ∪ ".join(derive.get("union", [])) + "".join(f" − {m}" for m in derive.get("minus", []))
+    for part in [*derive.get("union", []), *derive.get("minus", [])]:
+        key, _ = _resolve(table, part, list(masks), mapping)
+        if key is None:
+            return f"{canonical} = {formula} cannot be formed: no structure named {part!r}"
+        if not bool(np.asarray(masks[key].values).any()):
+            return f"{canonical} = {formula} cannot be formed: {_empty_reason(key, masks[key])}"
+    return ""
+
+
+def _constraint_masks(
+    table: ConstraintSet, masks: Mapping[str, xr.DataArray], mapping: Mapping[str, str]
+) -> tuple[dict[str, xr.DataArray], dict[str, str]]:
+    """Masks for every constraint structure that can be had (given or derived), and why others cannot."""
+    found: dict[str, xr.DataArray] = {}
+    problems: dict[str, str] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PacsaiWarning)  # what cannot be derived is stated in the rows
+        derived = derive_structures(masks, table, names=mapping)
+    for canonical in dict.fromkeys(c.structure for c in table.constraints):
+        key, reason = _resolve(table, canonical, list(masks), mapping)
+        if key is not None:
+            found[canonical] = masks[key].rename(key) if masks[key].name != key else masks[key]
+            continue
+        if canonical in derived:
+            found[canonical] = derived[canonical]
+            continue
+        problem = _component_problem(table, canonical, masks, mapping) if table.structures.get(
+            canonical, {}
+        ).get("derive") else ""
+        problems[canonical] = problem or reason
+    return found, problems
+
+
+def evaluate_plan(
+    dose: xr.DataArray,
+    masks: Mapping[str, xr.DataArray],
+    site: str | Path | ConstraintSet = "thorax",
+    *,
+    fractions: int,
+    prescription_gy: float,
+    names: Mapping[str, str] | None = None,
+    dvhs: dict[str, DVH] | None = None,
+    max_uncovered_pct: float = MAX_UNCOVERED_PCT,
+    max_uncovered_cc: float = MAX_UNCOVERED_CC,
+) -> pd.DataFrame:
+    """Evaluate a site's constraints on a plan: dose, structures and schedule checked before any verdict.
+
+    For each constraint, in this order (the first failing check decides the row):
+
+    1. the dose is a total plan dose in Gy (:func:`pacsai.imaging.dose.check_plan_dose`), else every row is
+       "not evaluable" with the refusal (naming the RTDOSE's SOP instance UID);
+    2. its structure exists (through the table's aliases, or derived, e.g. ``Lungs-GTV``, whose components
+       must all exist and be non-empty) and is non-empty, else "not evaluable";
+    3. at most ``max_uncovered_pct`` % and ``max_uncovered_cc`` cm³ of it lies outside the dose grid, else
+       "unreliable" with the cm³ (the DVH covers only the part inside the grid; nothing counts as 0 Gy);
+    4. the schedule is conventional (1.8–2.2 Gy per fraction) or the constraint has an α/β for EQD2, else
+       "not evaluable";
+    5. the metric is measured and compared: "pass" or "fail".
+
+    Parameters
+    ----------
+    dose
+        The plan dose (Gy), from :func:`pacsai.imaging.read_dose`.
+    masks
+        Boolean masks by name (any naming; matched through the table's aliases), in the dose's frame of
+        reference. Attrs ``source_model`` (model masks) make an empty mask's reason say the model found nothing.
+    site
+        A shipped site name, a YAML path, or a loaded :class:`ConstraintSet`.
+    fractions, prescription_gy
+        The schedule (number of fractions and total prescribed dose).
+    names
+        Explicit mapping from the table's structure names to keys of ``masks``.
+    dvhs
+        Optional cache keyed by mask name (derived structures by the table's name): DVHs found there are used
+        (they must come from :func:`pacsai.planning.dvh` with its default ``outside="exclude"``), and those
+        computed here are added, for the report to reuse.
+    max_uncovered_pct, max_uncovered_cc
+        Coverage limits beyond which a constraint is unreliable (either one).
+
+    Returns
+    -------
+    pandas.DataFrame
+        As :func:`evaluate_constraints`.
+    """
+    from pacsai.imaging.dose import NotPlanDoseError, check_plan_dose
+    from pacsai.planning.dvh import dose_coverage
+    from pacsai.planning.dvh import dvh as compute_dvh
+
+    table = site if isinstance(site, ConstraintSet) else load_constraints(site)
+    mapping = dict(names or {})
+    cache = dvhs if dvhs is not None else {}
+    try:
+        check_plan_dose(dose)
+    except NotPlanDoseError as err:
+        return _frame([_row(c, reason=str(err)) for c in table.constraints])
+    found, problems = _constraint_masks(table, masks, mapping)
+    rows: list[dict[str, Any]] = []
+    for c in table.constraints:
+        if c.structure in problems:
+            state = "missing" if "no structure named" in problems[c.structure] or "mapped to" in problems[
+                c.structure
+            ] else "empty"
+            rows.append(_row(c, state=state, reason=problems[c.structure]))
+            continue
+        mask = found[c.structure]
+        key = str(mask.name)
+        if not bool(np.asarray(mask.values).any()):
+            rows.append(_row(c, matched=key, state="empty", reason=_empty_reason(key, mask)))
+            continue
+        h = cache.get(key)
+        if h is not None and "counted as 0 Gy" in h.method:
+            raise PlanningError(f"the cached DVH of {key!r} counts uncovered volume as 0 Gy; use outside='exclude'")
+        if h is None:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", PacsaiWarning)  # the coverage is stated in the row
+                    h = compute_dvh(dose, mask, name=key)
+            except PlanningError as err:
+                if "entirely outside" not in str(err):
+                    raise
+                uncovered, _ = dose_coverage(dose, mask)
+                rows.append(
+                    _row(
+                        c, matched=key, state="present", status="unreliable", uncovered_cc=uncovered,
+                        uncovered_pct=100.0,
+                        reason=f"{key} lies entirely outside the dose grid ({uncovered:.3g} cm³): no dose is known there",
+                    )
+                )
+                continue
+            cache[key] = h
+        total = h.volume_cc + h.uncovered_cc
+        pct = 100.0 * h.uncovered_cc / total
+        row = _row(c, matched=key, state="present", uncovered_cc=h.uncovered_cc, uncovered_pct=pct)
+        if pct > max_uncovered_pct + 1e-9 or h.uncovered_cc > max_uncovered_cc + 1e-12:
+            row.update(
+                status="unreliable",
+                reason=(
+                    f"{h.uncovered_cc:.3g} cm³ ({pct:.3g} %) of {key} lies outside the dose grid (more than "
+                    f"{max_uncovered_pct:g} % or {max_uncovered_cc:g} cm³): no dose is known there, so "
+                    f"{c.metric} is not stated"
+                ),
+            )
+        else:
+            row.update(_measure(c, h, fractions, prescription_gy))
+            if h.uncovered_cc > 0:
+                note = f"{h.uncovered_cc:.3g} cm³ ({pct:.3g} %) outside the dose grid, excluded"
+                row["reason"] = "; ".join(r for r in (row["reason"], note) if r)
+        rows.append(row)
+    return _frame(rows)
 
 
 def derive_structures(
@@ -342,9 +618,11 @@ def derive_structures(
 ) -> dict[str, xr.DataArray]:
     """Masks of the table's derived structures (e.g. ``Lungs-GTV`` = Lung_L ∪ Lung_R − GTV) that are missing.
 
-    A derived structure is built when it is not already among ``masks`` and every ``union`` part is; an absent
-    ``minus`` part (e.g. no GTV) is skipped with a :class:`PacsaiWarning` and recorded in
-    ``attrs["derived_from"]``.
+    A derived structure is built only when it is not already among ``masks`` and every component (``union``
+    and ``minus`` parts) is present and non-empty: "Lungs-GTV" with an empty or missing GTV is *not* the
+    lungs (an empty model GTV says nothing about where the tumour is). Structures that cannot be formed are
+    left out with a :class:`PacsaiWarning` naming the component; :func:`evaluate_plan` reports them as not
+    evaluable. ``attrs["derived_from"]`` lists the parts used.
 
     Returns
     -------
@@ -362,35 +640,27 @@ def derive_structures(
         existing, _ = _resolve(table, canonical, available, mapping)
         if existing is not None:
             continue
+        problem = _component_problem(table, canonical, masks, mapping)
+        if problem:
+            warnings.warn(problem, PacsaiWarning, stacklevel=2)
+            continue
         union_keys = [_resolve(table, part, available, mapping)[0] for part in derive.get("union", [])]
-        if not union_keys or any(k is None for k in union_keys):
-            logger.info("cannot derive %s: missing one of %s", canonical, derive.get("union"))
+        minus_keys = [_resolve(table, part, available, mapping)[0] for part in derive.get("minus", [])]
+        if not union_keys:
             continue
         first = masks[union_keys[0]]  # type: ignore[index]
         values = np.zeros(first.shape, dtype=bool)
         used = []
-        for key in union_keys:
+        for key, sign in [*((k, "+") for k in union_keys), *((k, "-") for k in minus_keys)]:
             part = masks[key]  # type: ignore[index]
             if not same_grid(first, part):
                 raise PlanningError(
                     f"cannot derive {canonical!r}: {key!r} is on another grid than {union_keys[0]!r}"
                 )
-            values |= np.asarray(part.values, dtype=bool)
-            used.append(f"+{key}")
-        for part_name in derive.get("minus", []):
-            key, _ = _resolve(table, part_name, available, mapping)
-            if key is None:
-                warnings.warn(
-                    f"{canonical!r}: no {part_name!r} to subtract; derived without it",
-                    PacsaiWarning,
-                    stacklevel=2,
-                )
-                continue
-            if not same_grid(first, masks[key]):
-                raise PlanningError(
-                    f"cannot derive {canonical!r}: {key!r} is on another grid than {union_keys[0]!r}"
-                )
-            values &= ~np.asarray(masks[key].values, dtype=bool)
-            used.append(f"-{key}")
+            if sign == "+":
+                values |= np.asarray(part.values, dtype=bool)
+            else:
+                values &= ~np.asarray(part.values, dtype=bool)
+            used.append(f"{sign}{key}")
         out[canonical] = like(first, values, name=canonical, derived_from=" ".join(used))
     return out
