@@ -19,7 +19,13 @@ from pacsai.planning.constraints import (
 )
 from pacsai.planning.dvh import DVH, PlanQuality, dose_coverage, dvh, homogeneity_index, plan_quality
 from pacsai.planning.fractionation import bed, eqd2, eqd2_dvh, eqd2_total
-from pacsai.planning.response import Response, assess_response, recist_category
+from pacsai.planning.response import (
+    Response,
+    StudyContours,
+    assess_response,
+    measurable_threshold_mm,
+    recist_category,
+)
 from pacsai.planning.structures import (
     StructureStats,
     TargetRelation,
@@ -51,6 +57,7 @@ __all__ = [
     "ConstraintSet",
     "PlanQuality",
     "Response",
+    "StudyContours",
     "StructureStats",
     "TargetRelation",
     "assess_response",
@@ -76,6 +83,7 @@ __all__ = [
     "load_constraints",
     "longest_axial_diameter",
     "longest_diameter",
+    "measurable_threshold_mm",
     "min_surface_distance",
     "normalise_name",
     "overlap",

@@ -1,45 +1,113 @@
-"""Response against the most recent prior study: ΔV% per structure and a RECIST 1.1-style category.
+"""Response against the most recent prior study: RECIST 1.1 from masks, like with like, and ΔV% per structure.
 
-Definitions (DESIGN.md "Response"): ΔV% = (V_now − V_prior) / V_prior per structure. The category comes from the
-sum of the longest in-plane (axial) diameters (SLD) of the target lesions: PR ≤ −30 %; PD ≥ +20 % *and*
-≥ +5 mm absolute, or a new lesion; CR all target lesions gone; otherwise SD. Thresholds are inclusive (with a
-1e-9 slack against float rounding). NE (not evaluable) where the prior has no measurable lesion.
+RECIST 1.1 as written (Eisenhauer et al. Eur J Cancer 2009;45:228–247), with the choices masks force stated
+here (DESIGN.md "Response"):
 
-Rules stated here because masks are not a radiologist (Eisenhauer et al. Eur J Cancer 2009;45:228–247):
+* **Like with like.** Prior and current contours must come from the same source (both ``"reference"`` —
+  e.g. the planner's RTSTRUCTs — or both ``"model"``), and be trustworthy; otherwise the category is NE with
+  an error reason. An empty *model* segmentation is not a disappearance: NE with an error, never CR.
+* **Lesions** are the 26-connected components of the target structure(s) (e.g. ``GTV``, or ``["GTVp",
+  "GTVn"]``). Each target structure is one organ unless ``organ_of`` says otherwise.
+* **Measurable at baseline** (the prior study): longest in-plane (axial) diameter ≥ 10 mm, or ≥ twice the
+  slice thickness where slices are thicker than 5 mm (RECIST 1.1 §3.1). Smaller ones are non-measurable
+  (non-target) lesions.
+* **Target lesions**: the measurable ones, largest first, at most 2 per organ and 5 in all.
+* **Following lesions** needs positions in one patient frame: the same frame of reference UID in both
+  studies, or a ``registration`` (4×4, prior LPS mm → current LPS mm). Then prior and current components are
+  associated where they overlap or lie within ``match_mm`` of each other (voxel centres, patient frame), and
+  the groups this makes are lesions followed over time:
 
-* lesions are the 26-connected components of the target structure (e.g. the GTV);
-* target lesions at the prior: components with a longest axial diameter ≥ ``measurable_mm`` (10 mm), the
-  largest first, at most ``max_targets`` (5; the RECIST "2 per organ" rule is not applied: organs are unknown);
-* now: the same number of largest components are measured, whatever their size (a shrinking target lesion
-  keeps being measured; a vanished one counts 0 mm);
-* new lesions: only where both studies share a frame of reference (same ``frame_of_reference_uid``), a current
-  component ≥ ``measurable_mm`` that shares no position with the prior target is new. Across different frames
-  positions cannot be compared (no registration here), so new lesions are *not assessed* (``None``) and a note
-  says so; diameters and volumes are compared instead;
-* the reference is the most recent prior study, not the nadir as in RECIST 1.1 (only one prior is compared).
+  - a lesion that *split* (one prior, several current components): its fragments' diameters are summed
+    (RECIST 1.1 appendix: "the longest diameters of the fragments are added together");
+  - lesions that *coalesced* (several prior, one current component): the coalesced lesion's diameter is
+    assigned to the first (largest) of them and 0 mm to the others, so the sum counts it once;
+  - a current component associated with no prior component is a *new lesion*: unequivocal (→ PD) when it is
+    measurable (≥ the same threshold), otherwise equivocal (a review reason, not PD, as RECIST asks to
+    re-check equivocal findings at the next assessment).
+
+  Without a shared frame or a registration, positions cannot be compared: the category is computed with the
+  current components taken by size order and new lesions not assessed, and is **provisional**
+  (``final=False``), never a final category.
+* **Categories** (target lesions, overall with new lesions): CR every target lesion has disappeared (and, as
+  Table 1 of RECIST 1.1 requires for an overall CR, nothing else remains — a remaining non-target or
+  equivocal component makes it PR); PR sum ≤ −30 % of the prior; PD sum ≥ +20 % *and* ≥ +5 mm, or an
+  unequivocal new lesion; SD otherwise; NE where the prior has no measurable lesion or the comparison is not
+  valid. Thresholds are inclusive (1e-9 slack against float rounding). Lymph-node short axes are not
+  measured (masks do not say which lesion is a node).
+* The reference is the most recent prior study, taken as both baseline and nadir (one prior is compared).
+
+Reasons are dicts with ``code``, ``level`` (``"error"``, ``"review"``, ``"note"``), ``message``,
+``structure`` and ``values`` (the keys of :class:`pacsai.qa.Reason`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import xarray as xr
+from scipy.spatial import cKDTree
 
 from pacsai.errors import PlanningError
-from pacsai.imaging.geometry import affine_of, voxel_volume_cc
+from pacsai.imaging.geometry import affine_of, spacing_of, voxel_volume_cc
 from pacsai.planning.constraints import normalise_name
 from pacsai.planning.structures import components, longest_axial_diameter
 
 logger = logging.getLogger(__name__)
 
 CATEGORIES = ("CR", "PR", "SD", "PD", "NE")
+SOURCES = ("reference", "model")
 _TOL = 1e-9
 
 
+# --------------------------------------------------------------------------------------------- inputs
+@dataclass(frozen=True)
+class StudyContours:
+    """One study's contours, with what a like-with-like comparison needs to know about them.
+
+    Attributes
+    ----------
+    structures
+        Boolean masks by name.
+    source
+        ``"reference"`` (drawn by a person, e.g. the planner's RTSTRUCT) or ``"model"``.
+    label
+        Who drew them, for the reader: ``"RTSTRUCT 'Plan 1' 2024-01-01"``, ``"model thorax-oars v3"``.
+    trustworthy
+        False where the contours must not be used for a verdict (e.g. the QA gate failed them).
+    why_untrusted
+        The reason, when not trustworthy.
+    frame_of_reference_uid
+        The study's frame of reference; default: the target mask's ``attrs["frame_of_reference_uid"]``.
+    """
+
+    structures: Mapping[str, xr.DataArray]
+    source: str
+    label: str = ""
+    trustworthy: bool = True
+    why_untrusted: str = ""
+    frame_of_reference_uid: str = ""
+
+    def __post_init__(self) -> None:
+        if self.source not in (*SOURCES, "unspecified"):
+            raise PlanningError(f"contour source must be one of {SOURCES}, got {self.source!r}")
+
+
+@dataclass
+class _Component:
+    organ: str
+    structure: str
+    diameter_mm: float
+    volume_cc: float
+    points: np.ndarray  # voxel centres, LPS mm (current frame)
+    index: int = 0
+
+
+# --------------------------------------------------------------------------------------------- result
 @dataclass(frozen=True)
 class Response:
     """Response of one patient's target against the most recent prior study.
@@ -48,49 +116,75 @@ class Response:
     ----------
     category
         ``"CR"``, ``"PR"``, ``"SD"``, ``"PD"`` or ``"NE"`` (not evaluable).
+    final
+        True only for a category reached on same-source, trustworthy contours whose lesions could be
+        followed by position; False for NE and for a provisional category (see ``reasons``).
+    reasons
+        Why the category is NE or provisional, and what a reader must know (dicts: code, level, message,
+        structure, values).
     target
-        The target structure (e.g. ``"GTV"``).
+        The target structure(s).
     sld_prior_mm, sld_now_mm
-        Sum of the longest axial diameters of the target lesions (mm).
+        Sum of the longest axial diameters of the target lesions (mm); NaN where not measured.
     change_pct, change_mm
-        SLD change (% of the prior, mm); NaN where the prior SLD is 0.
+        SLD change (% of the prior, mm); NaN where the prior SLD is 0 or not measured.
+    lesions
+        Per-lesion table (dicts): ``lesion`` (number), ``kind`` (``"target"``, ``"non-target"``,
+        ``"new"``, ``"equivocal new"``), ``organ``, ``prior_mm``, ``now_mm``, ``prior_components``,
+        ``now_components``, ``note``.
     target_lesions_prior_mm, target_lesions_now_mm
-        Per-lesion longest axial diameters (mm), largest first.
+        The target lesions' diameters (mm), in the order of ``lesions``.
     new_lesions
-        Number of new lesions, or ``None`` where it could not be assessed (different frames of reference).
+        Number of unequivocal new lesions, or ``None`` where they could not be assessed.
+    sources
+        ``{"prior": {...}, "current": {...}}``: source, label, trustworthy.
+    frames
+        ``{"prior": uid, "current": uid, "registration": bool}``.
     volumes_prior_cc, volumes_now_cc, volume_change_pct
-        Per structure present in both studies (ΔV% is NaN for an empty prior).
+        Per structure present in both studies; ΔV% only for same-source, trustworthy contours and
+        non-empty structures.
     reference
         What the change is measured against.
     notes
-        Everything a reader needs to know about how the category was reached.
+        The reasons' messages, for plain-text readers.
     """
 
     category: str
-    target: str
+    final: bool
+    reasons: tuple[dict[str, Any], ...]
+    target: tuple[str, ...]
     sld_prior_mm: float
     sld_now_mm: float
     change_pct: float
     change_mm: float
+    lesions: tuple[dict[str, Any], ...]
     target_lesions_prior_mm: tuple[float, ...]
     target_lesions_now_mm: tuple[float, ...]
     new_lesions: int | None
-    volumes_prior_cc: dict[str, float]
-    volumes_now_cc: dict[str, float]
-    volume_change_pct: dict[str, float]
-    reference: str
-    notes: tuple[str, ...]
+    sources: dict[str, dict[str, Any]]
+    frames: dict[str, Any]
+    volumes_prior_cc: dict[str, float] = field(default_factory=dict)
+    volumes_now_cc: dict[str, float] = field(default_factory=dict)
+    volume_change_pct: dict[str, float] = field(default_factory=dict)
+    reference: str = "most recent prior study (baseline and nadir)"
+    notes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (tuples → lists)."""
         out = asdict(self)
-        for key in ("target_lesions_prior_mm", "target_lesions_now_mm", "notes"):
-            out[key] = list(out[key])
+        for key, value in out.items():
+            if isinstance(value, tuple):
+                out[key] = list(value)
         return out
 
 
+def _reason(code: str, level: str, message: str, *, structure: str | None = None, **values: Any) -> dict[str, Any]:
+    return {"code": code, "level": level, "message": message, "structure": structure, "values": values}
+
+
+# --------------------------------------------------------------------------------------------- rules
 def recist_category(sld_prior_mm: float, sld_now_mm: float, *, new_lesion: bool = False) -> str:
-    """RECIST 1.1-style category from the sums of longest diameters (DESIGN.md "Response").
+    """RECIST 1.1 category of the target lesions from the sums of longest diameters (DESIGN.md "Response").
 
     Parameters
     ----------
@@ -99,7 +193,7 @@ def recist_category(sld_prior_mm: float, sld_now_mm: float, *, new_lesion: bool 
     sld_now_mm
         SLD of the same lesions now, mm (0 when all are gone).
     new_lesion
-        A new lesion appeared (→ PD whatever the diameters).
+        An unequivocal new lesion appeared (→ PD whatever the diameters).
 
     Returns
     -------
@@ -124,6 +218,13 @@ def recist_category(sld_prior_mm: float, sld_now_mm: float, *, new_lesion: bool 
     return "SD"
 
 
+def measurable_threshold_mm(mask: xr.DataArray, measurable_mm: float = 10.0) -> float:
+    """RECIST 1.1 §3.1: ≥ 10 mm on CT with slices ≤ 5 mm; with thicker slices, ≥ twice the slice thickness."""
+    slice_mm = float(spacing_of(mask)[2])
+    return max(measurable_mm, 2.0 * slice_mm) if slice_mm > 5.0 + _TOL else measurable_mm
+
+
+# --------------------------------------------------------------------------------------------- helpers
 def _lookup(structures: Mapping[str, xr.DataArray], name: str) -> str | None:
     if name in structures:
         return name
@@ -132,133 +233,440 @@ def _lookup(structures: Mapping[str, xr.DataArray], name: str) -> str | None:
     return hits[0] if hits else None
 
 
-def _frame(mask: xr.DataArray) -> str:
-    return str(mask.attrs.get("frame_of_reference_uid") or "")
+def _as_study(value: StudyContours | Mapping[str, xr.DataArray]) -> StudyContours:
+    return value if isinstance(value, StudyContours) else StudyContours(dict(value), source="unspecified")
 
 
-def _touches(component: xr.DataArray, prior: xr.DataArray) -> bool:
-    """Whether any voxel centre of ``component`` falls in a voxel of ``prior`` (LPS positions, any grids)."""
-    kji = np.argwhere(np.asarray(component.values, dtype=bool))
-    world = kji[:, ::-1] @ affine_of(component)[:3, :3].T + affine_of(component)[:3, 3]
-    inv = np.linalg.inv(affine_of(prior))
-    idx = np.rint(world @ inv[:3, :3].T + inv[:3, 3]).astype(int)[:, ::-1]
-    shape = np.asarray(prior.shape)
-    inside = np.all((idx >= 0) & (idx < shape), axis=1)
-    values = np.asarray(prior.values, dtype=bool)
-    return bool(values[tuple(idx[inside].T)].any())
+def _world(mask: xr.DataArray, transform: np.ndarray | None) -> np.ndarray:
+    kji = np.argwhere(np.asarray(mask.values, dtype=bool))
+    affine = affine_of(mask) if transform is None else transform @ affine_of(mask)
+    return kji[:, ::-1] @ affine[:3, :3].T + affine[:3, 3]  # type: ignore[no-any-return]
 
 
+def _components(
+    study: StudyContours, keys: Sequence[tuple[str, str]], transform: np.ndarray | None
+) -> list[_Component]:
+    out = []
+    for key, organ in keys:
+        for part in components(study.structures[key]):
+            out.append(
+                _Component(
+                    organ=organ,
+                    structure=key,
+                    diameter_mm=longest_axial_diameter(part),
+                    volume_cc=float(np.count_nonzero(part.values)) * voxel_volume_cc(part),
+                    points=_world(part, transform),
+                )
+            )
+    return out
+
+
+def _groups(prior: list[_Component], now: list[_Component], match_mm: float) -> list[tuple[list[int], list[int]]]:
+    """Connected groups of the bipartite "overlap or within match_mm" graph: (prior indices, current indices)."""
+    parent = list(range(len(prior) + len(now)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    trees = [cKDTree(p.points) for p in prior]
+    for c_idx, c in enumerate(now):
+        for p_idx, tree in enumerate(trees):
+            distance, _ = tree.query(c.points, k=1, distance_upper_bound=match_mm + _TOL)
+            if np.isfinite(distance).any():
+                parent[find(len(prior) + c_idx)] = find(p_idx)
+    groups: dict[int, tuple[list[int], list[int]]] = {}
+    for i in range(len(prior)):
+        groups.setdefault(find(i), ([], []))[0].append(i)
+    for j in range(len(now)):
+        groups.setdefault(find(len(prior) + j), ([], []))[1].append(j)
+    return list(groups.values())
+
+
+def _select_targets(
+    prior: list[_Component], threshold_mm: float, max_targets: int, max_per_organ: int
+) -> tuple[list[int], list[str]]:
+    """Indices of the target lesions (largest measurable first, ≤ max_per_organ per organ, ≤ max_targets),
+    and a note per prior component that is not one."""
+    order = sorted(range(len(prior)), key=lambda i: -prior[i].diameter_mm)
+    chosen: list[int] = []
+    per_organ: dict[str, int] = {}
+    why = [""] * len(prior)
+    for i in order:
+        c = prior[i]
+        if c.diameter_mm < threshold_mm - _TOL:
+            why[i] = f"non-measurable ({c.diameter_mm:.1f} mm < {threshold_mm:g} mm)"
+        elif per_organ.get(c.organ, 0) >= max_per_organ:
+            why[i] = f"measurable, not a target: already {max_per_organ} target lesions in {c.organ}"
+        elif len(chosen) >= max_targets:
+            why[i] = f"measurable, not a target: already {max_targets} target lesions"
+        else:
+            chosen.append(i)
+            per_organ[c.organ] = per_organ.get(c.organ, 0) + 1
+    return chosen, why
+
+
+# --------------------------------------------------------------------------------------------- main
 def assess_response(
-    current: Mapping[str, xr.DataArray],
-    prior: Mapping[str, xr.DataArray],
+    current: StudyContours | Mapping[str, xr.DataArray],
+    prior: StudyContours | Mapping[str, xr.DataArray],
     *,
-    target: str = "GTV",
+    target: str | Sequence[str] = "GTV",
+    organ_of: Mapping[str, str] | None = None,
+    registration: np.ndarray | None = None,
     measurable_mm: float = 10.0,
     max_targets: int = 5,
+    max_per_organ: int = 2,
+    match_mm: float = 5.0,
 ) -> Response:
-    """Compare the current study's structures with the most recent prior study's (see the module docstring).
+    """RECIST 1.1 response and ΔV% of the current study against the most recent prior (module docstring).
 
     Parameters
     ----------
     current, prior
-        Boolean masks by structure name (names matched ignoring case, spaces, ``_`` and ``-``). Grids and
-        frames of reference may differ between the studies.
+        Each study's contours with their source and trust (:class:`StudyContours`). A plain mapping of masks
+        is accepted as contours of unstated source: the category is then provisional (``final=False``).
     target
-        The structure holding the lesions (e.g. ``"GTV"``).
+        The structure(s) holding the lesions (names matched ignoring case, spaces, ``_`` and ``-``).
+    organ_of
+        Organ of each target structure, for the "2 per organ" rule (default: each structure its own organ).
+    registration
+        4×4 rigid/affine matrix mapping prior patient coordinates (LPS mm) to the current study's:
+        ``x_current = registration @ x_prior`` (e.g. a DICOM Spatial Registration's matrix). Needed to follow
+        lesions when the frames of reference differ.
     measurable_mm
-        Minimum longest axial diameter of a target lesion (RECIST 1.1: 10 mm) and of a new lesion.
-    max_targets
-        At most this many target lesions (RECIST 1.1: 5).
+        Minimum longest axial diameter of a measurable lesion on ≤ 5 mm slices (RECIST 1.1: 10 mm).
+    max_targets, max_per_organ
+        At most this many target lesions in all / per organ (RECIST 1.1: 5 and 2).
+    match_mm
+        Prior and current components at most this far apart (voxel centres, patient frame) are the same lesion.
 
     Returns
     -------
     Response
-
-    Raises
-    ------
-    PlanningError
-        The target structure is missing from either study.
     """
-    key_now, key_prior = _lookup(current, target), _lookup(prior, target)
-    if key_now is None or key_prior is None:
-        side, names = ("current", list(current)) if key_now is None else ("prior", list(prior))
-        raise PlanningError(
-            f"target {target!r} is not among the {side} study's structures {names}; pass target="
-        )
-    notes: list[str] = ["reference: the most recent prior study (not the nadir)"]
+    now_study, prior_study = _as_study(current), _as_study(prior)
+    targets = [target] if isinstance(target, str) else list(target)
+    organs = dict(organ_of or {})
+    reasons: list[dict[str, Any]] = []
+    sources = {
+        name: {"source": s.source, "label": s.label, "trustworthy": s.trustworthy}
+        for name, s in (("prior", prior_study), ("current", now_study))
+    }
 
-    prior_parts = components(prior[key_prior])
-    prior_d = sorted((longest_axial_diameter(c) for c in prior_parts), reverse=True)
-    targets_prior = [d for d in prior_d if d >= measurable_mm - _TOL][:max_targets]
-    now_parts = components(current[key_now])
-    now_diams = sorted(((longest_axial_diameter(c), c) for c in now_parts), key=lambda t: -t[0])
-    k = len(targets_prior)
-    if len(prior_d) > len(targets_prior):
-        notes.append(
-            f"{len(prior_d) - len(targets_prior)} prior component(s) below {measurable_mm} mm or beyond "
-            f"{max_targets} targets are not target lesions"
+    # Which structures hold the lesions, in each study.
+    keys: dict[str, list[tuple[str, str]]] = {"prior": [], "current": []}
+    for side, study in (("prior", prior_study), ("current", now_study)):
+        for name in targets:
+            key = _lookup(study.structures, name)
+            if key is None:
+                reasons.append(
+                    _reason(
+                        "TARGET_MISSING", "error", f"no structure named {name!r} in the {side} study "
+                        f"({', '.join(study.structures) or 'no structures'}): response not evaluable",
+                        structure=name,
+                    )
+                )
+            else:
+                keys[side].append((key, organs.get(name, organs.get(key, name))))
+
+    frame_prior = prior_study.frame_of_reference_uid or _frame_of(prior_study, keys["prior"])
+    frame_now = now_study.frame_of_reference_uid or _frame_of(now_study, keys["current"])
+    frames = {"prior": frame_prior, "current": frame_now, "registration": registration is not None}
+
+    # Like with like: same source, trustworthy, and not an empty model segmentation.
+    if "unspecified" in (prior_study.source, now_study.source):
+        reasons.append(
+            _reason(
+                "SOURCE_UNSTATED", "review", "the contours' sources (reference or model) were not stated: the "
+                "category is provisional until both are known to come from the same source",
+            )
+        )
+    elif prior_study.source != now_study.source:
+        reasons.append(
+            _reason(
+                "MIXED_SOURCES", "error",
+                f"prior contours from {_who(prior_study)}, current from {_who(now_study)}: contours of different "
+                "sources are not comparable (a contouring difference would read as a response); compare "
+                "reference with reference, or run the model on the prior study too",
+                prior=prior_study.source, current=now_study.source,
+            )
+        )
+    for side, study in (("prior", prior_study), ("current", now_study)):
+        if not study.trustworthy:
+            reasons.append(
+                _reason(
+                    "UNTRUSTED_CONTOURS", "error",
+                    f"the {side} contours ({_who(study)}) are not trustworthy"
+                    + (f": {study.why_untrusted}" if study.why_untrusted else ""),
+                )
+            )
+        if study.source == "model":
+            for key, _ in keys[side]:
+                if not np.asarray(study.structures[key].values).any():
+                    reasons.append(
+                        _reason(
+                            "EMPTY_MODEL_SEGMENTATION", "error",
+                            f"the model found no {key} in the {side} study: an empty segmentation is not a "
+                            "disappearance; check the contours or use the reference structures",
+                            structure=key,
+                        )
+                    )
+
+    # Positions: one frame, or a registration.
+    same_frame = bool(frame_prior) and frame_prior == frame_now
+    positional = same_frame or registration is not None
+    transform: np.ndarray | None = None
+    if registration is not None:
+        transform = np.asarray(registration, dtype=float)
+        if transform.shape != (4, 4) or not np.allclose(transform[3], [0, 0, 0, 1]):
+            raise PlanningError(f"registration must be a 4×4 affine matrix (last row 0 0 0 1); got {transform!r}")
+    if not positional:
+        reasons.append(
+            _reason(
+                "FRAME_UNREGISTERED", "review",
+                f"the studies are in different (or unknown) frames of reference (prior {frame_prior or '?'}, "
+                f"current {frame_now or '?'}) and no registration was given: lesions cannot be followed by "
+                "position, so current components are taken by size and new lesions are not assessed; the "
+                "category is provisional",
+                prior=frame_prior, current=frame_now,
+            )
         )
 
+    blocking = any(r["level"] == "error" for r in reasons)
+    if blocking:
+        return _finish(
+            "NE", reasons, targets, sources, frames, now_study, prior_study,
+            sld=(math.nan, math.nan), lesions=[], t_prior=(), t_now=(), new=None,
+        )
+
+    prior_parts = _components(prior_study, keys["prior"], transform)
+    now_parts = _components(now_study, keys["current"], None)
+    first_prior = prior_study.structures[keys["prior"][0][0]]
+    threshold = measurable_threshold_mm(first_prior, measurable_mm)
+    chosen, why_not = _select_targets(prior_parts, threshold, max_targets, max_per_organ)
+    for rank, i in enumerate(chosen, 1):
+        prior_parts[i].index = rank
+    if not chosen:
+        reasons.append(
+            _reason(
+                "NO_MEASURABLE_DISEASE", "review",
+                f"no measurable lesion (≥ {threshold:g} mm) in the prior {', '.join(targets)}: response not "
+                "evaluable", values_mm=[round(c.diameter_mm, 2) for c in prior_parts],
+            )
+        )
+        return _finish(
+            "NE", reasons, targets, sources, frames, now_study, prior_study,
+            sld=(0.0, math.nan), lesions=[], t_prior=(), t_now=(), new=None,
+        )
+
+    lesions: list[dict[str, Any]] = []
+    target_now: dict[int, float] = {}
+    remaining_other = 0  # current components other than target lesions (non-target or equivocal new)
     new: int | None
-    if _frame(current[key_now]) and _frame(current[key_now]) == _frame(prior[key_prior]):
-        # One frame: follow lesions by position. Components touching the prior target are the followed
-        # lesions; measurable components elsewhere are new.
-        followed = [(d, c) for d, c in now_diams if _touches(c, prior[key_prior])]
-        elsewhere = [d for d, c in now_diams if not _touches(c, prior[key_prior])]
-        new = sum(d >= measurable_mm - _TOL for d in elsewhere)
-        if new:
-            notes.append(f"{new} new lesion(s): component(s) ≥ {measurable_mm} mm outside the prior {target}")
+    if positional:
+        new = 0
+        now_threshold = measurable_threshold_mm(now_study.structures[keys["current"][0][0]], measurable_mm)
+        for prior_idx, now_idx in _groups(prior_parts, now_parts, match_mm):
+            group_targets = sorted((i for i in prior_idx if i in chosen), key=lambda i: prior_parts[i].index)
+            now_sum = float(sum(now_parts[j].diameter_mm for j in now_idx))
+            if not prior_idx:
+                for j in now_idx:
+                    d = now_parts[j].diameter_mm
+                    unequivocal = d >= now_threshold - _TOL
+                    new += int(unequivocal)
+                    lesions.append(
+                        _lesion(
+                            "new" if unequivocal else "equivocal new", now_parts[j].organ, math.nan, d, 0, 1,
+                            "unequivocal new lesion (measurable)" if unequivocal
+                            else f"new component below {now_threshold:g} mm: equivocal, re-check at the next study",
+                        )
+                    )
+                    if not unequivocal:
+                        remaining_other += 1
+                        reasons.append(
+                            _reason(
+                                "NEW_LESION_EQUIVOCAL", "review",
+                                f"a new {d:.1f} mm component in {now_parts[j].structure} (below {now_threshold:g} "
+                                "mm): equivocal, not counted as progression; re-check at the next study",
+                                structure=now_parts[j].structure, diameter_mm=d,
+                            )
+                        )
+                continue
+            if not group_targets:
+                remaining_other += len(now_idx)
+                for i in prior_idx:
+                    lesions.append(
+                        _lesion("non-target", prior_parts[i].organ, prior_parts[i].diameter_mm,
+                                now_sum if i == prior_idx[0] else 0.0, 1, len(now_idx) if i == prior_idx[0] else 0,
+                                why_not[i])
+                    )
+                continue
+            lead = group_targets[0]
+            for i in group_targets:
+                target_now[i] = now_sum if i == lead else 0.0
+            note = _group_note(prior_parts, group_targets, prior_idx, now_idx, now_sum)
+            if note:
+                reasons.append(_reason("LESION_ASSOCIATION", "note", note, structure=prior_parts[lead].structure))
+            for i in group_targets:
+                lesions.append(
+                    _lesion(
+                        "target", prior_parts[i].organ, prior_parts[i].diameter_mm, target_now[i],
+                        1, len(now_idx) if i == lead else 0,
+                        (note or ("" if now_idx else "disappeared")) if i == lead
+                        else f"coalesced with target lesion {prior_parts[lead].index}",
+                        number=prior_parts[i].index,
+                    )
+                )
+            for i in prior_idx:
+                if i not in chosen:
+                    lesions.append(
+                        _lesion("non-target", prior_parts[i].organ, prior_parts[i].diameter_mm, 0.0, 1, 0,
+                                f"{why_not[i]}; part of the group of target lesion {prior_parts[lead].index}")
+                    )
     else:
-        followed = now_diams
         new = None
-        notes.append(
-            "new lesions not assessed: the studies have different (or unknown) frames of reference, so "
-            "positions cannot be compared without registration; the largest current components are "
-            "taken as the target lesions"
-        )
-    targets_now = [d for d, _ in followed[:k]] + [0.0] * max(0, k - len(followed))
-    if k and len(followed) > k:
-        notes.append(f"{len(followed) - k} further current component(s) not among the {k} target lesion(s)")
+        by_size = sorted(now_parts, key=lambda c: -c.diameter_mm)
+        for rank, i in enumerate(sorted(chosen, key=lambda i: prior_parts[i].index)):
+            target_now[i] = by_size[rank].diameter_mm if rank < len(by_size) else 0.0
+            lesions.append(
+                _lesion("target", prior_parts[i].organ, prior_parts[i].diameter_mm, target_now[i], 1,
+                        int(rank < len(by_size)), "matched by size order (no shared frame or registration)",
+                        number=prior_parts[i].index)
+            )
+        remaining_other = max(0, len(by_size) - len(chosen))
 
-    sld_prior, sld_now = float(sum(targets_prior)), float(sum(targets_now))
+    order = sorted(chosen, key=lambda i: prior_parts[i].index)
+    t_prior = tuple(prior_parts[i].diameter_mm for i in order)
+    t_now = tuple(target_now.get(i, 0.0) for i in order)
+    sld_prior, sld_now = float(sum(t_prior)), float(sum(t_now))
     category = recist_category(sld_prior, sld_now, new_lesion=bool(new))
-    if category == "NE":
-        notes.append(
-            f"no measurable (≥ {measurable_mm} mm) lesion in the prior {target}: response not evaluable"
+    if category == "CR" and remaining_other:
+        category = "PR"
+        reasons.append(
+            _reason(
+                "NON_TARGET_REMAINS", "note",
+                f"every target lesion has disappeared but {remaining_other} other component(s) remain: not a "
+                "complete response (RECIST 1.1 Table 1: target CR with non-target disease present is PR)",
+                components=remaining_other,
+            )
         )
-    change_mm = sld_now - sld_prior if sld_prior > 0 else float("nan")
-    change_pct = 100.0 * (sld_now - sld_prior) / sld_prior if sld_prior > 0 else float("nan")
+    lesions.sort(key=lambda r: (r["kind"] != "target", r["lesion"] or 99))
+    return _finish(
+        category, reasons, targets, sources, frames, now_study, prior_study,
+        sld=(sld_prior, sld_now), lesions=lesions, t_prior=t_prior, t_now=t_now, new=new,
+    )
 
-    volumes_prior: dict[str, float] = {}
-    volumes_now: dict[str, float] = {}
-    delta: dict[str, float] = {}
-    for name, mask in current.items():
-        other = _lookup(prior, name)
-        if other is None:
-            continue
-        v_now = float(np.count_nonzero(np.asarray(mask.values, dtype=bool))) * voxel_volume_cc(mask)
-        v_prior = float(np.count_nonzero(np.asarray(prior[other].values, dtype=bool))) * voxel_volume_cc(
-            prior[other]
-        )
-        volumes_now[name], volumes_prior[name] = v_now, v_prior
-        delta[name] = 100.0 * (v_now - v_prior) / v_prior if v_prior > 0 else float("nan")
-    missing = [n for n in current if _lookup(prior, n) is None]
-    if missing:
-        notes.append(f"no prior volume for {', '.join(missing)}")
 
+def _who(study: StudyContours) -> str:
+    return f"{study.source} ({study.label})" if study.label else study.source
+
+
+def _frame_of(study: StudyContours, keys: Sequence[tuple[str, str]]) -> str:
+    for key, _ in keys:
+        uid = str(study.structures[key].attrs.get("frame_of_reference_uid") or "")
+        if uid:
+            return uid
+    return ""
+
+
+def _lesion(
+    kind: str, organ: str, prior_mm: float, now_mm: float, prior_components: int, now_components: int,
+    note: str, *, number: int | None = None,
+) -> dict[str, Any]:
+    return {
+        "lesion": number, "kind": kind, "organ": organ, "prior_mm": prior_mm, "now_mm": now_mm,
+        "prior_components": prior_components, "now_components": now_components, "note": note,
+    }
+
+
+def _group_note(
+    prior: list[_Component], targets: list[int], prior_idx: list[int], now_idx: list[int], now_sum: float
+) -> str:
+    lead = prior[targets[0]].index
+    if not now_idx:
+        return ""
+    parts = []
+    if len(now_idx) > 1:
+        parts.append(f"target lesion {lead} is in {len(now_idx)} fragments now: their diameters are summed "
+                     f"({now_sum:.1f} mm)")
+    if len(prior_idx) > 1:
+        others = ", ".join(str(prior[i].index) for i in targets[1:]) or "a non-target lesion"
+        parts.append(f"target lesion {lead} has coalesced with {others}: the coalesced diameter counts once")
+    return "; ".join(parts)
+
+
+def _finish(
+    category: str,
+    reasons: list[dict[str, Any]],
+    targets: Sequence[str],
+    sources: dict[str, dict[str, Any]],
+    frames: dict[str, Any],
+    now_study: StudyContours,
+    prior_study: StudyContours,
+    *,
+    sld: tuple[float, float],
+    lesions: list[dict[str, Any]],
+    t_prior: tuple[float, ...],
+    t_now: tuple[float, ...],
+    new: int | None,
+) -> Response:
+    sld_prior, sld_now = sld
+    if sld_prior > 0 and math.isfinite(sld_now):
+        change_mm, change_pct = sld_now - sld_prior, 100.0 * (sld_now - sld_prior) / sld_prior
+    else:
+        change_mm = change_pct = math.nan
+    volumes_prior, volumes_now, delta = _volumes(now_study, prior_study, reasons)
+    provisional = any(r["level"] in ("error", "review") for r in reasons)
+    final = category != "NE" and not provisional
     return Response(
         category=category,
-        target=target,
+        final=final,
+        reasons=tuple(reasons),
+        target=tuple(targets),
         sld_prior_mm=sld_prior,
         sld_now_mm=sld_now,
         change_pct=change_pct,
         change_mm=change_mm,
-        target_lesions_prior_mm=tuple(targets_prior),
-        target_lesions_now_mm=tuple(targets_now),
+        lesions=tuple(lesions),
+        target_lesions_prior_mm=t_prior,
+        target_lesions_now_mm=t_now,
         new_lesions=new,
+        sources=sources,
+        frames=frames,
         volumes_prior_cc=volumes_prior,
         volumes_now_cc=volumes_now,
         volume_change_pct=delta,
-        reference="most recent prior study",
-        notes=tuple(notes),
+        notes=tuple(r["message"] for r in reasons),
     )
+
+
+def _volumes(
+    now_study: StudyContours, prior_study: StudyContours, reasons: list[dict[str, Any]]
+) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """Volumes of the structures in both studies; ΔV% only where the comparison is like with like."""
+    volumes_prior: dict[str, float] = {}
+    volumes_now: dict[str, float] = {}
+    delta: dict[str, float] = {}
+    same_source = prior_study.source == now_study.source or "unspecified" in (prior_study.source, now_study.source)
+    comparable = same_source and prior_study.trustworthy and now_study.trustworthy
+    for name, mask in now_study.structures.items():
+        other = _lookup(prior_study.structures, name)
+        if other is None:
+            continue
+        v_now = float(np.count_nonzero(np.asarray(mask.values, dtype=bool))) * voxel_volume_cc(mask)
+        prior_mask = prior_study.structures[other]
+        v_prior = float(np.count_nonzero(np.asarray(prior_mask.values, dtype=bool))) * voxel_volume_cc(prior_mask)
+        volumes_now[name], volumes_prior[name] = v_now, v_prior
+        if comparable and v_prior > 0 and v_now > 0:
+            delta[name] = 100.0 * (v_now - v_prior) / v_prior
+    if volumes_now and not comparable:
+        reasons.append(
+            _reason(
+                "VOLUME_CHANGE_NOT_COMPARABLE", "note",
+                "volume changes are not stated: the two studies' contours are not from the same trustworthy source",
+            )
+        )
+    return volumes_prior, volumes_now, delta
