@@ -16,7 +16,8 @@
 # %% [markdown]
 # # Treatment-planning report
 # **Research use only — not for clinical decision making.** Computed by pacsai from the images, structures and
-# dose named in the provenance section; definitions: ICRU 50/62/83, QUANTEC, RECIST 1.1 (see DESIGN.md).
+# dose named in the provenance section; definitions: ICRU 50/62/83, QUANTEC, RECIST 1.1 and the QA gate
+# (docs/clinical_definitions.md). Read the QA box first: it says whether the numbers below can be trusted.
 
 # %% tags=["parameters"]
 patient_id: str = "SYN-00000"  # help: PatientID on the PACS
@@ -49,7 +50,7 @@ params = validate_parameters(
 # %%
 summary = build_summary(params)
 summary.save(Path(out_dir))
-show.header(summary)
+show.header(summary)  # the QA gate first, then failed/not-evaluable constraints, coverage and response
 
 # %% [markdown]
 # ## Key images
@@ -64,10 +65,10 @@ show.key_images(summary)
 show.structures(summary)
 
 # %% [markdown]
-# ## Margins, distances and overlaps
+# ## Constraints
 
 # %%
-show.geometry(summary)
+show.constraints(summary)
 
 # %% [markdown]
 # ## Dose–volume histograms
@@ -76,10 +77,10 @@ show.geometry(summary)
 show.dvh(summary)
 
 # %% [markdown]
-# ## Constraints
+# ## Margins, distances and overlaps
 
 # %%
-show.constraints(summary)
+show.geometry(summary)
 
 # %% [markdown]
 # ## Response against the prior study
@@ -88,7 +89,13 @@ show.constraints(summary)
 show.response(summary)
 
 # %% [markdown]
-# ## Quality assurance and provenance
+# ## Model vs reference contours
+
+# %%
+show.agreement(summary)
+
+# %% [markdown]
+# ## QA reasons and provenance
 
 # %%
 show.qa(summary)

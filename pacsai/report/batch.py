@@ -41,7 +41,7 @@ class CohortItem:
     error: str = ""
 
 
-def _one(params: ReportParameters, out_root: str, push: bool, track: bool) -> CohortItem:
+def _one(params: ReportParameters, out_root: str, push: bool, track: bool, push_anyway: bool = False) -> CohortItem:
     from pacsai.report.run import default_out_dir, run_report
 
     start = time.perf_counter()
@@ -50,7 +50,7 @@ def _one(params: ReportParameters, out_root: str, push: bool, track: bool) -> Co
     staging = final.with_name(f".{final.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        run_report(params, out_dir=staging, push=push, track=track)
+        run_report(params, out_dir=staging, push=push, track=track, push_anyway=push_anyway)
         _move_into_place(staging, final)
         shutil.rmtree(final.parent / FAILED_DIR / final.name, ignore_errors=True)  # an earlier failure, now fixed
         return CohortItem(params.patient_id, True, time.perf_counter() - start, str(final))
@@ -96,6 +96,7 @@ def run_cohort(
     track: bool = True,
     previous: pd.DataFrame | None = None,
     on_result: Callable[[CohortItem], None] | None = None,
+    push_anyway: bool = False,
 ) -> pd.DataFrame:
     """Run one report per patient; returns (and writes ``out_root/cohort_summary.csv``) one row per patient.
 
@@ -107,7 +108,7 @@ def run_cohort(
         Reports go to ``out_root/<PatientID>/`` (only once complete); failed ones to ``out_root/.failed/``.
     workers, dask_address
         Local process pool size, or a Dask scheduler to run on instead.
-    push, track
+    push, track, push_anyway
         As for :func:`pacsai.report.run.run_report`.
     previous
         An earlier summary (see :func:`read_summary`): its rows for patients not run now are kept, so that a
@@ -131,17 +132,17 @@ def run_cohort(
         from dask.distributed import Client
 
         with Client(dask_address) as client:
-            futures = [client.submit(_one, p, str(out_root), push, track, pure=False) for p in patients]
+            futures = [client.submit(_one, p, str(out_root), push, track, push_anyway, pure=False) for p in patients]
             for fut in tqdm(futures, desc="reports", unit="patient"):
                 collect(fut.result())
     elif workers <= 1:
         for p in tqdm(patients, desc="reports", unit="patient"):
-            collect(_one(p, str(out_root), push, track))
+            collect(_one(p, str(out_root), push, track, push_anyway))
     else:
         # Each report runs a kernel and numpy; more workers than cores only thrash.
         workers = min(workers, len(patients), os.cpu_count() or 1)
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(_one, p, str(out_root), push, track) for p in patients]
+            futures = [pool.submit(_one, p, str(out_root), push, track, push_anyway) for p in patients]
             for fut in tqdm(as_completed(futures), total=len(futures), desc="reports", unit="patient"):
                 collect(fut.result())
     table = pd.DataFrame([i.__dict__ for i in items], columns=list(COLUMNS))

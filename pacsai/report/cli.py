@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +34,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="", help="model URI, e.g. models:/demo-thorax@champion")
     p.add_argument("--out", type=Path, default=None, help="output folder (default reports/<PatientID>)")
     p.add_argument("--push", action=argparse.BooleanOptionalAction, default=False,
-                   help="store SEG/RTSTRUCT/SR/PDF in the patient's study")
+                   help="store SEG/RTSTRUCT/SR/PDF in the patient's study (on a QA FAIL only the PDF)")
+    p.add_argument("--push-anyway", action="store_true",
+                   help="with --push: store the model's contours and the SR even when the QA gate is FAIL "
+                   "(the SR then says so)")
     p.add_argument("--ctv-margin", type=float, default=5.0, help="GTV→CTV margin, mm")
     p.add_argument("--ptv-margin", type=float, default=5.0, help="CTV→PTV margin, mm")
     p.add_argument("--constraints", default="thorax", help="constraint set (site name or YAML path)")
@@ -71,14 +75,22 @@ def run(args: argparse.Namespace) -> int:
         raise ReportError("give a PATIENT_ID, or --cohort with -f filters")
     from pacsai.report.run import run_report
 
+    if args.push_anyway and not args.push:
+        raise ReportError("--push-anyway only makes sense with --push")
     result = run_report(params_for(args.patient_id, args.study), out_dir=args.out, push=args.push,
-                        track=not args.no_track)
+                        track=not args.no_track, push_anyway=args.push_anyway)
+    metrics = json.loads(result.metrics.read_text())
+    qa = metrics.get("qa") or {}
+    print(f"QA:      {qa.get('status')}" + "".join(f"\n         {r['level'].upper()} {r['code']}: {r['message']}"
+                                                  for r in qa.get("reasons", []) if r["level"] != "note"))
     print(f"report:  {result.html}")
     print(f"pdf:     {result.pdf or 'not written (no Chromium found)'}")
     print(f"metrics: {result.metrics}")
     if result.pushed:
         print(f"pushed:  {len(result.pushed['objects'])} objects ({len(result.pushed['stored'])} new, "
               f"{len(result.pushed['already_present'])} already present)")
+        if result.pushed.get("withheld"):
+            print(f"withheld: {', '.join(result.pushed['withheld'])} ({result.pushed['withheld_reason']})")
     if result.mlflow_run_id:
         print(f"mlflow:  run {result.mlflow_run_id}")
     print(f"time:    {result.seconds:.1f} s")
@@ -111,6 +123,7 @@ def _cohort(args: argparse.Namespace, params_for: Callable[[str], ReportParamete
     table = run_cohort(
         [params_for(p) for p in patients], out_root=out_root, workers=args.workers,
         dask_address=args.dask, push=args.push, track=not args.no_track, previous=previous,
+        push_anyway=args.push_anyway,
     )
     print(table.to_string(index=False))
     failed = table[~table.ok]

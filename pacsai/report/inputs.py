@@ -1,4 +1,15 @@
-"""Find and read what a patient's report needs on the PACS: planning CT, structures, dose, the prior study."""
+"""Find and read what a patient's report needs on the PACS: planning image, structures, dose, the prior study.
+
+Where the structures come from matters as much as the structures themselves, so every set of masks carries who
+drew it (:class:`DrawnBy`): the planner's RTSTRUCT (its SeriesDescription and date) or a model (name, version).
+"Structures from the PACS" means a planner's RTSTRUCT, never one that pacsai wrote back earlier: pacsai's own
+objects are recognised in the retrieved header (:func:`written_by_pacsai`), because QIDO's series search does not
+return the Manufacturer.
+
+Response compares like with like (DESIGN.md "Response"): on the model path the prior study gets the same source as
+the current one — the planner's contours of both studies where both exist, otherwise the model run on the prior
+too (and the report says which).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
+import pydicom
 import xarray as xr
 
 from pacsai.errors import PacsaiError, ReportError
@@ -16,9 +27,24 @@ from pacsai.report.params import ReportParameters
 
 log = logging.getLogger(__name__)
 
-# Series that pacsai itself wrote back carry this Manufacturer; a report "from the PACS" must not read its own
-# model contours back as if a planner had drawn them.
+#: General Equipment Manufacturer of every object pacsai writes (SEG, RTSTRUCT, SR, PDF; pacsai.imaging writers).
 PACSAI_MANUFACTURER = "pacsai"
+#: ManufacturerModelName of the synthetic generator's structure sets: they stand in for a planner's RTSTRUCT
+#: (pacsai.synthetic draws the ground truth a planner would), so they count as planner structures.
+SYNTHETIC_PLANNER_MODEL = "pacsai.synthetic"
+#: Modalities a report can be made on (the planning image), in order of preference.
+IMAGE_MODALITIES = ("CT", "MR")
+
+
+@dataclass(frozen=True)
+class DrawnBy:
+    """Who drew a set of structures: ``kind`` is ``"planner"``, ``"model"`` or ``"derived"``."""
+
+    kind: str
+    label: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"kind": self.kind, "label": self.label}
 
 
 @dataclass(frozen=True)
@@ -50,6 +76,11 @@ class StudyData:
     structures: dict[str, xr.DataArray]
     structures_source: str
     inputs: list[SeriesRef]
+    modality: str = "CT"
+    drawn_by: DrawnBy | None = None
+    #: The structures the source could have produced (ROI names of the RTSTRUCT, outputs of the model).
+    offered: tuple[str, ...] = ()
+    uncertainty: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -63,44 +94,110 @@ class PatientData:
     prior: StudyData | None
     prior_note: str
     model: dict[str, Any]
-    uncertainty: dict[str, float] = field(default_factory=dict)
+    uncertainty: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: The planner's structures of the planning study when the report's structures came from a model.
+    reference: StudyData | None = None
+    #: How the prior's structures were obtained (same source as ``current``), for the response section.
+    response_source: str = ""
+    #: The planner's structures of both studies (when both exist): the response is computed from them.
+    reference_prior: StudyData | None = None
+    #: What the model was trained on (``LoadedModel.domain``) and the input's statistics (pacsai.domain).
+    model_domain: dict[str, Any] = field(default_factory=dict)
+    input_stats: dict[str, Any] = field(default_factory=dict)
+    dose_header: dict[str, Any] = field(default_factory=dict)
 
     @property
     def inputs(self) -> list[SeriesRef]:
         refs = list(self.current.inputs)
-        if self.prior is not None:
-            refs += self.prior.inputs
+        for extra in (self.reference, self.prior, self.reference_prior):
+            if extra is not None:
+                refs += [r for r in extra.inputs if r not in refs]
         return refs
+
+
+def written_by_pacsai(ds: pydicom.Dataset) -> bool:
+    """True for an object a pacsai report wrote back (its SEG, RTSTRUCT, SR or PDF).
+
+    pacsai's writers stamp ``Manufacturer = "pacsai"`` in the General Equipment module; the synthetic generator's
+    structure sets (``ManufacturerModelName`` ``pacsai.synthetic``) stand in for a planner and do not count.
+    UIDs cannot tell: pacsai derives ``2.25.<uuid5>`` UIDs, a root any software may use.
+    """
+    manufacturer = str(ds.get("Manufacturer", "") or "").strip().lower()
+    model = str(ds.get("ManufacturerModelName", "") or "").strip()
+    return manufacturer == PACSAI_MANUFACTURER and not model.startswith(SYNTHETIC_PLANNER_MODEL)
 
 
 def gather(params: ReportParameters, *, pacs: Any) -> PatientData:
     """Pull a patient's planning study (and the most recent prior) from ``pacs`` and read it.
 
-    The planning study is ``params.study_uid`` or the latest study with a CT. Structures come from the study's
-    RTSTRUCT (``structures_from="pacs"``) or from ``params.model_uri`` (``"model"``: imports torch only then).
+    The planning study is ``params.study_uid`` or the latest study with a CT (or MR). Structures come from the
+    study's planner RTSTRUCT (``structures_from="pacs"``) or from ``params.model_uri`` (``"model"``: imports
+    torch only then; the planner RTSTRUCT, where there is one, is read too as the reference).
     """
-    studies = _studies_with_ct(pacs, params.patient_id)
+    studies = _studies_with_image(pacs, params.patient_id)
     if params.study_uid:
         chosen = studies[studies.StudyInstanceUID == params.study_uid]
         if chosen.empty:
             raise ReportError(
-                f"study {params.study_uid} of patient {params.patient_id} has no CT series on {pacs.url}; "
+                f"study {params.study_uid} of patient {params.patient_id} has no CT or MR series on {pacs.url}; "
                 "check the UID with `pacsai pacs search --level series`"
             )
         current_row = chosen.iloc[0]
     else:
         current_row = studies.iloc[-1]
-    current, dose, dose_note, model, uncertainty = _read_current(params, pacs, current_row)
+    from_model = params.structures_from == "model"
+    current = _read_study(pacs, current_row, structures_from="pacs" if not from_model else "reference")
+    reference: StudyData | None = None
+    model_info: dict[str, Any] = {}
+    domain: dict[str, Any] = {}
+    stats: dict[str, Any] = {}
+    loaded = None
+    if from_model:
+        if current.structures:  # the planner's contours of the planning study: the reference
+            reference = StudyData(
+                study_instance_uid=current.study_instance_uid, study_date=current.study_date,
+                image=current.image, structures=current.structures, structures_source=current.structures_source,
+                inputs=[r for r in current.inputs if r.modality == "RTSTRUCT"], modality=current.modality,
+                drawn_by=current.drawn_by, offered=current.offered,
+            )
+            current.inputs = [r for r in current.inputs if r.modality != "RTSTRUCT"]
+        loaded, model_info, domain = _load_model(params.model_uri)
+        stats = _input_stats(current)
+        _segment_into(current, loaded, model_info)
+    dose, dose_note, dose_header = _read_dose(pacs, current)
+
     earlier = studies[studies.sort_key < current_row.sort_key]
-    prior, prior_note = None, "no earlier study of this patient on the PACS"
+    prior, prior_note, reference_prior, response_source = None, "no earlier study of this patient on the PACS", None, ""
     for _, row in earlier.iloc[::-1].iterrows():  # most recent first
         try:
-            prior = _read_study(pacs, row, target=params.target, structures_from="pacs")
-            prior_note = ""
-            break
+            candidate = _read_study(pacs, row, structures_from="pacs" if not from_model else "reference")
         except ReportError as err:
             prior_note = f"prior study {row.StudyInstanceUID} unusable: {err}"
             log.info(prior_note)
+            continue
+        if not from_model:
+            prior, prior_note = candidate, ""
+            response_source = f"planner contours on both studies ({candidate.structures_source} in the prior)"
+            break
+        if reference is not None and candidate.structures:
+            # Both studies have planner contours: the response is computed from them (never model vs planner).
+            reference_prior = candidate
+        model_prior = StudyData(
+            study_instance_uid=candidate.study_instance_uid, study_date=candidate.study_date,
+            image=candidate.image, structures={}, structures_source="",
+            inputs=[r for r in candidate.inputs if r.modality != "RTSTRUCT"], modality=candidate.modality,
+        )
+        if reference_prior is None:
+            # No planner contours on both studies: the model segments the prior too, so both come from it.
+            _segment_into(model_prior, loaded, model_info)
+            response_source = (f"model {model_info.get('name')} v{model_info.get('version')} on both studies "
+                               "(the model was run on the prior study too)")
+        else:
+            response_source = ("planner contours on both studies (reference); the model's contours are not "
+                               "compared with the planner's")
+        prior, prior_note = model_prior, ""
+        break
+    uncertainty = dict(current.uncertainty)
     return PatientData(
         patient_id=params.patient_id,
         current=current,
@@ -108,12 +205,18 @@ def gather(params: ReportParameters, *, pacs: Any) -> PatientData:
         dose_note=dose_note,
         prior=prior,
         prior_note=prior_note,
-        model=model,
+        model=model_info,
         uncertainty=uncertainty,
+        reference=reference,
+        response_source=response_source,
+        reference_prior=reference_prior,
+        model_domain=domain,
+        input_stats=stats,
+        dose_header=dose_header,
     )
 
 
-def _studies_with_ct(pacs: Any, patient_id: str) -> pd.DataFrame:
+def _studies_with_image(pacs: Any, patient_id: str) -> pd.DataFrame:
     studies = pacs.search_studies(PatientID=patient_id)
     if studies.empty:
         raise ReportError(f"no studies of patient {patient_id!r} on {pacs.url}; check the PatientID")
@@ -125,16 +228,16 @@ def _studies_with_ct(pacs: Any, patient_id: str) -> pd.DataFrame:
     keep = []
     for _, row in studies.iterrows():
         series = pacs.search_series(StudyInstanceUID=row.StudyInstanceUID)
-        keep.append(not series.empty and (series.Modality == "CT").any())
+        keep.append(not series.empty and series.Modality.isin(IMAGE_MODALITIES).any())
     studies = studies[keep].sort_values("sort_key", kind="stable")
     if studies.empty:
-        raise ReportError(f"patient {patient_id!r} has no study with a CT series on {pacs.url}")
+        raise ReportError(f"patient {patient_id!r} has no study with a CT or MR series on {pacs.url}")
     return studies.reset_index(drop=True)
 
 
 def _series(pacs: Any, study_uid: str) -> pd.DataFrame:
     series = pacs.search_series(StudyInstanceUID=study_uid)
-    for col in ("SeriesDescription", "Manufacturer", "SeriesNumber", "NumberOfSeriesRelatedInstances"):
+    for col in ("SeriesDescription", "SeriesNumber", "NumberOfSeriesRelatedInstances"):
         if col not in series:
             series[col] = None
     return series
@@ -147,83 +250,144 @@ def _pull(pacs: Any, study_uid: str, row: Any) -> tuple[list[Path], SeriesRef]:
     return paths, SeriesRef(str(row.Modality), study_uid, str(row.SeriesInstanceUID), tuple(sops), tuple(paths))
 
 
-def _pick_ct(series: pd.DataFrame) -> Any:
-    cts = series[series.Modality == "CT"].copy()
-    cts["n"] = pd.to_numeric(cts.NumberOfSeriesRelatedInstances, errors="coerce").fillna(0)
-    return cts.sort_values("n", kind="stable").iloc[-1]  # the largest CT series is the planning scan
+def _pick_image(series: pd.DataFrame) -> Any:
+    for modality in IMAGE_MODALITIES:  # a CT when there is one: the planning scan
+        images = series[series.Modality == modality].copy()
+        if not images.empty:
+            images["n"] = pd.to_numeric(images.NumberOfSeriesRelatedInstances, errors="coerce").fillna(0)
+            return images.sort_values("n", kind="stable").iloc[-1]  # the largest series is the planning scan
+    raise ReportError(f"study {series.StudyInstanceUID.iloc[0]} has no CT or MR series")
 
 
-def _planner_rtstructs(series: pd.DataFrame) -> pd.DataFrame:
-    rts = series[series.Modality == "RTSTRUCT"]
-    return rts[rts.Manufacturer.fillna("").astype(str).str.lower() != PACSAI_MANUFACTURER]
+def _date(ds: pydicom.Dataset) -> str:
+    for keyword in ("StructureSetDate", "SeriesDate", "StudyDate"):
+        value = str(ds.get(keyword, "") or "")
+        if len(value) == 8 and value.isdigit():
+            return f"{value[:4]}-{value[4:6]}-{value[6:]}"
+    return "undated"
 
 
-def _read_study(pacs: Any, row: Any, *, target: str, structures_from: str) -> StudyData:
+def _planner_rtstruct(pacs: Any, study_uid: str, series: pd.DataFrame) -> tuple[Path, SeriesRef, pydicom.Dataset] | None:
+    """The most recent RTSTRUCT of the study that a planner drew (pacsai's own are skipped), or None."""
+    found = []
+    for _, row in series[series.Modality == "RTSTRUCT"].iterrows():
+        paths, ref = _pull(pacs, study_uid, row)
+        ds = pydicom.dcmread(paths[0], stop_before_pixels=True)
+        if written_by_pacsai(ds):
+            log.info("RTSTRUCT %s was written by pacsai: not a planner's structure set", ref.series_instance_uid)
+            continue
+        when = str(ds.get("StructureSetDate", "") or "") + str(ds.get("StructureSetTime", "") or "")
+        found.append((when, paths[0], ref, ds))
+    if not found:
+        return None
+    found.sort(key=lambda item: item[0])
+    _, path, ref, ds = found[-1]
+    return path, ref, ds
+
+
+def _read_study(pacs: Any, row: Any, *, structures_from: str) -> StudyData:
+    """Read a study's planning image and its planner RTSTRUCT.
+
+    ``structures_from="pacs"``: the planner RTSTRUCT is required. ``"reference"``: read where there is one (the
+    model path), the image alone otherwise.
+    """
     from pacsai.imaging import read_rtstruct, read_series
 
     study_uid = str(row.StudyInstanceUID)
     series = _series(pacs, study_uid)
-    ct_paths, ct_ref = _pull(pacs, study_uid, _pick_ct(series))
+    image_row = _pick_image(series)
+    paths, image_ref = _pull(pacs, study_uid, image_row)
     try:
-        image = read_series(ct_paths)
+        image = read_series(paths)
     except PacsaiError as err:
-        raise ReportError(f"planning CT {ct_ref.series_instance_uid} cannot be read: {err}") from err
-    inputs = [ct_ref]
-    structures: dict[str, xr.DataArray] = {}
-    source = ""
-    if structures_from == "pacs":
-        candidates = _planner_rtstructs(series)
-        if candidates.empty:
-            raise ReportError(
-                f"study {study_uid} has no RTSTRUCT drawn by a planner; use --structures-from model"
-            )
-        rt_paths, rt_ref = _pull(pacs, study_uid, candidates.iloc[-1])
-        structures = read_rtstruct(rt_paths[0], like=image)
-        inputs.append(rt_ref)
-        source = "RTSTRUCT from the PACS"
-    return StudyData(
+        raise ReportError(f"planning image {image_ref.series_instance_uid} cannot be read: {err}") from err
+    study = StudyData(
         study_instance_uid=study_uid,
         study_date=str(row.get("StudyDate", "") or ""),
         image=image,
-        structures=structures,
-        structures_source=source,
-        inputs=inputs,
+        structures={},
+        structures_source="",
+        inputs=[image_ref],
+        modality=image_ref.modality,
     )
+    planner = _planner_rtstruct(pacs, study_uid, series)
+    if planner is None:
+        if structures_from == "pacs":
+            raise ReportError(
+                f"study {study_uid} has no RTSTRUCT drawn by a planner (pacsai's own are not used); "
+                "use --structures-from model"
+            )
+        return study
+    path, ref, ds = planner
+    try:
+        study.structures = read_rtstruct(path, like=image)
+    except PacsaiError as err:
+        raise ReportError(f"RTSTRUCT {ref.series_instance_uid} of study {study_uid} cannot be read: {err}") from err
+    description = str(ds.get("SeriesDescription", "") or ds.get("StructureSetLabel", "") or "unnamed")
+    study.drawn_by = DrawnBy("planner", f"RTSTRUCT '{description}' {_date(ds)}")
+    study.structures_source = study.drawn_by.label
+    study.offered = tuple(study.structures)
+    study.inputs.append(ref)
+    return study
 
 
-def _read_current(
-    params: ReportParameters, pacs: Any, row: Any
-) -> tuple[StudyData, xr.DataArray | None, str, dict[str, Any], dict[str, float]]:
-    study = _read_study(pacs, row, target=params.target, structures_from=params.structures_from)
-    model: dict[str, Any] = {}
-    uncertainty: dict[str, float] = {}
-    if params.structures_from == "model":
-        from pacsai.learning.infer import segment  # torch only on this path
+def _load_model(uri: str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    from pacsai.learning.infer import load_model  # torch only on this path
 
-        result = segment(study.image, model=params.model_uri, return_uncertainty=True)
-        masks, unc = result if isinstance(result, tuple) else (result, {})
-        study.structures = dict(masks)
-        # One figure per structure for the QA section: the mean TTA standard deviation over the predicted mask.
-        for name, umap in dict(unc).items():
-            inside = np.asarray(study.structures[name].values, dtype=bool)
-            values = np.asarray(umap.values if hasattr(umap, "values") else umap)
-            uncertainty[name] = float(values[inside].mean()) if inside.any() else 0.0
+    loaded = load_model(uri)
+    name = getattr(loaded, "name", None)
+    version = getattr(loaded, "version", None)
+    run_id = getattr(loaded, "run_id", None)
+    if name is None or version is None:
         from pacsai.tracking import resolve_model
 
-        ref = resolve_model(params.model_uri)
-        model = {"uri": params.model_uri, "name": ref.name, "version": str(ref.version), "run_id": ref.run_id}
-        study.structures_source = f"model {model.get('name', params.model_uri)} v{model.get('version', '?')}"
-    dose, note = None, "no RTDOSE in the planning study"
+        ref = resolve_model(uri)
+        name, version, run_id = ref.name, ref.version, ref.run_id
+    info = {"uri": uri, "name": name, "version": str(version), "run_id": run_id,
+            "structures": list(getattr(loaded.spec, "structures", ()))}
+    if getattr(loaded, "postprocess", None):
+        info["postprocess"] = loaded.postprocess
+    return loaded, info, dict(getattr(loaded, "domain", None) or {})
+
+
+def _input_stats(study: StudyData) -> dict[str, Any]:
+    """The planning image's statistics, for the comparison with the model's training domain."""
+    try:
+        from pacsai.domain import image_stats
+    except ImportError:  # pacsai.domain not installed yet: the gate says the domain was not checked
+        return {}
+    return dict(image_stats(study.image, modality=study.modality))
+
+
+def _segment_into(study: StudyData, loaded: Any, model_info: dict[str, Any]) -> None:
+    """Segment ``study.image`` with the model; masks, uncertainty and who drew them go into ``study``."""
+    from pacsai.learning.infer import segment
+    from pacsai.report.uncertainty import summarize_uncertainty
+
+    result = segment(study.image, model=loaded, return_uncertainty=True)
+    masks, maps = result if isinstance(result, tuple) else (result, {})
+    study.structures = dict(masks)
+    study.offered = tuple(masks)
+    study.uncertainty = {name: summarize_uncertainty(study.structures[name], umap)
+                         for name, umap in dict(maps).items()}
+    study.drawn_by = DrawnBy("model", f"model {model_info.get('name')} v{model_info.get('version')}")
+    study.structures_source = study.drawn_by.label
+
+
+def _read_dose(pacs: Any, study: StudyData) -> tuple[xr.DataArray | None, str, dict[str, Any]]:
     series = _series(pacs, study.study_instance_uid)
     doses = series[series.Modality == "RTDOSE"]
-    if not doses.empty:
-        from pacsai.imaging import read_dose
+    if doses.empty:
+        return None, "no RTDOSE in the planning study", {}
+    from pacsai.imaging import read_dose
 
-        paths, ref = _pull(pacs, study.study_instance_uid, doses.iloc[-1])
-        try:
-            dose = read_dose(paths[0])
-            study.inputs.append(ref)
-            note = ""
-        except PacsaiError as err:
-            note = f"RTDOSE {ref.sop_instance_uids[0]} unusable: {err}"
-    return study, dose, note, model, uncertainty
+    paths, ref = _pull(pacs, study.study_instance_uid, doses.iloc[-1])
+    header = pydicom.dcmread(paths[0], stop_before_pixels=True)
+    info = {key: str(header.get(key, "") or "") for key in ("DoseSummationType", "DoseType", "DoseUnits",
+                                                              "SOPInstanceUID")}
+    try:
+        dose = read_dose(paths[0])
+    except PacsaiError as err:
+        return None, f"RTDOSE {ref.sop_instance_uids[0]} unusable: {err}", info
+    study.inputs.append(ref)
+    return dose, "", info

@@ -74,6 +74,8 @@ def build_outputs(
     params: Any,
     include_seg: bool = True,
     include_rtstruct: bool = True,
+    qa: Mapping[str, Any] | None = None,
+    pushed_despite_fail: bool = False,
 ) -> list[Dataset]:
     """Build the DICOM objects a report sends back to the PACS.
 
@@ -97,6 +99,10 @@ def build_outputs(
         Write the DICOM SEG (BINARY). The SR references the SEG, so without it there is no SR either.
     include_rtstruct
         Write an RTSTRUCT (for treatment-planning systems; when the model made the contours).
+    qa
+        The report's QA gate (``PlanSummary.qa``): the SR carries it as a qualitative evaluation.
+    pushed_despite_fail
+        The gate failed and the user insisted (``--push-anyway``): the SR says so.
 
     Returns
     -------
@@ -167,6 +173,8 @@ def build_outputs(
                 series_number=SR_SERIES_NUMBER,
                 algorithm_name=algorithm_name,
                 algorithm_version=algorithm_version,
+                qa=qa,
+                pushed_despite_fail=pushed_despite_fail,
             )
         )
     elif measurements:

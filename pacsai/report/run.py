@@ -49,6 +49,7 @@ def run_report(
     push: bool = False,
     track: bool = True,
     pdf: bool = True,
+    push_anyway: bool = False,
 ) -> ReportResult:
     """Execute the report template for one patient and write report.ipynb, report.html, report.pdf, metrics.json.
 
@@ -60,17 +61,23 @@ def run_report(
         Output folder; default ``reports/<PatientID>/<StudyInstanceUID>/`` (the study is known after the run).
     push
         Store RTSTRUCT/SEG (model contours), the TID1500 SR and the Encapsulated PDF in the patient's study.
+        When the report's QA gate is FAIL, only the PDF is stored (it shows the FAIL and its reasons first):
+        contours and the SR, which would state numbers the gate refuses, stay out (see :func:`push_results`).
+    push_anyway
+        With ``push``: store everything even when the QA gate is FAIL; the SR then says "pushed despite QA FAIL
+        by user request".
     track
         Log an MLflow run (``pacsai.kind=report``), pseudonymised.
     """
     start = time.perf_counter()
     with credentials_out_of_url(params.pacs_url) as url:
         return _run_report(params.model_copy(update={"pacs_url": url}), out_dir=out_dir, push=push,
-                           track=track, pdf=pdf, start=start)
+                           track=track, pdf=pdf, start=start, push_anyway=push_anyway)
 
 
 def _run_report(
-    params: ReportParameters, *, out_dir: Path | None, push: bool, track: bool, pdf: bool, start: float
+    params: ReportParameters, *, out_dir: Path | None, push: bool, track: bool, pdf: bool, start: float,
+    push_anyway: bool = False,
 ) -> ReportResult:
     # The notebook runs in the output folder: a relative file:// store must not be resolved from there.
     from pacsai.pacs import connect
@@ -110,7 +117,7 @@ def _run_report(
     metrics = json.loads(metrics_path.read_text())
     pushed: dict[str, Any] = {}
     if push:
-        pushed = push_results(params, staging, metrics, pdf_path)
+        pushed = push_results(params, staging, metrics, pdf_path, push_anyway=push_anyway)
     run_id = _track(params, staging, metrics, pdf_path) if track else None
     return ReportResult(
         patient_id=params.patient_id,
@@ -126,9 +133,22 @@ def _run_report(
 
 
 def push_results(
-    params: ReportParameters, folder: Path, metrics: dict[str, Any], pdf_path: Path | None
+    params: ReportParameters, folder: Path, metrics: dict[str, Any], pdf_path: Path | None, *,
+    push_anyway: bool = False,
 ) -> dict[str, Any]:
-    """Build the DICOM outputs from a finished report folder and store them in the patient's study."""
+    """Build the DICOM outputs from a finished report folder and store them in the patient's study.
+
+    The QA gate decides what goes (docs/clinical_definitions.md "The QA gate"): PASS or REVIEW → SEG, RTSTRUCT
+    (model contours), SR and PDF; FAIL → the PDF only, which shows the FAIL and its reasons at the top, so the
+    PACS records that a report was made and why its contours and numbers were withheld. ``push_anyway`` stores
+    everything despite a FAIL, and the SR then states "pushed despite QA FAIL by user request".
+
+    Returns
+    -------
+    dict
+        ``objects`` (built), ``stored``, ``already_present``, ``failed``, ``qa_status`` and ``withheld`` (what
+        the gate kept out, with the reason).
+    """
     from pacsai.imaging import read_series
     from pacsai.imaging.dicomio import load_datasets
     from pacsai.imaging.geometry import like
@@ -143,10 +163,13 @@ def push_results(
     with np.load(folder / MASKS_FILE) as data:
         masks = {name: like(image, data[name].astype(bool), name=name) for name in data.files}
     from_model = params.structures_from == "model"
+    qa = metrics.get("qa") or {}
+    status = str(qa.get("status", "FAIL"))  # a report without a gate is not trusted
+    withhold = status == "FAIL" and not push_anyway
     measurements = {}
     dvh = metrics.get("dvh") or {}
     for row in metrics["structures"]:
-        if row["volume_cc"] <= 0:
+        if row.get("state", "present") != "present" or not row.get("volume_cc"):
             continue
         name = row["name"]
         measurements[name] = {
@@ -155,18 +178,31 @@ def push_results(
             "mean_dose_gy": (dvh.get(name) or {}).get("mean_gy"),
             "max_dose_gy": (dvh.get(name) or {}).get("max_gy"),
         }
+    withheld: list[str] = []
+    if withhold:
+        withheld = ["SEG", "RTSTRUCT", "SR"] if from_model else ["SEG", "SR"]
+        log.warning("QA FAIL: %s not stored (pass --push-anyway to store them); the PDF shows why",
+                    ", ".join(withheld))
+        if not pdf_path:
+            return {"objects": [], "stored": [], "already_present": [], "failed": [], "qa_status": status,
+                    "withheld": withheld, "withheld_reason": "QA FAIL (no PDF rendered)"}
     datasets = build_outputs(
         source_images=source,
-        masks={k: v for k, v in masks.items() if k in measurements},
-        measurements=measurements,
+        masks={} if withhold else {k: v for k, v in masks.items() if k in measurements},
+        measurements={} if withhold else measurements,
         pdf_bytes=pdf_path.read_bytes() if pdf_path else None,
         model_info=metrics["provenance"].get("model") or {},
         params=metrics["provenance"]["parameters"],
-        include_seg=True,
-        include_rtstruct=from_model,
+        include_seg=not withhold,
+        include_rtstruct=from_model and not withhold,
+        qa=qa or None,
+        pushed_despite_fail=status == "FAIL" and push_anyway,
     )
     summary = push_outputs(pacs, datasets)
     result = {
+        "qa_status": status,
+        "withheld": withheld,
+        "withheld_reason": "QA FAIL; --push-anyway stores them" if withheld else "",
         "objects": [f"{ds.Modality} {ds.SOPInstanceUID}" for ds in datasets],
         "stored": summary.stored,
         "already_present": summary.already_present,
@@ -195,7 +231,7 @@ def _track(params: ReportParameters, folder: Path, metrics: dict[str, Any], pdf_
         run_params = {k: v for k, v in params.model_dump(mode="json").items() if k not in ("patient_id", "pacs_url")}
         run_params["patient"] = label
         model = (metrics.get("provenance") or {}).get("model") or {}
-        tags = {"pacsai.patient": label}
+        tags = {"pacsai.patient": label, "pacsai.qa_status": str((metrics.get("qa") or {}).get("status"))}
         if model:
             tags.update({"pacsai.model_name": str(model.get("name")), "pacsai.model_version": str(model.get("version")),
                          "pacsai.model_run_id": str(model.get("run_id"))})
@@ -208,8 +244,12 @@ def _track(params: ReportParameters, folder: Path, metrics: dict[str, Any], pdf_
                     if isinstance(row.get(k), (int, float)):
                         values[f"{safe}_{k}"] = float(row[k])
             for row in metrics.get("structures") or []:
+                if row.get("volume_cc") is None:
+                    continue
                 safe = "".join(c if c.isalnum() else "_" for c in row["name"])
                 values[f"{safe}_volume_cc"] = float(row["volume_cc"])
+            values["qa_fail"] = float((metrics.get("qa") or {}).get("status") == "FAIL")
+            values["qa_review"] = float((metrics.get("qa") or {}).get("status") == "REVIEW")
             if values:
                 mlflow.log_metrics(values)
             mlflow.log_dict(logged, "report/metrics.json")

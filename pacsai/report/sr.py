@@ -41,6 +41,21 @@ PROCEDURE_CODES: Mapping[str, Code] = {
     "MR": Code("25056-3", "LN", "MRI unspecified body region"),
 }
 
+#: The QA gate as a TID 1501 measurement group (no ROI): a coded qualitative evaluation "QA status" with the
+#: value PASS / REVIEW / FAIL, and each reason as a TEXT qualitative evaluation. DICOM has no codes for a model QA
+#: gate, so they are in pacsai's private coding scheme (designators starting with "99" are reserved for that).
+QA_SCHEME = "99PACSAI"
+QA_TRACKING_ID = "pacsai QA gate"
+QA_STATUS = Code("QA-STATUS", QA_SCHEME, "QA status")
+QA_REASON = Code("QA-REASON", QA_SCHEME, "QA reason")
+QA_VALUES: Mapping[str, Code] = {
+    "PASS": Code("QA-PASS", QA_SCHEME, "PASS: no reason to distrust the structures and inputs"),
+    "REVIEW": Code("QA-REVIEW", QA_SCHEME, "REVIEW: a person must review the reasons first"),
+    "FAIL": Code("QA-FAIL", QA_SCHEME, "FAIL: the report's statements cannot be made from this input"),
+}
+#: The statement a report pushed despite a failed gate carries (``--push-anyway``).
+PUSHED_DESPITE_FAIL = "pushed despite QA FAIL by user request"
+
 #: ``measurements`` key → (concept name, unit) of each measurement written.
 MEASUREMENT_CODES: Mapping[str, tuple[Code, Code]] = {
     "volume_cc": (Code("118565006", "SCT", "Volume"), Code("cm3", "UCUM", "cubic centimeter")),
@@ -63,6 +78,8 @@ def measurement_report(
     procedure_reported: Code | None = None,
     content_datetime: dt.datetime | None = None,
     manufacturer: str = "pacsai",
+    qa: Mapping[str, Any] | None = None,
+    pushed_despite_fail: bool = False,
 ) -> Dataset:
     """A TID 1500 Comprehensive 3D SR with volume, dose and size per structure, referencing a BINARY SEG.
 
@@ -91,6 +108,12 @@ def measurement_report(
         ContentDate/Time; taken from the source study where None, never from the clock.
     manufacturer
         General Equipment Manufacturer.
+    qa
+        The report's QA gate ``{"status": "PASS"|"REVIEW"|"FAIL", "reasons": [{"code", "level", "message"}, ...]}``:
+        written first, as a measurement group of its own (:data:`QA_TRACKING_ID`) with the coded status and each
+        error/review reason as text (read back with :func:`read_qa`).
+    pushed_despite_fail
+        The gate failed and the user stored the report anyway: the QA group says so (:data:`PUSHED_DESPITE_FAIL`).
 
     Returns
     -------
@@ -116,6 +139,7 @@ def measurement_report(
     procedure = procedure_reported or _procedure(first)
     version = algorithm_version or _pacsai_version()
     rows = {name: _values(name, values) for name, values in measurements.items()}
+    qa_lines = _qa_lines(qa, pushed_despite_fail)
     missing = [name for name in rows if name not in segments]
     if missing:
         raise ReportError(
@@ -130,6 +154,7 @@ def measurement_report(
         algorithm_name,
         version,
         str(procedure),
+        qa_lines,
         *uid_parts,
     )
     sop_instance_uid = derive_uid("pacsai-sr-instance", *parts)
@@ -148,7 +173,9 @@ def measurement_report(
         ),
     )
     algorithm = hd.sr.AlgorithmIdentification(name=algorithm_name, version=version)
-    groups = []
+    groups: list[Any] = []
+    if qa_lines:
+        groups.append(_qa_group(qa_lines, algorithm, seg))
     for name, values in rows.items():
         number = segments[name]
         group_measurements = [
@@ -229,6 +256,59 @@ def read_measurements(sr: Any) -> dict[str, dict[str, tuple[float, str]]]:
                 entry[key] = (float(found[0].value), str(found[0].unit.value))
         result[str(group.tracking_identifier)] = entry
     return result
+
+
+def read_qa(sr: Any) -> dict[str, Any]:
+    """The QA gate of a report SR: ``{"status": str | None, "statements": [text, ...]}``.
+
+    ``statements`` are the group's TEXT items in order: each reason as ``"LEVEL CODE: message"`` and, where the
+    report was pushed despite a FAIL, :data:`PUSHED_DESPITE_FAIL`.
+    """
+    document = hd.sr.Comprehensive3DSR.from_dataset(sr, copy=True) if isinstance(sr, Dataset) else hd.sr.srread(sr)
+    for group in document.content.get_image_measurement_groups():  # TID 1501: groups without an ROI
+        if str(group.tracking_identifier) != QA_TRACKING_ID:
+            continue
+        status, statements = None, []
+        for item in group[0].ContentSequence:
+            name = item.ConceptNameCodeSequence[0]
+            if item.ValueType == "CODE" and name.CodeValue == QA_STATUS.value:
+                status = str(item.ConceptCodeSequence[0].CodeValue).removeprefix("QA-")
+            elif item.ValueType == "TEXT" and name.CodeValue == QA_REASON.value:
+                statements.append(str(item.TextValue))
+        return {"status": status, "statements": statements}
+    return {"status": None, "statements": []}
+
+
+def _qa_lines(qa: Mapping[str, Any] | None, pushed_despite_fail: bool) -> tuple[str, tuple[str, ...]] | tuple[()]:
+    if not qa:
+        if pushed_despite_fail:
+            raise ReportError("measurement_report: pushed_despite_fail without a QA gate (qa=None)")
+        return ()
+    status = str(qa.get("status", ""))
+    if status not in QA_VALUES:
+        raise ReportError(f"measurement_report: QA status {status!r} is not one of {sorted(QA_VALUES)}")
+    if pushed_despite_fail and status != "FAIL":
+        raise ReportError(f"measurement_report: pushed_despite_fail with QA {status}; only a FAIL can be overridden")
+    lines = [f"{str(r['level']).upper()} {r['code']}: {r['message']}"
+             for r in qa.get("reasons", []) if r.get("level") != "note"]
+    if pushed_despite_fail:
+        lines.append(PUSHED_DESPITE_FAIL)
+    return status, tuple(line[:1024] for line in lines)  # UT would allow more; ST keeps one reason readable
+
+
+def _qa_group(lines: tuple[str, tuple[str, ...]], algorithm: Any, seg: Dataset) -> Any:
+    status, texts = lines
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=derive_uid("pacsai-sr-qa", seg.SOPInstanceUID, status, *texts), identifier=QA_TRACKING_ID,
+        ),
+        algorithm_id=algorithm,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=QA_STATUS, value=QA_VALUES[status])],
+    )
+    container = group[0]
+    for text in texts:
+        container.ContentSequence.append(hd.sr.TextContentItem(name=QA_REASON, value=text, relationship_type="CONTAINS"))
+    return group
 
 
 def _check_seg(seg: Dataset) -> None:
@@ -334,6 +414,9 @@ __all__ = [
     "COMPREHENSIVE_3D_SR_STORAGE",
     "MEASUREMENT_CODES",
     "PROCEDURE_CODES",
+    "PUSHED_DESPITE_FAIL",
+    "QA_TRACKING_ID",
     "measurement_report",
     "read_measurements",
+    "read_qa",
 ]

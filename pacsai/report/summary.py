@@ -1,7 +1,13 @@
 """Everything a planning report shows, computed once as a :class:`PlanSummary` (metrics.json is its serialisation).
 
 The report notebook only displays a PlanSummary, so every number here is tested without papermill. Definitions
-follow DESIGN.md "Clinical definitions" (ICRU 50/62/83, QUANTEC, RECIST 1.1); see :mod:`pacsai.planning`.
+follow docs/clinical_definitions.md (ICRU 50/62/83, QUANTEC, RECIST 1.1, the QA gate); see :mod:`pacsai.planning`
+and :mod:`pacsai.report.gate`.
+
+Every statement is made from contours of a known author (:class:`pacsai.report.inputs.DrawnBy`) and passes the QA
+gate first: structure states, the input against the model's training domain, fragments, volumes, uncertainty,
+changes since the prior of the same source, and — when the planner's contours exist beside the model's — the same
+verdicts computed from the planner's contours, disagreements marked REVIEW with both values.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ import json
 import logging
 import os
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +27,9 @@ import xarray as xr
 import pacsai
 from pacsai import planning
 from pacsai.errors import PacsaiWarning
-from pacsai.report.inputs import PatientData, gather
+from pacsai.qa import FAIL, Reason
+from pacsai.report import gate
+from pacsai.report.inputs import DrawnBy, PatientData, gather
 from pacsai.report.params import ReportParameters
 
 log = logging.getLogger(__name__)
@@ -47,14 +56,38 @@ class PlanSummary:
     constraints: list[dict[str, Any]]
     fractionation: dict[str, Any]
     response: dict[str, Any]
-    qa: list[dict[str, str]]
+    qa: dict[str, Any]
     provenance: dict[str, Any]
-    image: xr.DataArray = field(repr=False)
-    masks: dict[str, xr.DataArray] = field(repr=False)
+    states: dict[str, dict[str, Any]] = field(default_factory=dict)
+    coverage: dict[str, Any] = field(default_factory=dict)
+    reference: dict[str, Any] = field(default_factory=dict)
+    agreement: list[dict[str, Any]] = field(default_factory=list)
+    image: xr.DataArray = field(repr=False, default=None)  # type: ignore[assignment]
+    masks: dict[str, xr.DataArray] = field(repr=False, default_factory=dict)
     dose: xr.DataArray | None = field(repr=False, default=None)
     prior_image: xr.DataArray | None = field(repr=False, default=None)
     prior_masks: dict[str, xr.DataArray] = field(repr=False, default_factory=dict)
+    response_masks: dict[str, xr.DataArray] = field(repr=False, default_factory=dict)
     dvh_curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(repr=False, default_factory=dict)
+
+    @property
+    def qa_status(self) -> str:
+        return str(self.qa.get("status", FAIL))
+
+    def headline(self) -> dict[str, Any]:
+        """What a clinician must see first: QA, failed / not evaluable constraints, coverage, response."""
+        return {
+            "qa_status": self.qa_status,
+            "qa_reasons": [r["message"] for r in self.qa.get("reasons", []) if r["level"] != "note"],
+            "constraints_failed": [_constraint_line(c) for c in self.constraints if c.get("status") == "fail"],
+            "constraints_review": [_constraint_line(c) for c in self.constraints if c.get("status") == "review"],
+            "constraints_not_evaluable": [
+                _constraint_line(c) for c in self.constraints if c.get("status") in ("not evaluable", "unreliable")
+            ],
+            "constraint_set": self.params.constraint_set,
+            "coverage": self.coverage,
+            "response": {k: self.response.get(k) for k in ("category", "source", "note", "prior_study_date")},
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(
@@ -63,16 +96,21 @@ class PlanSummary:
                 "patient_id": self.patient_id,
                 "study_instance_uid": self.study_instance_uid,
                 "study_date": self.study_date,
+                "qa": self.qa,
+                "headline": self.headline(),
                 "structures": self.structures,
+                "structure_states": self.states,
                 "margins": self.margins,
                 "geometry": self.geometry,
                 "dvh": self.dvh,
                 "dvh_note": self.dvh_note,
                 "plan_quality": self.plan_quality,
+                "coverage": self.coverage,
                 "constraints": self.constraints,
                 "fractionation": self.fractionation,
                 "response": self.response,
-                "qa": self.qa,
+                "reference": self.reference,
+                "agreement": self.agreement,
                 "provenance": self.provenance,
             }
         )
@@ -89,6 +127,23 @@ class PlanSummary:
         return path
 
 
+def _constraint_line(c: Mapping[str, Any]) -> str:
+    unit = c.get("unit", "")
+    limit = f"{c.get('comparator', '')} {_num(c.get('limit'))} {unit}".strip()
+    if c.get("status") in ("not evaluable", "unreliable"):
+        reason = str(c.get("reason") or "").removeprefix("not evaluable — ")
+        return f"{c.get('structure')} {c.get('metric')} (limit {limit}): {reason}"
+    text = f"{c.get('structure')} {c.get('metric')} {_num(c.get('value'))} {unit} (limit {limit})"
+    if c.get("status") == "review":
+        text += f": model {c.get('model_status')}, reference {c.get('reference_status')} " \
+                f"({_num(c.get('reference_value'))} {unit})"
+    return text
+
+
+def _num(value: Any) -> str:
+    return "—" if value is None or (isinstance(value, float) and not np.isfinite(value)) else f"{float(value):.1f}"
+
+
 def build_summary(params: ReportParameters, *, pacs: Any | None = None) -> PlanSummary:
     """Connect (``params.pacs_url`` or settings), gather the patient's data and compute its summary."""
     if pacs is None:
@@ -99,39 +154,118 @@ def build_summary(params: ReportParameters, *, pacs: Any | None = None) -> PlanS
 
 
 def summarize(data: PatientData, params: ReportParameters, *, pacs_url: str = "") -> PlanSummary:
-    """Compute every planning metric of one patient (pure: no I/O).
+    """Compute every planning metric of one patient and its QA gate (pure: no I/O).
 
-    Data notes raised on the way (:class:`PacsaiWarning`: an empty structure, dose samples outside the dose
-    grid ...) become QA flags of the report, once each, instead of stderr noise in it.
+    Data notes raised on the way (:class:`PacsaiWarning`: dose samples outside the dose grid ...) become QA
+    reasons of level ``note`` (they change no status), once each, instead of stderr noise in the report.
     """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", PacsaiWarning)
         summary = _summarize(data, params, pacs_url=pacs_url)
-    seen = {q["message"] for q in summary.qa}
+    reasons = [Reason.from_dict(r) for r in summary.qa["reasons"]]
+    seen = {r.message for r in reasons}
     for w in caught:
         if issubclass(w.category, PacsaiWarning) and str(w.message) not in seen:
             seen.add(str(w.message))
-            summary.qa.append(_flag("note", str(w.message)))
+            reasons.append(Reason("DATA_NOTE", "note", str(w.message)))
         elif not issubclass(w.category, PacsaiWarning):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    summary.qa = gate.gate(reasons)
     return summary
 
 
-def _summarize(data: PatientData, params: ReportParameters, *, pacs_url: str) -> PlanSummary:
-    image = data.current.image
-    masks = {name: m for name, m in data.current.structures.items()}
-    qa: list[dict[str, str]] = []
-    target = _find(masks, params.target)
-    body = _find(masks, "BODY")
+@dataclass
+class Analysis:
+    """What one set of structures says on the plan: the same computation for the model's and the planner's."""
 
+    masks: dict[str, xr.DataArray]
+    states: dict[str, dict[str, Any]]
+    structures: list[dict[str, Any]]
+    margins: dict[str, Any]
+    geometry: list[dict[str, Any]]
+    dvhs: dict[str, Any]
+    dvh_rows: dict[str, dict[str, float]]
+    curves: dict[str, tuple[np.ndarray, np.ndarray]]
+    plan_quality: dict[str, Any]
+    constraints: list[dict[str, Any]]
+    coverage: dict[str, Any]
+    dvh_note: str
+    reasons: list[Reason]
+
+
+def _required(params: ReportParameters, table: Any) -> dict[str, str]:
+    """Required structure (canonical name) → what needs it."""
+    needs: dict[str, list[str]] = {params.target: ["margins, target coverage and response"]}
+    for c in table.constraints:
+        for part in gate.constraint_parts(c.structure, table):
+            needs.setdefault(part, []).append(f"constraint {c.structure} {c.metric}")
+    return {name: "; ".join(dict.fromkeys(what)) for name, what in needs.items()}
+
+
+def structure_states(
+    masks: Mapping[str, xr.DataArray],
+    *,
+    drawn_by: DrawnBy | None,
+    offered: Sequence[str],
+    from_model: bool,
+    params: ReportParameters,
+    table: Any,
+) -> dict[str, dict[str, Any]]:
+    """State and author of every required structure (canonical names) and of every structure the source holds.
+
+    A required structure the source does not hold is ``missing`` (a planner's structure set without it) or
+    ``not requested`` (the model does not segment it).
+    """
+    from pacsai.planning.constraints import find_structure
+
+    who = drawn_by.to_dict() if drawn_by else {"kind": "", "label": ""}
+    states: dict[str, dict[str, Any]] = {}
+    used: set[str] = set()
+    for name, needed_for in _required(params, table).items():
+        key, _ = find_structure(name, list(masks), table.aliases.get(name, (name,)))
+        if key is not None:
+            state = gate.mask_state(masks[key])
+            used.add(key)
+        else:
+            offered_key, _ = find_structure(name, list(offered), table.aliases.get(name, (name,)))
+            state = gate.NOT_REQUESTED if from_model and offered_key is None else gate.MISSING
+        states[name] = {"state": state, "matched": key, "required": True, "needed_for": needed_for,
+                        "drawn_by": who if state != gate.NOT_REQUESTED else {"kind": "", "label": who["label"]}}
+    for key, mask in masks.items():
+        if key not in used and key not in states:
+            states[key] = {"state": gate.mask_state(mask), "matched": key, "required": False, "needed_for": "",
+                           "drawn_by": who}
+    return states
+
+
+def _analyse(
+    masks_in: Mapping[str, xr.DataArray],
+    *,
+    drawn_by: DrawnBy | None,
+    offered: Sequence[str],
+    from_model: bool,
+    dose: xr.DataArray | None,
+    dose_note: str,
+    dose_reasons: Sequence[Reason],
+    params: ReportParameters,
+    table: Any,
+) -> Analysis:
+    masks = dict(masks_in)
+    states = structure_states(masks, drawn_by=drawn_by, offered=offered, from_model=from_model, params=params,
+                              table=table)
+    reasons = gate.state_reasons(states)
+    target_info = states[params.target]
+    target = target_info["matched"] if target_info["state"] == gate.PRESENT else None
+    body = _find(masks, "BODY")
     margins: dict[str, Any] = {
         "ctv_margin_mm": params.ctv_margin_mm,
         "ptv_margin_mm": params.ptv_margin_mm,
-        "method": "exact Euclidean distance transform in mm (ICRU 62/83); CTV clipped to BODY",
+        "method": "exact Euclidean distance transform in mm (ICRU 62/83); CTV clipped to BODY, always containing "
+        "the GTV",
     }
-    if target is None:
-        qa.append(_flag("error", f"no {params.target} structure: margins, coverage and response not computed"))
-    else:
+    derived_by = DrawnBy("derived", f"{params.target} + CTV {params.ctv_margin_mm} mm, PTV "
+                                    f"{params.ptv_margin_mm} mm (ICRU 62/83)")
+    if target is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", PacsaiWarning)  # a missing BODY is flagged just below
             ctv, ptv = planning.ctv_ptv(
@@ -140,17 +274,21 @@ def _summarize(data: PatientData, params: ReportParameters, *, pacs_url: str) ->
             )
         masks["CTV"], masks["PTV"] = ctv, ptv
         if body is None:
-            qa.append(_flag("warning", "no BODY structure: CTV not clipped to the body outline"))
-
-    structures = [_structure_row(name, m, source=data.current.structures_source) for name, m in masks.items()]
+            reasons.append(Reason("NO_BODY", "note", "no BODY structure: CTV not clipped to the body outline"))
+    for name in DERIVED:
+        states[name] = {
+            "state": gate.PRESENT if target is not None else target_info["state"],
+            "matched": name if target is not None else None, "required": False,
+            "needed_for": "coverage, constraints of the target", "drawn_by": derived_by.to_dict(),
+        }
+    structures = [_structure_row(name, m, info=states.get(name) or _state_of(states, name)) for name, m in masks.items()]
+    structures += [_absent_row(name, info) for name, info in states.items()
+                   if info["matched"] is None and name not in DERIVED]
     for row in structures:
-        if row["volume_cc"] == 0:
-            qa.append(_flag("warning", f"{row['name']} is empty"))
-        if row["touches_edge"] and row["name"].upper() != "BODY":
-            qa.append(_flag("warning", f"{row['name']} touches the edge of the field of view: volume may be cut"))
-    for name, value in sorted(data.uncertainty.items()):
-        if value > 0.1:
-            qa.append(_flag("warning", f"model uncertainty of {name} is high ({value:.2f}): review the contour"))
+        if row["state"] == gate.PRESENT and row["touches_edge"] and gate.organ_of(row["name"]) != "body":
+            reasons.append(Reason("TOUCHES_EDGE", "note",
+                                  f"{row['name']} touches the edge of the image: its volume may be cut",
+                                  structure=row["name"]))
     for row in structures:
         if row["name"] in DERIVED:
             margins[f"{row['name'].lower()}_cc"] = row["volume_cc"]
@@ -159,7 +297,8 @@ def _summarize(data: PatientData, params: ReportParameters, *, pacs_url: str) ->
 
     geometry = []
     if "PTV" in masks:
-        oars = {n: m for n, m in masks.items() if n not in DERIVED and n not in (target, body)}
+        oars = {n: m for n, m in masks.items()
+                if n not in DERIVED and n not in (target, body) and bool(np.asarray(m.values).any())}
         geometry = [r.to_dict() for r in planning.target_relations(oars, masks["PTV"], target_name="PTV")]
 
     dvhs: dict[str, Any] = {}
@@ -167,34 +306,121 @@ def _summarize(data: PatientData, params: ReportParameters, *, pacs_url: str) ->
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     plan_quality: dict[str, Any] = {}
     constraints: list[dict[str, Any]] = []
-    dvh_note = data.dose_note
-    if data.dose is not None:
+    coverage: dict[str, Any] = {"state": "no dose", "note": dose_note or "no RTDOSE in the planning study"}
+    dvh_note = dose_note
+    if dose is not None:
         # Derived constraint structures (e.g. Lungs-GTV = Lung_L ∪ Lung_R − GTV) get DVHs but are not drawn.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", PacsaiWarning)
-            derived = planning.derive_structures(masks, params.constraint_set)
+            derived = planning.derive_structures(masks, table)
         for name, m in {**masks, **derived}.items():
             # BODY's DVH costs seconds and answers no clinical question; its isodose volumes come from
             # plan_quality below.
             if name == body or not bool(m.values.any()):
                 continue
-            dvhs[name] = planning.dvh(data.dose, m, name=name)
+            dvhs[name] = planning.dvh(dose, m, name=name)
             dvh_rows[name] = dvhs[name].to_dict()
             curves[name] = dvhs[name].curve()
         if "PTV" in dvhs:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", PacsaiWarning)  # same sampling notes as the DVHs above
                 plan_quality = planning.plan_quality(
-                    data.dose, masks["PTV"], prescription_gy=params.prescription_gy,
+                    dose, masks["PTV"], prescription_gy=params.prescription_gy,
                     body=masks[body] if body else None, target_dvh=dvhs["PTV"], name="PTV",
                 ).to_dict()
-        table = planning.evaluate_constraints(dvhs, params.constraint_set)
-        table = table.astype(object).where(table.notna(), None)
-        constraints = table.to_dict(orient="records")
+        table_rows = planning.evaluate_constraints(dvhs, table)
+        table_rows = table_rows.astype(object).where(table_rows.notna(), None)
+        constraints = gate.apply_states(table_rows.to_dict(orient="records"), states, table)
         dvh_note = dvhs[next(iter(dvhs))].method if dvhs else "no non-empty structure to compute a DVH for"
-        for row in constraints:
-            if row.get("status") == "fail":
-                qa.append(_flag("warning", f"constraint not met: {row['structure']} {row['metric']}"))
+        coverage = _coverage(plan_quality, dvh_rows, params, target_info)
+        if dose_reasons:
+            why = "; ".join(r.message for r in dose_reasons)
+            for row in constraints:
+                row.update(status="not evaluable", value=None, passed=None, goal_met=None,
+                           reason=f"not evaluable — {why}")
+            coverage = {"state": "not evaluable", "note": why}
+    return Analysis(masks=masks, states=states, structures=structures, margins=margins, geometry=geometry,
+                    dvhs=dvhs, dvh_rows=dvh_rows, curves=curves, plan_quality=plan_quality, constraints=constraints,
+                    coverage=coverage, dvh_note=dvh_note, reasons=reasons)
+
+
+def _state_of(states: Mapping[str, Mapping[str, Any]], key: str) -> Mapping[str, Any]:
+    return next((info for info in states.values() if info.get("matched") == key), {"state": gate.PRESENT})
+
+
+def _coverage(plan_quality: Mapping[str, Any], dvh_rows: Mapping[str, Mapping[str, Any]],
+              params: ReportParameters, target_info: Mapping[str, Any]) -> dict[str, Any]:
+    """PTV coverage: D95 (Gy, % of the prescription) and V95% with the verdict adequate/inadequate."""
+    if target_info["state"] != gate.PRESENT:
+        return {"state": "not evaluable",
+                "note": f"{params.target} is {target_info['state']}: no CTV/PTV, coverage not evaluable"}
+    ptv = dvh_rows.get("PTV") or {}
+    v95 = plan_quality.get("coverage_v95_pct")
+    d95 = ptv.get("d95_gy")
+    if v95 is None or d95 is None:
+        return {"state": "not evaluable", "note": "no PTV dose-volume histogram"}
+    adequate = float(v95) >= gate.COVERAGE_V95_MIN_PCT
+    return {
+        "state": "evaluated",
+        "ptv_d95_gy": float(d95),
+        "ptv_d95_pct": 100.0 * float(d95) / params.prescription_gy,
+        "ptv_v95_pct": float(v95),
+        "verdict": "adequate" if adequate else "inadequate",
+        "criterion": f"PTV V95% ≥ {gate.COVERAGE_V95_MIN_PCT:g} % (ICRU 83)",
+    }
+
+
+def _summarize(data: PatientData, params: ReportParameters, *, pacs_url: str) -> PlanSummary:
+    image = data.current.image
+    from_model = params.structures_from == "model"
+    table = planning.load_constraints(params.constraint_set)
+    reasons: list[Reason] = []
+
+    # Input vs the model's training domain: before anything is stated from its contours.
+    if from_model:
+        reasons += _domain_reasons(data)
+    header_reasons = gate.dose_reasons(data.dose_header) if data.dose is not None else []
+    reasons += header_reasons
+    main = _analyse(
+        data.current.structures, drawn_by=data.current.drawn_by, offered=data.current.offered,
+        from_model=from_model, dose=data.dose, dose_note=data.dose_note, dose_reasons=header_reasons,
+        params=params, table=table,
+    )
+    reasons += main.reasons
+    if from_model:
+        source_masks = {k: v for k, v in main.masks.items() if k not in DERIVED}
+        reasons += gate.fragmentation_reasons(source_masks)
+        reasons += gate.uncertainty_reasons(data.uncertainty)
+        if data.model_domain:
+            from pacsai.domain import check_volumes, structure_volumes
+
+            present = {k: v for k, v in source_masks.items() if bool(np.asarray(v.values).any())}
+            reasons += check_volumes(data.model_domain, structure_volumes(present))
+
+    # Model vs reference: the same verdicts from the planner's contours, disagreements → REVIEW with both values.
+    reference: dict[str, Any] = {}
+    agreement: list[dict[str, Any]] = []
+    constraints, coverage = main.constraints, main.coverage
+    if from_model and data.reference is not None:
+        ref = _analyse(
+            data.reference.structures, drawn_by=data.reference.drawn_by, offered=data.reference.offered,
+            from_model=False, dose=data.dose, dose_note=data.dose_note, dose_reasons=header_reasons,
+            params=params, table=table,
+        )
+        constraints, disagree_c = _compare_constraints(main.constraints, ref.constraints)
+        coverage, disagree_v = _compare_coverage(main.coverage, ref.coverage)
+        reasons += disagree_c + disagree_v
+        reference = {
+            "drawn_by": data.reference.drawn_by.to_dict() if data.reference.drawn_by else {},
+            "states": ref.states,
+            "constraints": ref.constraints,
+            "coverage": ref.coverage,
+            "structures": ref.structures,
+        }
+        agreement = _agreement(main.masks, ref.masks, data.dose, main.states, ref.states)
+
+    response, response_masks, prior_masks, prior_image = _response(data, params, main, table)
+    reasons += response.pop("_reasons", [])
 
     fractionation = {
         "prescription_gy": params.prescription_gy,
@@ -205,19 +431,6 @@ def _summarize(data: PatientData, params: ReportParameters, *, pacs_url: str) ->
         "alpha_beta_tumour_gy": params.alpha_beta_tumour_gy,
         "alpha_beta_oar_gy": params.alpha_beta_oar_gy,
     }
-
-    if data.prior is None:
-        response: dict[str, Any] = {"category": None, "note": data.prior_note}
-    elif target is None:
-        response = {"category": None, "note": f"no {params.target} in the current study"}
-    else:
-        response = planning.assess_response(
-            {k: v for k, v in masks.items() if k not in DERIVED}, data.prior.structures, target=target
-        ).to_dict()
-        response["prior_study_instance_uid"] = data.prior.study_instance_uid
-        response["prior_study_date"] = data.prior.study_date
-        response["note"] = ""
-
     provenance = {
         "research_use_only": pacsai.RESEARCH_USE_ONLY,
         "pacsai_version": pacsai.__version__,
@@ -225,42 +438,177 @@ def _summarize(data: PatientData, params: ReportParameters, *, pacs_url: str) ->
         "pacs_url": _redact(pacs_url),
         "parameters": {**params.model_dump(mode="json"), "pacs_url": _redact(params.pacs_url)},
         "structures_source": data.current.structures_source,
+        "drawn_by": data.current.drawn_by.to_dict() if data.current.drawn_by else {},
+        "image_modality": data.current.modality,
         "model": data.model,
+        "model_domain_checked": bool(data.model_domain),
+        "input_stats": data.input_stats,
+        "constraint_set": {"name": params.constraint_set, "site": table.site, "title": table.title},
+        "dose": data.dose_header,
         "inputs": [ref.to_dict() for ref in data.inputs],
         "grid": {
             "shape_zyx": list(image.shape),
             "spacing_mm": list(image.attrs["spacing"]),
-            "note": "volumes from voxel counts on the planning CT grid; RTSTRUCT rasterised there",
+            "note": "volumes from voxel counts on the planning image grid; RTSTRUCT rasterised there",
         },
-        "definitions": "DESIGN.md clinical definitions: ICRU 50/62/83 margins and HI, RTOG/Paddick CI, "
-        "QUANTEC constraints, RECIST 1.1-style response",
+        "definitions": "docs/clinical_definitions.md: ICRU 50/62/83 margins and HI, RTOG/Paddick CI, "
+        "QUANTEC constraints, RECIST 1.1 response, the QA gate",
     }
     return PlanSummary(
         params=params,
         patient_id=data.patient_id,
         study_instance_uid=data.current.study_instance_uid,
         study_date=data.current.study_date,
-        structures=structures,
-        margins=margins,
-        geometry=geometry,
-        dvh=dvh_rows,
-        dvh_note=dvh_note,
-        plan_quality=plan_quality,
+        structures=main.structures,
+        margins=main.margins,
+        geometry=main.geometry,
+        dvh=main.dvh_rows,
+        dvh_note=main.dvh_note,
+        plan_quality=main.plan_quality,
         constraints=constraints,
         fractionation=fractionation,
         response=response,
-        qa=qa,
+        qa=gate.gate(reasons),
         provenance=provenance,
+        states=main.states,
+        coverage=coverage,
+        reference=reference,
+        agreement=agreement,
         image=image,
-        masks=masks,
+        masks=main.masks,
         dose=data.dose,
-        prior_image=data.prior.image if data.prior else None,
-        prior_masks=data.prior.structures if data.prior else {},
-        dvh_curves=curves,
+        prior_image=prior_image,
+        prior_masks=prior_masks,
+        response_masks=response_masks,
+        dvh_curves=main.curves,
     )
 
 
-def _structure_row(name: str, mask: xr.DataArray, *, source: str) -> dict[str, Any]:
+def _domain_reasons(data: PatientData) -> list[Reason]:
+    try:
+        from pacsai.domain import check_input
+    except ImportError:  # pragma: no cover - pacsai.domain ships with pacsai
+        return [Reason("DOMAIN_UNKNOWN", "review", "pacsai.domain is not installed: the input was not compared "
+                       "with the model's training domain")]
+    stats = data.input_stats or {"modality": data.current.modality}
+    return check_input(data.model_domain, stats)
+
+
+def _compare_constraints(
+    model_rows: Sequence[dict[str, Any]], ref_rows: Sequence[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[Reason]]:
+    """Each constraint row with the reference's value and status; pass/fail disagreements become ``review``."""
+    by_key = {(r["structure"], r["metric"]): r for r in ref_rows}
+    out, reasons = [], []
+    for row in model_rows:
+        row = dict(row)
+        ref = by_key.get((row["structure"], row["metric"])) or {}
+        row["reference_value"] = ref.get("value")
+        row["reference_status"] = ref.get("status")
+        row["model_status"] = row.get("status")
+        row["model_value"] = row.get("value")
+        if row["status"] in ("pass", "fail") and ref.get("status") in ("pass", "fail") and row["status"] != ref["status"]:
+            row["status"] = "review"
+            row["reason"] = (f"model and reference disagree: model {row['model_status'].upper()} "
+                             f"{_num(row['model_value'])} {row.get('unit', '')}, reference "
+                             f"{ref['status'].upper()} {_num(ref.get('value'))} {row.get('unit', '')}")
+            reasons.append(Reason(
+                "MODEL_REFERENCE_DISAGREE", "review",
+                f"constraint {row['structure']} {row['metric']}: {row['reason']}",
+                structure=row["structure"],
+                values={"verdict": "constraint", "metric": row["metric"], "model": row["model_status"],
+                        "model_value": row["model_value"], "reference": ref["status"],
+                        "reference_value": ref.get("value")},
+            ))
+        out.append(row)
+    return out, reasons
+
+
+def _compare_coverage(model: dict[str, Any], ref: dict[str, Any]) -> tuple[dict[str, Any], list[Reason]]:
+    out = dict(model)
+    out["reference"] = ref
+    if model.get("verdict") and ref.get("verdict") and model["verdict"] != ref["verdict"]:
+        out["verdict"] = "review"
+        message = (f"PTV coverage: model {model['verdict']} (V95% {model['ptv_v95_pct']:.1f} %, D95 "
+                   f"{model['ptv_d95_gy']:.1f} Gy), reference {ref['verdict']} (V95% {ref['ptv_v95_pct']:.1f} %, "
+                   f"D95 {ref['ptv_d95_gy']:.1f} Gy)")
+        return out, [Reason("MODEL_REFERENCE_DISAGREE", "review", message, structure="PTV",
+                            values={"verdict": "coverage", "model": model["verdict"], "reference": ref["verdict"],
+                                    "model_v95_pct": model["ptv_v95_pct"], "reference_v95_pct": ref["ptv_v95_pct"]})]
+    return out, []
+
+
+def _agreement(
+    model_masks: Mapping[str, xr.DataArray], ref_masks: Mapping[str, xr.DataArray], dose: xr.DataArray | None,
+    model_states: Mapping[str, Mapping[str, Any]], ref_states: Mapping[str, Mapping[str, Any]],
+) -> list[dict[str, Any]]:
+    """Model vs reference per structure both hold (canonical names): Dice, HD95, surface Dice, APL, Δdose."""
+    pred, ref = {}, {}
+    for name, info in model_states.items():
+        other = ref_states.get(name)
+        if name in DERIVED or not other or info.get("matched") is None or other.get("matched") is None:
+            continue
+        if info["state"] != gate.PRESENT or other["state"] != gate.PRESENT:
+            continue
+        pred[name], ref[name] = model_masks[info["matched"]], ref_masks[other["matched"]]
+    if not pred:
+        return []
+    try:
+        from pacsai.learning.evaluate import dose_aware_agreement
+    except ImportError:
+        from pacsai.learning.evaluate import evaluate_structures
+
+        frame = evaluate_structures(pred, ref)
+    else:
+        frame = dose_aware_agreement(pred, ref, dose, tolerance_mm=2.0)
+    frame = frame.reset_index() if "structure" not in frame.columns else frame
+    frame = frame.astype(object).where(frame.notna(), None)
+    return frame.to_dict(orient="records")
+
+
+def _volumes(masks: Mapping[str, xr.DataArray]) -> dict[str, float]:
+    return {k: planning.volume_cc(m) for k, m in masks.items() if bool(np.asarray(m.values).any())}
+
+
+def _response(
+    data: PatientData, params: ReportParameters, main: Analysis, table: Any
+) -> tuple[dict[str, Any], dict[str, xr.DataArray], dict[str, xr.DataArray], xr.DataArray | None]:
+    """Response against the prior from contours of one source (docs/clinical_definitions.md "Response")."""
+    from_model = params.structures_from == "model"
+    if data.prior is None:
+        return {"category": None, "note": data.prior_note, "source": ""}, {}, {}, None
+    if from_model and data.reference is not None and data.reference_prior is not None:
+        now, prior = data.reference.structures, data.reference_prior.structures
+        now_who, prior_who = data.reference.drawn_by, data.reference_prior.drawn_by
+        prior_study = data.reference_prior
+    else:
+        now = {k: v for k, v in main.masks.items() if k not in DERIVED}
+        prior, prior_study = data.prior.structures, data.prior
+        now_who, prior_who = data.current.drawn_by, data.prior.drawn_by
+    source = data.response_source or "planner contours on both studies"
+    base = {"source": source, "drawn_by_now": now_who.to_dict() if now_who else {},
+            "drawn_by_prior": prior_who.to_dict() if prior_who else {},
+            "prior_study_instance_uid": prior_study.study_instance_uid, "prior_study_date": prior_study.study_date}
+    reasons: list[Reason] = []
+    if (now_who and prior_who) and now_who.kind != prior_who.kind:  # never compare a model with a planner
+        return {**base, "category": "NE", "note": "contours of different sources: not compared",
+                "_reasons": reasons}, now, prior, prior_study.image
+    # Same source on both: implausible changes of organs that do not shrink in weeks are contour errors.
+    reasons += gate.change_reasons(_volumes(now), _volumes(prior), source=source)
+    key_now, key_prior = _find(now, params.target), _find(prior, params.target)
+    state_now, state_prior = gate.mask_state(now.get(key_now)), gate.mask_state(prior.get(key_prior))
+    if state_now != gate.PRESENT or state_prior != gate.PRESENT:
+        which = f"{params.target} is {state_now} now" if state_now != gate.PRESENT else \
+            f"{params.target} is {state_prior} in the prior study"
+        found_nothing = " (the model found nothing)" if now_who and now_who.kind == "model" else ""
+        note = f"not evaluable: {which}{found_nothing}; an empty segmentation is never a complete response"
+        return {**base, "category": "NE", "note": note, "volumes_now_cc": _volumes(now),
+                "volumes_prior_cc": _volumes(prior), "_reasons": reasons}, now, prior, prior_study.image
+    result = planning.assess_response(now, prior, target=params.target).to_dict()
+    return {**base, **result, "note": "", "_reasons": reasons}, now, prior, prior_study.image
+
+
+def _structure_row(name: str, mask: xr.DataArray, *, info: Mapping[str, Any]) -> dict[str, Any]:
     values = np.asarray(mask.values, dtype=bool)
     if values.any():
         row = planning.structure_stats(mask, name=name).to_dict()
@@ -268,19 +616,25 @@ def _structure_row(name: str, mask: xr.DataArray, *, source: str) -> dict[str, A
         row = {"name": name, "volume_cc": 0.0, "n_voxels": 0, "longest_diameter_mm": 0.0,
                "longest_axial_diameter_mm": 0.0, "centroid_lps": None, "n_components": 0, "touches_edge": False}
     row["slices"] = int(values.any(axis=(1, 2)).sum())
-    row["source"] = "derived (margin)" if name in DERIVED else source
+    row["state"] = info.get("state", gate.PRESENT if values.any() else gate.EMPTY)
+    row["required"] = bool(info.get("required", False))
+    row["drawn_by"] = dict(info.get("drawn_by") or {})
+    row["source"] = row["drawn_by"].get("label", "")
     return row
 
 
-def _find(masks: dict[str, Any], name: str) -> str | None:
+def _absent_row(name: str, info: Mapping[str, Any]) -> dict[str, Any]:
+    return {"name": name, "volume_cc": None, "n_voxels": 0, "longest_diameter_mm": None,
+            "longest_axial_diameter_mm": None, "centroid_lps": None, "n_components": None, "touches_edge": False,
+            "slices": 0, "state": info["state"], "required": bool(info.get("required")),
+            "drawn_by": dict(info.get("drawn_by") or {}), "source": (info.get("drawn_by") or {}).get("label", "")}
+
+
+def _find(masks: Mapping[str, Any], name: str) -> str | None:
     for key in masks:
         if key.upper() == name.upper():
             return key
     return None
-
-
-def _flag(level: str, message: str) -> dict[str, str]:
-    return {"level": level, "message": message}
 
 
 def _redact(url: str) -> str:
@@ -319,4 +673,4 @@ def _git_sha() -> str:
     return git_sha()
 
 
-__all__ = ["PlanSummary", "build_summary", "summarize"]
+__all__ = ["PlanSummary", "build_summary", "structure_states", "summarize"]

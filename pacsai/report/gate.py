@@ -1,0 +1,282 @@
+"""The report's QA gate: structure states, and every reason pacsai could not trust what it is about to state.
+
+Vocabulary and levels: :mod:`pacsai.qa` (``error`` → FAIL, ``review`` → REVIEW, ``note`` changes nothing); the
+codes and thresholds are listed in docs/clinical_definitions.md ("The QA gate"). Each check here is a small pure
+function of masks and numbers, so every rule is tested on a case built by hand.
+
+States (docs/clinical_definitions.md "Structures") of every structure a report asks for — the target, BODY and the
+structures of the constraint set (with the parts of derived ones such as Lungs-GTV):
+
+- ``present``: drawn, non-empty;
+- ``empty``: the source holds it without a voxel (e.g. the model found nothing);
+- ``missing``: the planner's RTSTRUCT has no ROI of that name (or alias);
+- ``not requested``: the model does not segment it (it was never asked for it), so nobody drew it.
+
+Who decides what "required" means: the target (margins, coverage, response) and each constraint's structure are
+required — empty or missing → error; not requested → review (a constraint that cannot be checked here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import xarray as xr
+from scipy import ndimage
+
+from pacsai.imaging.geometry import voxel_volume_cc
+from pacsai.qa import Reason, gate_status
+
+PRESENT, EMPTY, MISSING, NOT_REQUESTED = "present", "empty", "missing", "not requested"
+STATES = (PRESENT, EMPTY, MISSING, NOT_REQUESTED)
+
+#: Organs that are one piece in the body → fragmented when more than this many components ≥ FRAGMENT_MIN_CC.
+ONE_PIECE = {"body": 1, "heart": 1, "spinalcord": 1, "esophagus": 1, "lungl": 1, "lungr": 1, "lungs": 2}
+#: A component smaller than this (cm³) is a speck, not a second piece of the organ ("a few cm³"; a real stray
+#: blob of heart or cord in the wrong place is larger, while partial-volume specks of a good contour are smaller).
+FRAGMENT_MIN_CC = 1.0
+#: Tolerated |ΔV| (% of the prior) since the prior study for organs that do not shrink within weeks. The organ
+#: itself changes a few per cent (heart filling, breathing); beyond these, the contour is the likelier cause.
+#: Lungs get more (inspiration depth, effusion, atelectasis); oesophagus and cord depend on the scan length too.
+CHANGE_TOLERANCE_PCT = {"heart": 15.0, "spinalcord": 15.0, "esophagus": 20.0, "lungl": 20.0, "lungr": 20.0,
+                        "lungs": 20.0}
+#: Name variants (normalised) of those organs: planner RTSTRUCTs spell them in many ways.
+ORGAN_ALIASES = {
+    "body": ("body", "external", "skin", "outline"),
+    "heart": ("heart", "cor", "heartnrg"),
+    "spinalcord": ("spinalcord", "cord", "spinalcanal", "medulla"),
+    "esophagus": ("esophagus", "oesophagus", "esophagusnrg", "oesophag"),
+    "lungl": ("lungl", "lunglt", "ltlung", "leftlung", "lungleft", "llung"),
+    "lungr": ("lungr", "lungrt", "rtlung", "rightlung", "lungright", "rlung"),
+    "lungs": ("lungs", "lungtotal", "totallung", "lung"),
+}
+#: A PTV V95% (share of the PTV receiving ≥ 95 % of the prescription) at or above this is adequate coverage
+#: (ICRU 83's usual aim: 95 % of the PTV within 95 % of the prescription).
+COVERAGE_V95_MIN_PCT = 95.0
+
+
+def normalise(name: str) -> str:
+    from pacsai.planning.constraints import normalise_name
+
+    return normalise_name(name)
+
+
+def organ_of(name: str) -> str | None:
+    """The organ key of :data:`ORGAN_ALIASES` a structure name stands for, or None."""
+    n = normalise(name)
+    return next((organ for organ, names in ORGAN_ALIASES.items() if n in names), None)
+
+
+def mask_state(mask: xr.DataArray | None) -> str:
+    if mask is None:
+        return MISSING
+    return PRESENT if bool(np.asarray(mask.values).any()) else EMPTY
+
+
+def component_volumes_cc(mask: xr.DataArray) -> list[float]:
+    """Volumes (cm³) of the 26-connected components of a mask, largest first."""
+    labels, n = ndimage.label(np.asarray(mask.values, dtype=bool), structure=np.ones((3, 3, 3), bool))
+    if n == 0:
+        return []
+    sizes = np.bincount(labels.ravel())[1:]
+    return sorted((float(s) * voxel_volume_cc(mask) for s in sizes), reverse=True)
+
+
+# ------------------------------------------------------------------------------------------------- reasons
+
+
+def state_reasons(states: Mapping[str, Mapping[str, Any]]) -> list[Reason]:
+    """Empty or missing required structures → error; not requested → review; empty optional ones → note."""
+    reasons = []
+    for name, info in states.items():
+        state, required, who = info["state"], info.get("required", False), info.get("drawn_by") or {}
+        label = who.get("label", "")
+        if state == EMPTY:
+            found_nothing = "the model found nothing" if who.get("kind") == "model" else "the ROI has no contour"
+            reasons.append(Reason(
+                "EMPTY_STRUCTURE", "error" if required else "note",
+                f"{name} is empty ({found_nothing}; {label})"
+                + (f": {info['needed_for']} cannot be stated" if required and info.get("needed_for") else ""),
+                structure=name, values={"volume_cc": 0.0, "drawn_by": label},
+            ))
+        elif state == MISSING and required:
+            reasons.append(Reason(
+                "MISSING_STRUCTURE", "error",
+                f"{name} is missing (no structure of that name or its aliases in {label or 'the structure set'})"
+                + (f": {info['needed_for']} cannot be stated" if info.get("needed_for") else ""),
+                structure=name, values={"drawn_by": label},
+            ))
+        elif state == NOT_REQUESTED and required:
+            reasons.append(Reason(
+                "STRUCTURE_NOT_SEGMENTED", "review",
+                f"{name} is not segmented by {label or 'the model'} (not requested)"
+                + (f": {info['needed_for']} cannot be checked here" if info.get("needed_for") else ""),
+                structure=name, values={"drawn_by": label},
+            ))
+    return reasons
+
+
+def fragmentation_reasons(masks: Mapping[str, xr.DataArray], *, min_cc: float = FRAGMENT_MIN_CC) -> list[Reason]:
+    """One-piece organs (:data:`ONE_PIECE`) with more components of ≥ ``min_cc`` cm³ than they have in a body."""
+    reasons = []
+    for name, mask in masks.items():
+        organ = organ_of(name)
+        if organ is None:
+            continue
+        sizes = component_volumes_cc(mask)
+        large = [v for v in sizes if v >= min_cc]
+        if len(large) > ONE_PIECE[organ]:
+            reasons.append(Reason(
+                "FRAGMENTED", "review",
+                f"{name} is in {len(large)} pieces of ≥ {min_cc:g} cm³ ({len(sizes)} in all; "
+                f"largest {', '.join(f'{v:.1f}' for v in large[:4])} cm³); it is one piece in a body",
+                structure=name,
+                values={"n_components": len(sizes), "n_large": len(large), "min_cc": min_cc,
+                        "component_cc": [round(v, 3) for v in large[:10]]},
+            ))
+    return reasons
+
+
+def change_reasons(now_cc: Mapping[str, float], prior_cc: Mapping[str, float], *, source: str) -> list[Reason]:
+    """|ΔV| since the prior beyond :data:`CHANGE_TOLERANCE_PCT` for organs that do not shrink in weeks.
+
+    Only call with volumes of the same source on both studies (the caller's responsibility: a model current
+    against a planner prior measures the model, not the patient).
+    """
+    reasons = []
+    for name, now in now_cc.items():
+        organ = organ_of(name)
+        tolerance = CHANGE_TOLERANCE_PCT.get(organ or "")
+        before = prior_cc.get(name)
+        if tolerance is None or before is None or before <= 0 or now <= 0:
+            continue
+        change = 100.0 * (now - before) / before
+        if abs(change) > tolerance:
+            reasons.append(Reason(
+                "IMPLAUSIBLE_CHANGE", "review",
+                f"{name} changed {change:+.1f} % since the prior study ({before:.1f} → {now:.1f} cm³, {source}); "
+                f"an organ that does not shrink within weeks: tolerance ±{tolerance:g} % — likely a contour error",
+                structure=name,
+                values={"prior_cc": round(before, 3), "now_cc": round(now, 3), "change_pct": round(change, 2),
+                        "tolerance_pct": tolerance},
+            ))
+    return reasons
+
+
+def uncertainty_reasons(uncertainty: Mapping[str, Mapping[str, Any]], *, limit: float | None = None) -> list[Reason]:
+    """Mean TTA σ over a structure's candidate region above ``limit`` → review (see pacsai.report.uncertainty)."""
+    from pacsai.report.uncertainty import HIGH_UNCERTAINTY
+
+    limit = HIGH_UNCERTAINTY if limit is None else limit
+    reasons = []
+    for name, u in uncertainty.items():
+        sigma = u.get("mean_sigma")
+        if sigma is not None and sigma > limit:
+            where = ("where the model hesitated (it drew nothing)" if u.get("empty_mask")
+                     else "over the contour and its hesitant rim")
+            reasons.append(Reason(
+                "HIGH_UNCERTAINTY", "review",
+                f"{name}: model uncertainty {sigma:.2f} (mean TTA σ {where}, {u.get('region_cc', 0):.1f} cm³) "
+                f"exceeds {limit:g}: review the contour",
+                structure=name,
+                values={"mean_sigma": round(float(sigma), 4), "limit": limit,
+                        "region_cc": round(float(u.get("region_cc", 0.0)), 3)},
+            ))
+    return reasons
+
+
+def dose_reasons(header: Mapping[str, Any]) -> list[Reason]:
+    """A dose that is not a total plan dose (DoseSummationType PLAN/MULTI_PLAN, DoseType PHYSICAL/EFFECTIVE)."""
+    summation = str(header.get("DoseSummationType", "")).upper()
+    dose_type = str(header.get("DoseType", "")).upper()
+    if not header:
+        return []
+    problems = []
+    if summation not in ("PLAN", "MULTI_PLAN"):
+        problems.append(f"DoseSummationType {summation or 'empty'} (needs PLAN or MULTI_PLAN)")
+    if dose_type not in ("PHYSICAL", "EFFECTIVE"):
+        problems.append(f"DoseType {dose_type or 'empty'} (needs PHYSICAL or EFFECTIVE)")
+    if not problems:
+        return []
+    return [Reason(
+        "DOSE_NOT_PLAN_TOTAL", "error",
+        f"RTDOSE {header.get('SOPInstanceUID', '')} is not a total plan dose: {'; '.join(problems)}; "
+        "constraints, DVH verdicts and coverage are not evaluable on it",
+        values={"DoseSummationType": summation, "DoseType": dose_type},
+    )]
+
+
+def gate(reasons: Iterable[Reason]) -> dict[str, Any]:
+    """``{"status", "reasons"}``: reasons de-duplicated (code, structure, message), errors first."""
+    seen, unique = set(), []
+    for r in reasons:
+        key = (r.code, r.structure, r.message)
+        if key not in seen:
+            seen.add(key)
+            unique.append(r)
+    order = {"error": 0, "review": 1, "note": 2}
+    unique.sort(key=lambda r: order[r.level])
+    return {"status": gate_status(unique), "reasons": [r.to_dict() for r in unique]}
+
+
+def constraint_parts(structure: str, table: Any) -> list[str]:
+    """The structures a constraint's structure is made of: itself, or the union and minus parts it derives from."""
+    spec = (getattr(table, "structures", {}) or {}).get(structure) or {}
+    derive = spec.get("derive") or {}
+    parts = [*derive.get("union", []), *derive.get("minus", [])]
+    return [str(p) for p in parts] or [structure]
+
+
+def not_evaluable_reason(name: str, info: Mapping[str, Any]) -> str:
+    """The reason text of a constraint row whose structure (or one of its parts) is not present."""
+    who = info.get("drawn_by") or {}
+    state = info.get("state")
+    if state == EMPTY:
+        why = "the model found nothing" if who.get("kind") == "model" else "the ROI has no contour"
+        return f"not evaluable — {name} is empty ({why})"
+    if state == NOT_REQUESTED:
+        return f"not evaluable — {name} is not segmented by {who.get('label') or 'the model'} (not requested)"
+    return f"not evaluable — {name} is missing (no such structure in {who.get('label') or 'the structure set'})"
+
+
+def apply_states(
+    rows: Sequence[dict[str, Any]], states: Mapping[str, Mapping[str, Any]], table: Any
+) -> list[dict[str, Any]]:
+    """Constraint rows whose structure, or a part of a derived one, is not present become ``not evaluable``.
+
+    A row the planning evaluation already marked not evaluable/unreliable keeps its own reason; a pass or fail
+    computed on a structure that is empty, missing or not requested (e.g. Lungs-GTV with an empty GTV, which
+    would be evaluated as "the lungs") is withdrawn: value and verdict are cleared, the reason says why.
+    """
+    out = []
+    for row in rows:
+        row = dict(row)
+        for part in constraint_parts(str(row.get("structure")), table):
+            info = states.get(part)
+            if info is not None and info["state"] != PRESENT:
+                row.update(status="not evaluable", value=None, passed=None, goal_met=None,
+                           reason=not_evaluable_reason(part, info))
+                break
+        out.append(row)
+    return out
+
+
+__all__ = [
+    "CHANGE_TOLERANCE_PCT",
+    "COVERAGE_V95_MIN_PCT",
+    "EMPTY",
+    "FRAGMENT_MIN_CC",
+    "MISSING",
+    "NOT_REQUESTED",
+    "PRESENT",
+    "apply_states",
+    "change_reasons",
+    "component_volumes_cc",
+    "dose_reasons",
+    "fragmentation_reasons",
+    "gate",
+    "mask_state",
+    "state_reasons",
+    "uncertainty_reasons",
+]
