@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -350,3 +352,31 @@ def test_evaluate_plan_fills_and_reuses_a_dvh_cache():
     cache["Heart"] = DVH.from_samples([40.0], 1.0, name="Heart")  # a cached DVH is used as is
     rows = rows_by_key(evaluate_plan(dose, masks, "thorax", fractions=30, prescription_gy=60.0, dvhs=cache))
     assert rows[("Heart", "Dmean")]["value"] == 40.0
+
+
+def test_real_plan_dose_evaluated_and_a_fraction_dose_refused(test_data):
+    """The dicompyler breast set (a PLAN dose in Gy), and the same grid relabelled as a FRACTION dose."""
+    import pydicom
+
+    from pacsai.imaging import read_dose, read_rtstruct
+    from pacsai.imaging.geometry import refined_grid
+
+    folder = test_data / "dicompyler_breast_rt"
+    dose = read_dose(folder / "rtdose.dcm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PacsaiWarning)
+        structures = read_rtstruct(folder / "rtss.dcm", like=refined_grid(dose), names=["Heart", "Lt Lung"])
+    rows = evaluate_plan(dose, structures, "breast", fractions=7, prescription_gy=14.0,
+                         names={"Lung_Ipsi": "Lt Lung"})
+    assert set(rows["status"]) == {"pass"} and (rows["uncovered_cc"] == 0).all()
+    assert set(rows["conversion"]) == {"none (physical dose; 7 × 2 Gy is within 1.8–2.2 Gy per fraction)"}
+    heart = rows[(rows["structure"] == "Heart") & (rows["metric"] == "Dmean")].iloc[0]
+    assert heart["value"] == pytest.approx(0.648, abs=0.02)  # the TPS's own Dmean (0.648 Gy)
+    header = pydicom.dcmread(folder / "rtdose.dcm")
+    header.DoseSummationType = "FRACTION"
+    refused = evaluate_plan(read_dose(header), structures, "breast", fractions=7, prescription_gy=14.0,
+                            names={"Lung_Ipsi": "Lt Lung"})
+    assert set(refused["status"]) == {"not evaluable"} and not refused["passed"].any()
+    assert refused["reason"].str.startswith(
+        f"RTDOSE {header.SOPInstanceUID}: DoseSummationType is FRACTION (one fraction of a plan)"
+    ).all()

@@ -543,6 +543,9 @@ class PlanQuality:
         GI = PIV50% / PIV100% (Paddick & Lippitz 2006); NaN when PIV is 0.
     isodose_region
         Where the isodose volumes were measured.
+    target_uncovered_cc
+        Target volume outside the dose grid (cm³), not in TV or the indices (no dose is known there): a
+        coverage figure is only as good as this is small.
     """
 
     target: str
@@ -557,6 +560,7 @@ class PlanQuality:
     ci_paddick: float
     gradient_index: float
     isodose_region: str
+    target_uncovered_cc: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict."""
@@ -632,4 +636,5 @@ def plan_quality(
         ci_paddick=(tv_piv**2 / (tv * piv)) if piv > 0 else 0.0,
         gradient_index=(piv50 / piv) if piv > 0 else float("nan"),
         isodose_region=region,
+        target_uncovered_cc=tdvh.uncovered_cc,
     )
