@@ -50,12 +50,13 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
+from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from pacsai.errors import PlanningError
-from pacsai.imaging.geometry import affine_of, spacing_of, voxel_volume_cc
+from pacsai.imaging.geometry import affine_of, make_volume, spacing_of, voxel_volume_cc
 from pacsai.planning.constraints import normalise_name
-from pacsai.planning.structures import components, longest_axial_diameter
+from pacsai.planning.structures import longest_axial_diameter
 
 logger = logging.getLogger(__name__)
 
@@ -243,12 +244,28 @@ def _world(mask: xr.DataArray, transform: np.ndarray | None) -> np.ndarray:
     return kji[:, ::-1] @ affine[:3, :3].T + affine[:3, 3]  # type: ignore[no-any-return]
 
 
+def _cropped_components(mask: xr.DataArray) -> list[xr.DataArray]:
+    """26-connected components, each cropped to its bounding box (affine shifted to match): the diameters and
+    positions of a few small lesions should not cost a pass over the whole CT grid each."""
+    values = np.asarray(mask.values, dtype=bool)
+    labels, _ = ndimage.label(values, structure=ndimage.generate_binary_structure(3, 3))
+    affine = affine_of(mask)
+    out = []
+    for label, box in enumerate(ndimage.find_objects(labels), 1):
+        if box is None:
+            continue
+        shifted = affine.copy()
+        shifted[:3, 3] = (affine @ np.array([box[2].start, box[1].start, box[0].start, 1.0]))[:3]
+        out.append(make_volume(labels[box] == label, shifted, name=f"{mask.name}#{label}"))
+    return out
+
+
 def _components(
     study: StudyContours, keys: Sequence[tuple[str, str]], transform: np.ndarray | None
 ) -> list[_Component]:
     out = []
     for key, organ in keys:
-        for part in components(study.structures[key]):
+        for part in _cropped_components(study.structures[key]):
             out.append(
                 _Component(
                     organ=organ,
