@@ -113,7 +113,9 @@ def test_only_a_total_plan_dose_in_gy_is_accepted(breast, tiny_dose):
         tiny_dose.DoseSummationType, tiny_dose.DoseType = summation, kind
         dose = read_dose(tiny_dose)
         assert (dose.attrs["dose_summation_type"], dose.attrs["dose_type"], dose.attrs["dose_units"]) == (
-            summation, kind, "GY",
+            summation,
+            kind,
+            "GY",
         )
         check_plan_dose(dose)
     for summation, meaning in (
@@ -124,7 +126,10 @@ def test_only_a_total_plan_dose_in_gy_is_accepted(breast, tiny_dose):
         ("RECORD", "a treatment record"),
     ):
         tiny_dose.DoseSummationType, tiny_dose.DoseType = summation, "PHYSICAL"
-        with pytest.raises(NotPlanDoseError, match=rf"RTDOSE {uid}: DoseSummationType is {summation} \({meaning}.*PLAN or MULTI_PLAN.*export"):
+        with pytest.raises(
+            NotPlanDoseError,
+            match=rf"RTDOSE {uid}: DoseSummationType is {summation} \({meaning}.*PLAN or MULTI_PLAN.*export",
+        ):
             check_plan_dose(read_dose(tiny_dose))
     tiny_dose.DoseSummationType, tiny_dose.DoseType = "PLAN", "ERROR"
     with pytest.raises(NotPlanDoseError, match=rf"{uid}: DoseType is ERROR.*uncertainty map"):

@@ -89,8 +89,10 @@ def test_missing_structures_are_rows_with_a_reason_never_dropped():
     assert set(missing["structure"]) == {"Lungs-GTV", "SpinalCord", "Esophagus"}
     assert (~missing["passed"]).all() and missing["value"].isna().all()  # not evaluable counts as not passed
     assert set(missing["state"]) == {"missing"}
-    assert missing.loc[missing["structure"] == "SpinalCord", "reason"].iloc[0].startswith(
-        "no structure named 'SpinalCord'"
+    assert (
+        missing.loc[missing["structure"] == "SpinalCord", "reason"]
+        .iloc[0]
+        .startswith("no structure named 'SpinalCord'")
     )
     lung_reason = missing.loc[missing["structure"] == "Lungs-GTV", "reason"].iloc[0]
     assert "derive_structures" in lung_reason and "Lung_Total-GTV" in lung_reason
@@ -122,9 +124,14 @@ def test_derive_lungs_minus_gtv_from_masks():
     assert derived["Lungs-GTV"].values.sum() == 128 - 4
     assert derived["Lungs-GTV"].attrs["derived_from"] == "+Lung_L +Lung R -GTV"
     # Lungs-GTV without a GTV is not "the lungs": nothing is derived, and the warning names the component.
-    with pytest.warns(PacsaiWarning, match="Lungs-GTV = Lung_L ∪ Lung_R − GTV cannot be formed: no structure named 'GTV'"):
+    with pytest.warns(
+        PacsaiWarning, match="Lungs-GTV = Lung_L ∪ Lung_R − GTV cannot be formed: no structure named 'GTV'"
+    ):
         assert derive_structures({k: v for k, v in masks.items() if k != "GTV"}, "thorax") == {}
-    empty_gtv = {**masks, "GTV": make_volume(np.zeros_like(gtv), affine, name="GTV", attrs={"source_model": "m"})}
+    empty_gtv = {
+        **masks,
+        "GTV": make_volume(np.zeros_like(gtv), affine, name="GTV", attrs={"source_model": "m"}),
+    }
     with pytest.warns(PacsaiWarning, match=r"cannot be formed: GTV is empty \(the model found nothing\)"):
         assert derive_structures(empty_gtv, "thorax") == {}
     with pytest.warns(PacsaiWarning, match="no structure named 'Lung_R'"):
@@ -193,8 +200,13 @@ def volume(values, *, spacing=5.0, name="s", **attrs):
 
 def plan_dose(values, summation="PLAN", kind="PHYSICAL"):
     return volume(
-        np.asarray(values, dtype=float), name="dose", units="Gy", dose_units="GY", dose_summation_type=summation,
-        dose_type=kind, sop_instance_uid="1.2.826.0.1.99",
+        np.asarray(values, dtype=float),
+        name="dose",
+        units="Gy",
+        dose_units="GY",
+        dose_summation_type=summation,
+        dose_type=kind,
+        sop_instance_uid="1.2.826.0.1.99",
     )
 
 
@@ -214,7 +226,9 @@ def test_empty_and_missing_structures_are_not_evaluable_never_pass():
     dose = plan_dose(np.full(shape, 10.0))
     masks = {
         "Heart": mask(shape, np.s_[1:3, 1:3, 1:3], name="Heart"),
-        "SpinalCord": mask(shape, name="SpinalCord", source_model="thorax-oars v3"),  # the model found nothing
+        "SpinalCord": mask(
+            shape, name="SpinalCord", source_model="thorax-oars v3"
+        ),  # the model found nothing
         "Lung_L": mask(shape, np.s_[:, :, :3], name="Lung_L"),
         "Lung_R": mask(shape, np.s_[:, :, 3:], name="Lung_R"),
         "GTV": mask(shape, name="GTV", source_model="thorax-oars v3"),  # empty: Lungs-GTV is not "Lungs"
@@ -224,7 +238,9 @@ def test_empty_and_missing_structures_are_not_evaluable_never_pass():
     rows = rows_by_key(table)
     cord = rows[("SpinalCord", "D0.03cc")]
     assert (cord["status"], cord["state"], cord["reason"]) == (
-        "not evaluable", "empty", "SpinalCord is empty (the model found nothing)",
+        "not evaluable",
+        "empty",
+        "SpinalCord is empty (the model found nothing)",
     )
     assert cord["passed"] is not pd.NA and not cord["passed"] and np.isnan(cord["value"])
     eso = rows[("Esophagus", "Dmean")]
@@ -244,14 +260,19 @@ def test_empty_and_missing_structures_are_not_evaluable_never_pass():
     # A reference structure set with an empty contour says so without blaming a model.
     masks["SpinalCord"] = mask(shape, name="SpinalCord")
     again = rows_by_key(evaluate_plan(dose, masks, "thorax", fractions=30, prescription_gy=60.0))
-    assert again[("SpinalCord", "D0.03cc")]["reason"] == "SpinalCord is empty (the structure set has no voxel of it)"
+    assert (
+        again[("SpinalCord", "D0.03cc")]["reason"]
+        == "SpinalCord is empty (the structure set has no voxel of it)"
+    )
 
 
 def test_only_a_total_plan_dose_is_evaluated():
     shape = (4, 4, 4)
     masks = {"Heart": mask(shape, np.s_[1:3, 1:3, 1:3], name="Heart")}
     for summation, kind in (("FRACTION", "PHYSICAL"), ("BEAM", "PHYSICAL"), ("PLAN", "ERROR")):
-        table = evaluate_plan(plan_dose(np.full(shape, 1.0), summation, kind), masks, fractions=30, prescription_gy=60.0)
+        table = evaluate_plan(
+            plan_dose(np.full(shape, 1.0), summation, kind), masks, fractions=30, prescription_gy=60.0
+        )
         assert set(table["status"]) == {"not evaluable"} and not table["passed"].any()
         assert table["reason"].str.contains("RTDOSE 1.2.826.0.1.99: Dose").all()
         assert table["reason"].str.contains(summation if kind != "ERROR" else "ERROR").all()
@@ -281,7 +302,9 @@ def test_structure_outside_the_dose_grid_is_unreliable_with_its_cm3():
     cord = rows[("SpinalCord", "D0.03cc")]
     assert (cord["status"], cord["matched"]) == ("unreliable", "Cord") and np.isnan(cord["value"])
     assert not cord["passed"] and cord["uncovered_cc"] == pytest.approx(0.625)
-    assert cord["reason"].startswith("0.625 cm³ (33.3 %) of Cord lies outside the dose grid (more than 1 % or 0.5 cm³)")
+    assert cord["reason"].startswith(
+        "0.625 cm³ (33.3 %) of Cord lies outside the dose grid (more than 1 % or 0.5 cm³)"
+    )
     lung = rows[("Lungs-GTV", "Dmean")]
     assert (lung["status"], lung["uncovered_cc"]) == ("unreliable", pytest.approx(0.625))
     assert lung["uncovered_pct"] == pytest.approx(100 * 5 / 1004) and lung["uncovered_pct"] < 1
@@ -309,7 +332,9 @@ def test_hypofractionation_is_converted_to_eqd2_per_voxel_or_refused():
     # Conventional 2 Gy fractions, and the limits of 1.8–2.2 Gy: physical dose as is.
     for n, total in ((30, 60.0), (25, 45.0), (25, 55.0)):
         conv = rows_by_key(evaluate_plan(dose, masks, "thorax", fractions=n, prescription_gy=total))
-        assert (conv[("Heart", "Dmean")]["value"], conv[("SpinalCord", "D0.03cc")]["value"]) == pytest.approx((28.0, 48.0))
+        assert (conv[("Heart", "Dmean")]["value"], conv[("SpinalCord", "D0.03cc")]["value"]) == pytest.approx(
+            (28.0, 48.0)
+        )
         assert conv[("Heart", "Dmean")]["conversion"].startswith("none (physical dose;")
 
 
@@ -324,7 +349,10 @@ def test_hypofractionation_without_alpha_beta_is_not_evaluable(tmp_path):
     masks = {"Heart": mask(shape, np.s_[0], name="Heart")}
     row = evaluate_plan(dose, masks, path, fractions=5, prescription_gy=40.0).iloc[0]
     assert (row["status"], bool(row["passed"])) == ("not evaluable", False) and np.isnan(row["value"])
-    assert "5 × 8 Gy is outside 1.8–2.2 Gy per fraction and the table gives no α/β for Heart Dmean" in row["reason"]
+    assert (
+        "5 × 8 Gy is outside 1.8–2.2 Gy per fraction and the table gives no α/β for Heart Dmean"
+        in row["reason"]
+    )
     assert evaluate_plan(dose, masks, path, fractions=30, prescription_gy=60.0).iloc[0]["status"] == "pass"
     # α/β on the constraint wins over its structure's; a bad one names the file and entry.
     path.write_text(
@@ -366,17 +394,28 @@ def test_real_plan_dose_evaluated_and_a_fraction_dose_refused(test_data):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PacsaiWarning)
         structures = read_rtstruct(folder / "rtss.dcm", like=refined_grid(dose), names=["Heart", "Lt Lung"])
-    rows = evaluate_plan(dose, structures, "breast", fractions=7, prescription_gy=14.0,
-                         names={"Lung_Ipsi": "Lt Lung"})
+    rows = evaluate_plan(
+        dose, structures, "breast", fractions=7, prescription_gy=14.0, names={"Lung_Ipsi": "Lt Lung"}
+    )
     assert set(rows["status"]) == {"pass"} and (rows["uncovered_cc"] == 0).all()
     assert set(rows["conversion"]) == {"none (physical dose; 7 × 2 Gy is within 1.8–2.2 Gy per fraction)"}
     heart = rows[(rows["structure"] == "Heart") & (rows["metric"] == "Dmean")].iloc[0]
     assert heart["value"] == pytest.approx(0.648, abs=0.02)  # the TPS's own Dmean (0.648 Gy)
     header = pydicom.dcmread(folder / "rtdose.dcm")
     header.DoseSummationType = "FRACTION"
-    refused = evaluate_plan(read_dose(header), structures, "breast", fractions=7, prescription_gy=14.0,
-                            names={"Lung_Ipsi": "Lt Lung"})
+    refused = evaluate_plan(
+        read_dose(header),
+        structures,
+        "breast",
+        fractions=7,
+        prescription_gy=14.0,
+        names={"Lung_Ipsi": "Lt Lung"},
+    )
     assert set(refused["status"]) == {"not evaluable"} and not refused["passed"].any()
-    assert refused["reason"].str.startswith(
-        f"RTDOSE {header.SOPInstanceUID}: DoseSummationType is FRACTION (one fraction of a plan)"
-    ).all()
+    assert (
+        refused["reason"]
+        .str.startswith(
+            f"RTDOSE {header.SOPInstanceUID}: DoseSummationType is FRACTION (one fraction of a plan)"
+        )
+        .all()
+    )

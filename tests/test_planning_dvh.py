@@ -122,7 +122,9 @@ def test_structure_half_outside_the_dose_grid_is_measured_and_never_silently_zer
         dvh(dose, structure, method="centre", outside="error")
     with pytest.warns(PacsaiWarning, match="excluded"):
         q = plan_quality(dose, structure, prescription_gy=10.0)
-    assert (q.target_volume_cc, q.target_uncovered_cc, q.coverage_v95_pct) == pytest.approx((0.008, 0.008, 100.0))
+    assert (q.target_volume_cc, q.target_uncovered_cc, q.coverage_v95_pct) == pytest.approx(
+        (0.008, 0.008, 100.0)
+    )
     far = np.zeros((4, 4, 12), bool)
     far[1, 1, 9:11] = True
     with pytest.raises(PlanningError, match="entirely outside"):
@@ -224,7 +226,9 @@ def test_dvh_agrees_with_the_tps(test_data):
 
     template = refined_grid(dose)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", PacsaiWarning)  # rasterisation notes (contours reaching past the grid)
+        warnings.simplefilter(
+            "ignore", PacsaiWarning
+        )  # rasterisation notes (contours reaching past the grid)
         masks = read_rtstruct(folder / "rtss.dcm", like=template, names=big)
         start = time.perf_counter()
         ours = {name: dvh(dose, masks[name]) for name in big}

@@ -41,7 +41,9 @@ def test_recist_category_rejects_negative():
         recist_category(-1.0, 2.0)
 
 
-def masks(rects, *, spacing=1.0, frame="1.2.3", extra=None, shape=(3, 80, 80), origin=(0.0, 0.0, 0.0), **attrs):
+def masks(
+    rects, *, spacing=1.0, frame="1.2.3", extra=None, shape=(3, 80, 80), origin=(0.0, 0.0, 0.0), **attrs
+):
     """A GTV with axis-aligned rectangles [(slice, row0, col0, rows, cols)], in-plane pixels of ``spacing`` mm."""
     arr = np.zeros(shape, bool)
     for k, r0, c0, rows, cols in rects:
@@ -58,7 +60,9 @@ def ref(rects, **kw):
 
 
 def model(rects, **kw):
-    return StudyContours(masks(rects, source_model="thorax v3", **kw), source="model", label="model thorax v3")
+    return StudyContours(
+        masks(rects, source_model="thorax v3", **kw), source="model", label="model thorax v3"
+    )
 
 
 def codes(r, level=None):
@@ -74,8 +78,14 @@ def test_disappearance_on_reference_contours_is_cr():
     assert (r.category, r.final, r.sld_prior_mm, r.sld_now_mm) == ("CR", True, 50.0, 0.0)
     assert r.change_pct == pytest.approx(-100.0) and r.reasons == ()
     assert r.lesions[0] | {} == {
-        "lesion": 1, "kind": "target", "organ": "GTV", "prior_mm": 50.0, "now_mm": 0.0,
-        "prior_components": 1, "now_components": 0, "note": "disappeared",
+        "lesion": 1,
+        "kind": "target",
+        "organ": "GTV",
+        "prior_mm": 50.0,
+        "now_mm": 0.0,
+        "prior_components": 1,
+        "now_components": 0,
+        "note": "disappeared",
     }
     assert r.sources["current"] == {"source": "reference", "label": "RTSTRUCT 'plan'", "trustworthy": True}
 
@@ -92,13 +102,17 @@ def test_empty_model_segmentation_is_ne_with_an_error_never_cr():
 def test_mixed_sources_are_ne():
     r = assess_response(model([BIG]), ref([BIG]))
     assert (r.category, r.final, codes(r, "error")) == ("NE", False, ["MIXED_SOURCES"])
-    assert "prior contours from reference (RTSTRUCT 'plan'), current from model (model thorax v3)" in r.notes[0]
+    assert (
+        "prior contours from reference (RTSTRUCT 'plan'), current from model (model thorax v3)" in r.notes[0]
+    )
     assert r.volume_change_pct == {}  # nor volume changes across sources
     assert "VOLUME_CHANGE_NOT_COMPARABLE" in codes(r)
 
 
 def test_untrustworthy_contours_are_ne():
-    current = StudyContours(masks([BIG]), source="model", trustworthy=False, why_untrusted="QA FAIL: FRAGMENTED")
+    current = StudyContours(
+        masks([BIG]), source="model", trustworthy=False, why_untrusted="QA FAIL: FRAGMENTED"
+    )
     r = assess_response(current, StudyContours(masks([BIG]), source="model"))
     assert (r.category, codes(r, "error")) == ("NE", ["UNTRUSTED_CONTOURS"])
     assert r.notes[0] == "the current contours (model) are not trustworthy: QA FAIL: FRAGMENTED"
@@ -139,7 +153,11 @@ def test_new_lesion_below_10_mm_is_equivocal_not_progression():
 def test_different_frames_without_registration_are_provisional():
     r = assess_response(ref([(1, 5, 5, 21, 28)], frame="B"), ref([BIG], frame="A"))
     assert (r.category, r.final, r.new_lesions) == ("PR", False, None)
-    assert codes(r) == ["FRAME_UNREGISTERED"] and r.frames == {"prior": "A", "current": "B", "registration": False}
+    assert codes(r) == ["FRAME_UNREGISTERED"] and r.frames == {
+        "prior": "A",
+        "current": "B",
+        "registration": False,
+    }
     unknown = assess_response(ref([(1, 5, 5, 21, 28)], frame=""), ref([BIG], frame=""))
     assert (unknown.final, codes(unknown)) == (False, ["FRAME_UNREGISTERED"])
 
@@ -154,7 +172,12 @@ def test_shift_without_registration_is_not_progression_and_with_one_is_followed(
     moved = np.eye(4)
     moved[0, 3] = 45.0
     followed = assess_response(shifted, ref([BIG], frame="A"), registration=moved)
-    assert (followed.category, followed.final, followed.new_lesions, followed.change_pct) == ("SD", True, 0, 0.0)
+    assert (followed.category, followed.final, followed.new_lesions, followed.change_pct) == (
+        "SD",
+        True,
+        0,
+        0.0,
+    )
     assert followed.frames["registration"] is True
     wrong = assess_response(shifted, ref([BIG], frame="A"), registration=np.eye(4))
     assert (wrong.category, wrong.new_lesions) == ("PD", 1)  # the registration is trusted as given
@@ -199,8 +222,12 @@ def test_at_most_two_targets_per_organ_and_five_in_all():
         a = np.zeros((3, 80, 80), bool)
         a[1, 2 + 24 * n : 8 + 24 * n, 2:10] = True
         a[1, 14 + 24 * n : 20 + 24 * n, 2:10] = True
-        arrays[name] = make_volume(a, affine_from((0, 0, 0), np.eye(3), (1.0, 1.0, 3.0)), name=name,
-                                   attrs={"frame_of_reference_uid": "1.2.3"})
+        arrays[name] = make_volume(
+            a,
+            affine_from((0, 0, 0), np.eye(3), (1.0, 1.0, 3.0)),
+            name=name,
+            attrs={"frame_of_reference_uid": "1.2.3"},
+        )
     study = StudyContours(arrays, source="reference")
     r3 = assess_response(study, study, target=["GTVp", "GTVn", "GTVm"])
     assert len(r3.target_lesions_prior_mm) == 5 and "already 5 target lesions" in r3.lesions[-1]["note"]

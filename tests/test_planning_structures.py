@@ -228,7 +228,13 @@ def test_ctv_ptv_prv_and_van_herk():
     assert not np.any(ctv2.values & ~ptv_clipped.values)
     # An anatomy clip that excludes the whole GTV still leaves the GTV in the CTV.
     none = vol(np.zeros((30, 30, 30), bool), spacing=spacing)
-    ctv3, _ = st.ctv_ptv(gtv, ctv_margin=5.0, ptv_margin=0.0, body=vol(np.ones((30, 30, 30), bool), spacing=spacing), anatomy=none)
+    ctv3, _ = st.ctv_ptv(
+        gtv,
+        ctv_margin=5.0,
+        ptv_margin=0.0,
+        body=vol(np.ones((30, 30, 30), bool), spacing=spacing),
+        anatomy=none,
+    )
     assert np.array_equal(ctv3.values, gtv.values)
     with pytest.warns(PacsaiWarning, match="not clipped"):
         st.ctv_ptv(gtv, ctv_margin=1.0, ptv_margin=1.0)
@@ -319,4 +325,7 @@ def test_components_above_a_volume_are_counted_largest_first():
     assert [st.count_components(mask, min_cc=c) for c in (0.0, 0.002, 0.5, 0.6)] == [3, 3, 2, 1]
     parts = st.components(mask, min_cc=0.5)
     assert [int(p.values.sum()) for p in parts] == [1000, 500] and parts[0].name == "BODY#1"
-    assert st.component_volumes_cc(vol(np.zeros((3, 3, 3)))) == [] and st.components(vol(np.zeros((3, 3, 3)))) == []
+    assert (
+        st.component_volumes_cc(vol(np.zeros((3, 3, 3)))) == []
+        and st.components(vol(np.zeros((3, 3, 3)))) == []
+    )

@@ -113,7 +113,11 @@ def read_dose(source: PathLike | pydicom.Dataset, *, allow_relative: bool = Fals
                 "such a dose grid cannot be represented by one affine: resample it in the TPS"
             )
     else:
-        step = floats(ds, "SliceThickness", 1, error=DoseError, positive=True)[0] if value(ds, "SliceThickness") else 1.0
+        step = (
+            floats(ds, "SliceThickness", 1, error=DoseError, positive=True)[0]
+            if value(ds, "SliceThickness")
+            else 1.0
+        )
     dose = pixels[order].astype(np.float64) * scaling
     origin = position + offsets_sorted[0] * normal
     affine = affine_from(origin, np.column_stack([row_dir, col_dir, normal]), (dx, dy, step))
@@ -162,8 +166,10 @@ def check_plan_dose(dose: xr.DataArray) -> None:
     kind = str(dose.attrs.get("dose_type") or "").upper()
     units = str(dose.attrs.get("units") or "")
     if summation not in PLAN_SUMMATION_TYPES:
-        found = f"{summation} ({_SUMMATION_MEANING[summation]})" if summation in _SUMMATION_MEANING else (
-            repr(summation) if summation else "missing"
+        found = (
+            f"{summation} ({_SUMMATION_MEANING[summation]})"
+            if summation in _SUMMATION_MEANING
+            else (repr(summation) if summation else "missing")
         )
         raise NotPlanDoseError(
             f"RTDOSE {uid}: DoseSummationType is {found}, not a total plan dose (PLAN or MULTI_PLAN); "

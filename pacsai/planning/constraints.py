@@ -339,30 +339,32 @@ def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return frame
 
 
-def _conversion(
-    c: Constraint, fractions: int | None, prescription_gy: float | None
-) -> tuple[str, bool, str]:
+def _conversion(c: Constraint, fractions: int | None, prescription_gy: float | None) -> tuple[str, bool, str]:
     """(conversion text, convert to EQD2?, reason it cannot be evaluated or "")."""
     if fractions is None or prescription_gy is None:
         return "none (fractionation not stated: the limits assume ~2 Gy per fraction)", False, ""
     if fractions < 1 or not prescription_gy > 0:
-        raise PlanningError(f"fractions must be ≥ 1 and the prescription > 0 Gy; got {fractions}, {prescription_gy}")
+        raise PlanningError(
+            f"fractions must be ≥ 1 and the prescription > 0 Gy; got {fractions}, {prescription_gy}"
+        )
     per = prescription_gy / fractions
     schedule = f"{fractions} × {per:.4g} Gy"
     lo, hi = CONVENTIONAL_GY
     if lo - 1e-9 <= per <= hi + 1e-9:
         return f"none (physical dose; {schedule} is within {lo}–{hi} Gy per fraction)", False, ""
     if c.alpha_beta_gy is None:
-        return "", False, (
-            f"{schedule} is outside {lo}–{hi} Gy per fraction and the table gives no α/β for "
-            f"{c.structure} {c.metric}: the limit (for ~2 Gy fractions) cannot be applied; add alpha_beta_gy"
+        return (
+            "",
+            False,
+            (
+                f"{schedule} is outside {lo}–{hi} Gy per fraction and the table gives no α/β for "
+                f"{c.structure} {c.metric}: the limit (for ~2 Gy fractions) cannot be applied; add alpha_beta_gy"
+            ),
         )
     return f"EQD2, α/β {c.alpha_beta_gy:g} Gy, {schedule}", True, ""
 
 
-def _measure(
-    c: Constraint, dvh: DVH, fractions: int | None, prescription_gy: float | None
-) -> dict[str, Any]:
+def _measure(c: Constraint, dvh: DVH, fractions: int | None, prescription_gy: float | None) -> dict[str, Any]:
     """Value, pass/fail and conversion of one constraint on one DVH (already known reliable)."""
     text, convert, refusal = _conversion(c, fractions, prescription_gy)
     if refusal:
@@ -444,7 +446,7 @@ def evaluate_constraints(
 
 
 def _empty_reason(name: str, mask: xr.DataArray) -> str:
-    """"<Structure> is empty (...)", saying who drew nothing (model masks carry ``attrs["source_model"]``)."""
+    """ "<Structure> is empty (...)", saying who drew nothing (model masks carry ``attrs["source_model"]``)."""
     if mask.attrs.get("source_model"):
         return f"{name} is empty (the model found nothing)"
     return f"{name} is empty (the structure set has no voxel of it)"
@@ -485,9 +487,11 @@ def _constraint_masks(
         if canonical in derived:
             found[canonical] = derived[canonical]
             continue
-        problem = _component_problem(table, canonical, masks, mapping) if table.structures.get(
-            canonical, {}
-        ).get("derive") else ""
+        problem = (
+            _component_problem(table, canonical, masks, mapping)
+            if table.structures.get(canonical, {}).get("derive")
+            else ""
+        )
         problems[canonical] = problem or reason
     return found, problems
 
@@ -558,9 +562,11 @@ def evaluate_plan(
     rows: list[dict[str, Any]] = []
     for c in table.constraints:
         if c.structure in problems:
-            state = "missing" if "no structure named" in problems[c.structure] or "mapped to" in problems[
-                c.structure
-            ] else "empty"
+            state = (
+                "missing"
+                if "no structure named" in problems[c.structure] or "mapped to" in problems[c.structure]
+                else "empty"
+            )
             rows.append(_row(c, state=state, reason=problems[c.structure]))
             continue
         mask = found[c.structure]
@@ -570,7 +576,9 @@ def evaluate_plan(
             continue
         h = cache.get(key)
         if h is not None and "counted as 0 Gy" in h.method:
-            raise PlanningError(f"the cached DVH of {key!r} counts uncovered volume as 0 Gy; use outside='exclude'")
+            raise PlanningError(
+                f"the cached DVH of {key!r} counts uncovered volume as 0 Gy; use outside='exclude'"
+            )
         if h is None:
             try:
                 with warnings.catch_warnings():
@@ -582,7 +590,11 @@ def evaluate_plan(
                 uncovered, _ = dose_coverage(dose, mask)
                 rows.append(
                     _row(
-                        c, matched=key, state="present", status="unreliable", uncovered_cc=uncovered,
+                        c,
+                        matched=key,
+                        state="present",
+                        status="unreliable",
+                        uncovered_cc=uncovered,
                         uncovered_pct=100.0,
                         reason=f"{key} lies entirely outside the dose grid ({uncovered:.3g} cm³): no dose is known there",
                     )

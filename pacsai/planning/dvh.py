@@ -496,7 +496,9 @@ def dvh(
             f"voxels sub-sampled {subsamples}×{subsamples}×{subsamples}"
         )
     if uncovered > 0:
-        share = f"{uncovered:.3g} cm³ ({100 * uncovered / total:.3g} %) of {label!r} lies outside the dose grid"
+        share = (
+            f"{uncovered:.3g} cm³ ({100 * uncovered / total:.3g} %) of {label!r} lies outside the dose grid"
+        )
         if outside == "error":
             raise PlanningError(
                 f"{share} (dose {dose.attrs.get('sop_instance_uid') or dose.name!r}): no dose is known there; "

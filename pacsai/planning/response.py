@@ -179,7 +179,9 @@ class Response:
         return out
 
 
-def _reason(code: str, level: str, message: str, *, structure: str | None = None, **values: Any) -> dict[str, Any]:
+def _reason(
+    code: str, level: str, message: str, *, structure: str | None = None, **values: Any
+) -> dict[str, Any]:
     return {"code": code, "level": level, "message": message, "structure": structure, "values": values}
 
 
@@ -278,7 +280,9 @@ def _components(
     return out
 
 
-def _groups(prior: list[_Component], now: list[_Component], match_mm: float) -> list[tuple[list[int], list[int]]]:
+def _groups(
+    prior: list[_Component], now: list[_Component], match_mm: float
+) -> list[tuple[list[int], list[int]]]:
     """Connected groups of the bipartite "overlap or within match_mm" graph: (prior indices, current indices)."""
     parent = list(range(len(prior) + len(now)))
 
@@ -381,7 +385,9 @@ def assess_response(
             if key is None:
                 reasons.append(
                     _reason(
-                        "TARGET_MISSING", "error", f"no structure named {name!r} in the {side} study "
+                        "TARGET_MISSING",
+                        "error",
+                        f"no structure named {name!r} in the {side} study "
                         f"({', '.join(study.structures) or 'no structures'}): response not evaluable",
                         structure=name,
                     )
@@ -393,70 +399,45 @@ def assess_response(
     frame_now = now_study.frame_of_reference_uid or _frame_of(now_study, keys["current"])
     frames = {"prior": frame_prior, "current": frame_now, "registration": registration is not None}
 
-    # Like with like: same source, trustworthy, and not an empty model segmentation.
-    if "unspecified" in (prior_study.source, now_study.source):
-        reasons.append(
-            _reason(
-                "SOURCE_UNSTATED", "review", "the contours' sources (reference or model) were not stated: the "
-                "category is provisional until both are known to come from the same source",
-            )
-        )
-    elif prior_study.source != now_study.source:
-        reasons.append(
-            _reason(
-                "MIXED_SOURCES", "error",
-                f"prior contours from {_who(prior_study)}, current from {_who(now_study)}: contours of different "
-                "sources are not comparable (a contouring difference would read as a response); compare "
-                "reference with reference, or run the model on the prior study too",
-                prior=prior_study.source, current=now_study.source,
-            )
-        )
-    for side, study in (("prior", prior_study), ("current", now_study)):
-        if not study.trustworthy:
-            reasons.append(
-                _reason(
-                    "UNTRUSTED_CONTOURS", "error",
-                    f"the {side} contours ({_who(study)}) are not trustworthy"
-                    + (f": {study.why_untrusted}" if study.why_untrusted else ""),
-                )
-            )
-        if study.source == "model":
-            for key, _ in keys[side]:
-                if not np.asarray(study.structures[key].values).any():
-                    reasons.append(
-                        _reason(
-                            "EMPTY_MODEL_SEGMENTATION", "error",
-                            f"the model found no {key} in the {side} study: an empty segmentation is not a "
-                            "disappearance; check the contours or use the reference structures",
-                            structure=key,
-                        )
-                    )
-
-    # Positions: one frame, or a registration.
-    same_frame = bool(frame_prior) and frame_prior == frame_now
-    positional = same_frame or registration is not None
+    reasons += _comparability_reasons(prior_study, now_study, keys)
     transform: np.ndarray | None = None
     if registration is not None:
         transform = np.asarray(registration, dtype=float)
         if transform.shape != (4, 4) or not np.allclose(transform[3], [0, 0, 0, 1]):
-            raise PlanningError(f"registration must be a 4×4 affine matrix (last row 0 0 0 1); got {transform!r}")
+            raise PlanningError(
+                f"registration must be a 4×4 affine matrix (last row 0 0 0 1); got {transform!r}"
+            )
+    # Positions can be compared in one frame of reference, or through a registration.
+    positional = (bool(frame_prior) and frame_prior == frame_now) or transform is not None
     if not positional:
         reasons.append(
             _reason(
-                "FRAME_UNREGISTERED", "review",
+                "FRAME_UNREGISTERED",
+                "review",
                 f"the studies are in different (or unknown) frames of reference (prior {frame_prior or '?'}, "
                 f"current {frame_now or '?'}) and no registration was given: lesions cannot be followed by "
                 "position, so current components are taken by size and new lesions are not assessed; the "
                 "category is provisional",
-                prior=frame_prior, current=frame_now,
+                prior=frame_prior,
+                current=frame_now,
             )
         )
 
     blocking = any(r["level"] == "error" for r in reasons)
     if blocking:
         return _finish(
-            "NE", reasons, targets, sources, frames, now_study, prior_study,
-            sld=(math.nan, math.nan), lesions=[], t_prior=(), t_now=(), new=None,
+            "NE",
+            reasons,
+            targets,
+            sources,
+            frames,
+            now_study,
+            prior_study,
+            sld=(math.nan, math.nan),
+            lesions=[],
+            t_prior=(),
+            t_now=(),
+            new=None,
         )
 
     prior_parts = _components(prior_study, keys["prior"], transform)
@@ -469,112 +450,252 @@ def assess_response(
     if not chosen:
         reasons.append(
             _reason(
-                "NO_MEASURABLE_DISEASE", "review",
+                "NO_MEASURABLE_DISEASE",
+                "review",
                 f"no measurable lesion (≥ {threshold:g} mm) in the prior {', '.join(targets)}: response not "
-                "evaluable", values_mm=[round(c.diameter_mm, 2) for c in prior_parts],
+                "evaluable",
+                values_mm=[round(c.diameter_mm, 2) for c in prior_parts],
             )
         )
         return _finish(
-            "NE", reasons, targets, sources, frames, now_study, prior_study,
-            sld=(0.0, math.nan), lesions=[], t_prior=(), t_now=(), new=None,
+            "NE",
+            reasons,
+            targets,
+            sources,
+            frames,
+            now_study,
+            prior_study,
+            sld=(0.0, math.nan),
+            lesions=[],
+            t_prior=(),
+            t_now=(),
+            new=None,
         )
 
-    lesions: list[dict[str, Any]] = []
-    target_now: dict[int, float] = {}
-    remaining_other = 0  # current components other than target lesions (non-target or equivocal new)
-    new: int | None
     if positional:
-        new = 0
         now_threshold = measurable_threshold_mm(now_study.structures[keys["current"][0][0]], measurable_mm)
-        for prior_idx, now_idx in _groups(prior_parts, now_parts, match_mm):
-            group_targets = sorted((i for i in prior_idx if i in chosen), key=lambda i: prior_parts[i].index)
-            now_sum = float(sum(now_parts[j].diameter_mm for j in now_idx))
-            if not prior_idx:
-                for j in now_idx:
-                    d = now_parts[j].diameter_mm
-                    unequivocal = d >= now_threshold - _TOL
-                    new += int(unequivocal)
-                    lesions.append(
-                        _lesion(
-                            "new" if unequivocal else "equivocal new", now_parts[j].organ, math.nan, d, 0, 1,
-                            "unequivocal new lesion (measurable)" if unequivocal
-                            else f"new component below {now_threshold:g} mm: equivocal, re-check at the next study",
-                        )
-                    )
-                    if not unequivocal:
-                        remaining_other += 1
-                        reasons.append(
-                            _reason(
-                                "NEW_LESION_EQUIVOCAL", "review",
-                                f"a new {d:.1f} mm component in {now_parts[j].structure} (below {now_threshold:g} "
-                                "mm): equivocal, not counted as progression; re-check at the next study",
-                                structure=now_parts[j].structure, diameter_mm=d,
-                            )
-                        )
-                continue
-            if not group_targets:
-                remaining_other += len(now_idx)
-                for i in prior_idx:
-                    lesions.append(
-                        _lesion("non-target", prior_parts[i].organ, prior_parts[i].diameter_mm,
-                                now_sum if i == prior_idx[0] else 0.0, 1, len(now_idx) if i == prior_idx[0] else 0,
-                                why_not[i])
-                    )
-                continue
-            lead = group_targets[0]
-            for i in group_targets:
-                target_now[i] = now_sum if i == lead else 0.0
-            note = _group_note(prior_parts, group_targets, prior_idx, now_idx, now_sum)
-            if note:
-                reasons.append(_reason("LESION_ASSOCIATION", "note", note, structure=prior_parts[lead].structure))
-            for i in group_targets:
-                lesions.append(
-                    _lesion(
-                        "target", prior_parts[i].organ, prior_parts[i].diameter_mm, target_now[i],
-                        1, len(now_idx) if i == lead else 0,
-                        (note or ("" if now_idx else "disappeared")) if i == lead
-                        else f"coalesced with target lesion {prior_parts[lead].index}",
-                        number=prior_parts[i].index,
-                    )
-                )
-            for i in prior_idx:
-                if i not in chosen:
-                    lesions.append(
-                        _lesion("non-target", prior_parts[i].organ, prior_parts[i].diameter_mm, 0.0, 1, 0,
-                                f"{why_not[i]}; part of the group of target lesion {prior_parts[lead].index}")
-                    )
+        followed = _follow_by_position(prior_parts, now_parts, chosen, why_not, match_mm, now_threshold)
     else:
-        new = None
-        by_size = sorted(now_parts, key=lambda c: -c.diameter_mm)
-        for rank, i in enumerate(sorted(chosen, key=lambda i: prior_parts[i].index)):
-            target_now[i] = by_size[rank].diameter_mm if rank < len(by_size) else 0.0
-            lesions.append(
-                _lesion("target", prior_parts[i].organ, prior_parts[i].diameter_mm, target_now[i], 1,
-                        int(rank < len(by_size)), "matched by size order (no shared frame or registration)",
-                        number=prior_parts[i].index)
-            )
-        remaining_other = max(0, len(by_size) - len(chosen))
-
+        followed = _follow_by_size(prior_parts, now_parts, chosen)
+    reasons += followed.reasons
     order = sorted(chosen, key=lambda i: prior_parts[i].index)
     t_prior = tuple(prior_parts[i].diameter_mm for i in order)
-    t_now = tuple(target_now.get(i, 0.0) for i in order)
+    t_now = tuple(followed.target_now.get(i, 0.0) for i in order)
     sld_prior, sld_now = float(sum(t_prior)), float(sum(t_now))
-    category = recist_category(sld_prior, sld_now, new_lesion=bool(new))
+    category = recist_category(sld_prior, sld_now, new_lesion=bool(followed.new))
+    remaining_other = followed.remaining_other
     if category == "CR" and remaining_other:
         category = "PR"
         reasons.append(
             _reason(
-                "NON_TARGET_REMAINS", "note",
+                "NON_TARGET_REMAINS",
+                "note",
                 f"every target lesion has disappeared but {remaining_other} other component(s) remain: not a "
                 "complete response (RECIST 1.1 Table 1: target CR with non-target disease present is PR)",
                 components=remaining_other,
             )
         )
-    lesions.sort(key=lambda r: (r["kind"] != "target", r["lesion"] or 99))
+    lesions = sorted(followed.lesions, key=lambda r: (r["kind"] != "target", r["lesion"] or 99))
     return _finish(
-        category, reasons, targets, sources, frames, now_study, prior_study,
-        sld=(sld_prior, sld_now), lesions=lesions, t_prior=t_prior, t_now=t_now, new=new,
+        category,
+        reasons,
+        targets,
+        sources,
+        frames,
+        now_study,
+        prior_study,
+        sld=(sld_prior, sld_now),
+        lesions=lesions,
+        t_prior=t_prior,
+        t_now=t_now,
+        new=followed.new,
     )
+
+
+def _comparability_reasons(
+    prior: StudyContours, now: StudyContours, keys: Mapping[str, Sequence[tuple[str, str]]]
+) -> list[dict[str, Any]]:
+    """Like with like: the same source on both studies, trustworthy contours, no empty model segmentation."""
+    reasons: list[dict[str, Any]] = []
+    if "unspecified" in (prior.source, now.source):
+        reasons.append(
+            _reason(
+                "SOURCE_UNSTATED",
+                "review",
+                "the contours' sources (reference or model) were not stated: the "
+                "category is provisional until both are known to come from the same source",
+            )
+        )
+    elif prior.source != now.source:
+        reasons.append(
+            _reason(
+                "MIXED_SOURCES",
+                "error",
+                f"prior contours from {_who(prior)}, current from {_who(now)}: contours of different "
+                "sources are not comparable (a contouring difference would read as a response); compare "
+                "reference with reference, or run the model on the prior study too",
+                prior=prior.source,
+                current=now.source,
+            )
+        )
+    for side, study in (("prior", prior), ("current", now)):
+        if not study.trustworthy:
+            reasons.append(
+                _reason(
+                    "UNTRUSTED_CONTOURS",
+                    "error",
+                    f"the {side} contours ({_who(study)}) are not trustworthy"
+                    + (f": {study.why_untrusted}" if study.why_untrusted else ""),
+                )
+            )
+        if study.source != "model":
+            continue  # an empty reference contour is a disappearance, judged below
+        for key, _ in keys[side]:
+            if not np.asarray(study.structures[key].values).any():
+                reasons.append(
+                    _reason(
+                        "EMPTY_MODEL_SEGMENTATION",
+                        "error",
+                        f"the model found no {key} in the {side} study: an empty segmentation is not a "
+                        "disappearance; check the contours or use the reference structures",
+                        structure=key,
+                    )
+                )
+    return reasons
+
+
+@dataclass
+class _Followed:
+    """Target lesions measured now, and what else the current study holds."""
+
+    lesions: list[dict[str, Any]] = field(default_factory=list)
+    target_now: dict[int, float] = field(default_factory=dict)
+    remaining_other: int = 0  # current components that are not target lesions (non-target, equivocal new)
+    new: int | None = 0
+    reasons: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _follow_by_position(
+    prior: list[_Component],
+    now: list[_Component],
+    chosen: list[int],
+    why_not: list[str],
+    match_mm: float,
+    now_threshold: float,
+) -> _Followed:
+    """Lesions followed through the groups of associated components (module docstring)."""
+    out = _Followed()
+    for prior_idx, now_idx in _groups(prior, now, match_mm):
+        now_sum = float(sum(now[j].diameter_mm for j in now_idx))
+        if not prior_idx:
+            for j in now_idx:
+                _new_lesion(out, now[j], now_threshold)
+            continue
+        group_targets = sorted((i for i in prior_idx if i in chosen), key=lambda i: prior[i].index)
+        if not group_targets:
+            out.remaining_other += len(now_idx)
+            for n, i in enumerate(prior_idx):
+                out.lesions.append(
+                    _lesion(
+                        "non-target",
+                        prior[i].organ,
+                        prior[i].diameter_mm,
+                        now_sum if n == 0 else 0.0,
+                        1,
+                        len(now_idx) if n == 0 else 0,
+                        why_not[i],
+                    )
+                )
+            continue
+        lead = group_targets[0]
+        note = _group_note(prior, group_targets, prior_idx, now_idx, now_sum)
+        if note:
+            out.reasons.append(_reason("LESION_ASSOCIATION", "note", note, structure=prior[lead].structure))
+        for i in group_targets:
+            # A coalesced lesion's diameter is assigned to the first of its target lesions, 0 to the others.
+            out.target_now[i] = now_sum if i == lead else 0.0
+            out.lesions.append(
+                _lesion(
+                    "target",
+                    prior[i].organ,
+                    prior[i].diameter_mm,
+                    out.target_now[i],
+                    1,
+                    len(now_idx) if i == lead else 0,
+                    (note or ("" if now_idx else "disappeared"))
+                    if i == lead
+                    else f"coalesced with target lesion {prior[lead].index}",
+                    number=prior[i].index,
+                )
+            )
+        for i in prior_idx:
+            if i not in chosen:
+                out.lesions.append(
+                    _lesion(
+                        "non-target",
+                        prior[i].organ,
+                        prior[i].diameter_mm,
+                        0.0,
+                        1,
+                        0,
+                        f"{why_not[i]}; part of the group of target lesion {prior[lead].index}",
+                    )
+                )
+    return out
+
+
+def _new_lesion(out: _Followed, component: _Component, threshold_mm: float) -> None:
+    """A current component associated with no prior one: unequivocal when measurable, else equivocal."""
+    d = component.diameter_mm
+    unequivocal = d >= threshold_mm - _TOL
+    out.new = (out.new or 0) + int(unequivocal)
+    out.lesions.append(
+        _lesion(
+            "new" if unequivocal else "equivocal new",
+            component.organ,
+            math.nan,
+            d,
+            0,
+            1,
+            "unequivocal new lesion (measurable)"
+            if unequivocal
+            else f"new component below {threshold_mm:g} mm: equivocal, re-check at the next study",
+        )
+    )
+    if not unequivocal:
+        out.remaining_other += 1
+        out.reasons.append(
+            _reason(
+                "NEW_LESION_EQUIVOCAL",
+                "review",
+                f"a new {d:.1f} mm component in {component.structure} (below {threshold_mm:g} mm): equivocal, "
+                "not counted as progression; re-check at the next study",
+                structure=component.structure,
+                diameter_mm=d,
+            )
+        )
+
+
+def _follow_by_size(prior: list[_Component], now: list[_Component], chosen: list[int]) -> _Followed:
+    """Without positions: the largest current components stand for the target lesions; new ones unknown."""
+    out = _Followed(new=None)
+    by_size = sorted(now, key=lambda c: -c.diameter_mm)
+    for rank, i in enumerate(sorted(chosen, key=lambda i: prior[i].index)):
+        out.target_now[i] = by_size[rank].diameter_mm if rank < len(by_size) else 0.0
+        out.lesions.append(
+            _lesion(
+                "target",
+                prior[i].organ,
+                prior[i].diameter_mm,
+                out.target_now[i],
+                1,
+                int(rank < len(by_size)),
+                "matched by size order (no shared frame or registration)",
+                number=prior[i].index,
+            )
+        )
+    out.remaining_other = max(0, len(by_size) - len(chosen))
+    return out
 
 
 def _who(study: StudyContours) -> str:
@@ -590,12 +711,25 @@ def _frame_of(study: StudyContours, keys: Sequence[tuple[str, str]]) -> str:
 
 
 def _lesion(
-    kind: str, organ: str, prior_mm: float, now_mm: float, prior_components: int, now_components: int,
-    note: str, *, number: int | None = None,
+    kind: str,
+    organ: str,
+    prior_mm: float,
+    now_mm: float,
+    prior_components: int,
+    now_components: int,
+    note: str,
+    *,
+    number: int | None = None,
 ) -> dict[str, Any]:
     return {
-        "lesion": number, "kind": kind, "organ": organ, "prior_mm": prior_mm, "now_mm": now_mm,
-        "prior_components": prior_components, "now_components": now_components, "note": note,
+        "lesion": number,
+        "kind": kind,
+        "organ": organ,
+        "prior_mm": prior_mm,
+        "now_mm": now_mm,
+        "prior_components": prior_components,
+        "now_components": now_components,
+        "note": note,
     }
 
 
@@ -607,8 +741,10 @@ def _group_note(
         return ""
     parts = []
     if len(now_idx) > 1:
-        parts.append(f"target lesion {lead} is in {len(now_idx)} fragments now: their diameters are summed "
-                     f"({now_sum:.1f} mm)")
+        parts.append(
+            f"target lesion {lead} is in {len(now_idx)} fragments now: their diameters are summed "
+            f"({now_sum:.1f} mm)"
+        )
     if len(prior_idx) > 1:
         others = ", ".join(str(prior[i].index) for i in targets[1:]) or "a non-target lesion"
         parts.append(f"target lesion {lead} has coalesced with {others}: the coalesced diameter counts once")
@@ -667,7 +803,10 @@ def _volumes(
     volumes_prior: dict[str, float] = {}
     volumes_now: dict[str, float] = {}
     delta: dict[str, float] = {}
-    same_source = prior_study.source == now_study.source or "unspecified" in (prior_study.source, now_study.source)
+    same_source = prior_study.source == now_study.source or "unspecified" in (
+        prior_study.source,
+        now_study.source,
+    )
     comparable = same_source and prior_study.trustworthy and now_study.trustworthy
     for name, mask in now_study.structures.items():
         other = _lookup(prior_study.structures, name)
@@ -675,14 +814,17 @@ def _volumes(
             continue
         v_now = float(np.count_nonzero(np.asarray(mask.values, dtype=bool))) * voxel_volume_cc(mask)
         prior_mask = prior_study.structures[other]
-        v_prior = float(np.count_nonzero(np.asarray(prior_mask.values, dtype=bool))) * voxel_volume_cc(prior_mask)
+        v_prior = float(np.count_nonzero(np.asarray(prior_mask.values, dtype=bool))) * voxel_volume_cc(
+            prior_mask
+        )
         volumes_now[name], volumes_prior[name] = v_now, v_prior
         if comparable and v_prior > 0 and v_now > 0:
             delta[name] = 100.0 * (v_now - v_prior) / v_prior
     if volumes_now and not comparable:
         reasons.append(
             _reason(
-                "VOLUME_CHANGE_NOT_COMPARABLE", "note",
+                "VOLUME_CHANGE_NOT_COMPARABLE",
+                "note",
                 "volume changes are not stated: the two studies' contours are not from the same trustworthy source",
             )
         )
