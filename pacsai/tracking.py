@@ -454,3 +454,165 @@ def get_alias(name: str, alias: str = CHAMPION, *, settings: Settings | None = N
         if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             return None  # no such alias (or no such model): nothing is promoted
         raise TrackingError(f"cannot read alias {alias!r} of {name!r}: {err}") from err
+
+
+# ---------------------------------------------------------------------------------------------------- validation
+
+VALIDATION_TAG = "pacsai.validation"
+_SECTION_START = "<!-- pacsai:validation -->"
+_SECTION_END = "<!-- /pacsai:validation -->"
+
+
+def run_link(run_id: str, experiment_id: str, *, uri: str, path: str = "") -> str:
+    """A link to a run (or one of its artifacts) in the MLflow UI.
+
+    Absolute for a tracking server; for the embedded store relative (``#/experiments/...``), which resolves
+    inside the UI that ``pacsai ui`` serves from the same store.
+    """
+    page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    if path:
+        page += f"/artifacts/{path}"
+    return f"{uri.rstrip('/')}/{page}" if uri.startswith(("http://", "https://")) else page
+
+
+def _fmt(value: Any) -> str:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return f"{number:.4g}" if number == number else "not evaluable"  # NaN != NaN
+
+
+def validation_markdown(
+    *,
+    passed: bool,
+    rows: Iterable[Mapping[str, Any]],
+    failures: Iterable[str],
+    run_id: str,
+    run_url: str,
+    notebook_url: str,
+    notebook_artifact: str,
+    n_cases: int = 0,
+) -> str:
+    """The validation section of a model version's description (markdown, between marker comments)."""
+    status = "PASS" if passed else "FAIL"
+    lines = [
+        _SECTION_START,
+        f"## Validation: {status}",
+        "",
+        f"Validation run [`{run_id}`]({run_url})"
+        + (f" on {n_cases} held-out patient{'s' if n_cases != 1 else ''}" if n_cases else "")
+        + f"; executed notebook [`{notebook_artifact}`]({notebook_url}) (`runs:/{run_id}/{notebook_artifact}`).",
+        "",
+        "| Structure | Metric | Limit | Measured | Result |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        result = "pass" if row.get("passed") else "**FAIL**"
+        lines.append(
+            f"| {row.get('structure', '')} | {row.get('metric') or '—'} | {row.get('limit') or 'none'} | "
+            f"{_fmt(row.get('value'))} | {result} |"
+        )
+    failed = list(failures)
+    if failed:
+        lines += ["", "Not promoted:", *[f"- {line}" for line in failed]]
+    else:
+        lines += ["", "Every structure the model outputs met its limits."]
+    lines.append(_SECTION_END)
+    return "\n".join(lines)
+
+
+def _merge_description(existing: str | None, section: str) -> str:
+    """Put ``section`` into ``existing``: replacing an earlier validation section, else appended (model card
+    and anything else written there stay)."""
+    text = existing or ""
+    start, end = text.find(_SECTION_START), text.find(_SECTION_END)
+    if start >= 0 and end > start:
+        return text[:start] + section + text[end + len(_SECTION_END) :]
+    return f"{text.rstrip()}\n\n{section}" if text.strip() else section
+
+
+def record_validation(
+    name: str,
+    version: str | int,
+    *,
+    run_id: str,
+    passed: bool,
+    rows: Iterable[Mapping[str, Any]],
+    failures: Iterable[str] = (),
+    notebook_artifact: str = "",
+    n_cases: int = 0,
+    settings: Settings | None = None,
+) -> None:
+    """Write a validation's outcome onto the model version, and point the validation run at the version.
+
+    Model version tags: ``pacsai.validation.status`` (pass/fail), ``pacsai.validation.run_id``, and per gate row
+    ``pacsai.validation.<metric>_<structure>`` (measured) and ``pacsai.validation.limit.<metric>_<structure>``
+    (e.g. ``≥ 0.97``); earlier ``pacsai.validation.*`` tags are removed first, so none outlives its validation.
+    The description gets a markdown section with the table and links to the run and its notebook (an existing
+    description, such as the model card, is kept; an earlier validation section is replaced). The run gets
+    ``pacsai.validated_model`` (``models:/name/version``) and ``pacsai.validation.status``.
+
+    Parameters
+    ----------
+    rows
+        Gate rows (:func:`pacsai.learning.validate.gate_rows`): structure, metric, limit, value, passed.
+    """
+    c = client(settings=settings)
+    version = str(version)
+    rows = list(rows)
+    failures = list(failures)
+    status = "pass" if passed else "fail"
+    try:
+        mv = c.get_model_version(name, version)
+        run = c.get_run(run_id)
+        for key in list(mv.tags or {}):
+            if key.startswith(f"{VALIDATION_TAG}."):
+                c.delete_model_version_tag(name, version, key)
+        tags = {
+            f"{VALIDATION_TAG}.status": status,
+            f"{VALIDATION_TAG}.run_id": run_id,
+            f"{VALIDATION_TAG}.failures": str(len(failures)),
+        }
+        if notebook_artifact:
+            tags[f"{VALIDATION_TAG}.notebook"] = f"runs:/{run_id}/{notebook_artifact}"
+        for row in rows:
+            if not row.get("metric"):
+                continue  # an output without a threshold: in the failures and the description
+            metric = f"{row['metric']}_{row['structure']}"
+            tags[f"{VALIDATION_TAG}.{metric}"] = _fmt(row.get("value"))
+            tags[f"{VALIDATION_TAG}.limit.{metric}"] = str(row.get("limit", ""))
+        for key, value in tags.items():
+            c.set_model_version_tag(name, version, key, value)
+        uri = tracking_uri(settings=settings)
+        experiment_id = run.info.experiment_id
+        section = validation_markdown(
+            passed=passed,
+            rows=rows,
+            failures=failures,
+            run_id=run_id,
+            run_url=run_link(run_id, experiment_id, uri=uri),
+            notebook_url=run_link(run_id, experiment_id, uri=uri, path=notebook_artifact),
+            notebook_artifact=notebook_artifact,
+            n_cases=n_cases,
+        )
+        c.update_model_version(name, version, description=_merge_description(mv.description, section))
+        c.set_tag(run_id, "pacsai.validated_model", f"models:/{name}/{version}")
+        c.set_tag(run_id, f"{VALIDATION_TAG}.status", status)
+    except TrackingError:
+        raise
+    except Exception as err:
+        raise TrackingError(
+            f"cannot record validation run {run_id} on model {name!r} version {version}: {err}"
+        ) from err
+
+
+def validation_status(name: str, version: str | int, *, settings: Settings | None = None) -> dict[str, str]:
+    """The ``pacsai.validation.*`` tags of a model version, without the prefix (``{}``: never validated)."""
+    c = client(settings=settings)
+    try:
+        mv = c.get_model_version(name, str(version))
+    except Exception as err:
+        raise TrackingError(f"cannot read model {name!r} version {version}: {err}") from err
+    prefix = f"{VALIDATION_TAG}."
+    return {k[len(prefix) :]: v for k, v in (mv.tags or {}).items() if k.startswith(prefix)}

@@ -182,3 +182,75 @@ def test_ui_serves_the_embedded_store(store):
     finally:
         os.killpg(proc.pid, 15)  # the server's own process group (uvicorn worker included)
         proc.wait(timeout=30)
+
+
+# ---------------------------------------------------------------------------------------------------- validation
+
+
+def _model_version(name: str = "gate-model") -> tuple[str, str, str]:
+    """A registered model version (source: a run's artifact folder) and a validation run, on the real store."""
+    c = tracking.client()
+    with tracking.start_run("training", experiment="gate") as training:
+        tracking._mlflow().log_dict({"weights": "none"}, "model/info.json")
+    c.create_registered_model(name)
+    mv = c.create_model_version(
+        name, source=f"runs:/{training.run_id}/model", run_id=training.run_id, description="# Model card\nResearch use only."
+    )
+    with tracking.start_run("validation", experiment="gate") as validation:
+        pass
+    return name, str(mv.version), validation.run_id
+
+
+def test_validation_is_written_onto_the_model_version(store):
+    name, version, run_id = _model_version()
+    failing = [
+        {"structure": "Heart", "metric": "dice", "limit": "≥ 0.94", "value": 0.951, "passed": True, "reason": ""},
+        {"structure": "Heart", "metric": "abs_delta_dmean", "limit": "≤ 1 Gy", "value": 1.4, "passed": False,
+         "reason": "abs_delta_dmean_Heart = 1.4 > 1"},
+        {"structure": "GTV", "metric": "", "limit": "", "value": float("nan"), "passed": False,
+         "reason": "no threshold for GTV: the gate must cover every output"},
+    ]
+    tracking.record_validation(
+        name, version, run_id=run_id, passed=False, rows=failing, failures=[r["reason"] for r in failing[1:]],
+        notebook_artifact="notebook/validation.ipynb", n_cases=2,
+    )
+    c = tracking.client()
+    mv = c.get_model_version(name, version)
+    assert mv.tags["pacsai.validation.status"] == "fail"
+    assert mv.tags["pacsai.validation.run_id"] == run_id
+    assert mv.tags["pacsai.validation.dice_Heart"] == "0.951"
+    assert mv.tags["pacsai.validation.limit.dice_Heart"] == "≥ 0.94"
+    assert mv.tags["pacsai.validation.abs_delta_dmean_Heart"] == "1.4"
+    assert mv.tags["pacsai.validation.notebook"] == f"runs:/{run_id}/notebook/validation.ipynb"
+    text = mv.description
+    assert text.startswith("# Model card\nResearch use only.")  # the model card stays first
+    assert "## Validation: FAIL" in text and "on 2 held-out patients" in text
+    assert "| Heart | dice | ≥ 0.94 | 0.951 | pass |" in text
+    assert "| Heart | abs_delta_dmean | ≤ 1 Gy | 1.4 | **FAIL** |" in text
+    assert "| GTV | — | none | not evaluable | **FAIL** |" in text
+    assert "- no threshold for GTV: the gate must cover every output" in text
+    experiment = c.get_run(run_id).info.experiment_id
+    assert f"(#/experiments/{experiment}/runs/{run_id})" in text
+    assert f"(#/experiments/{experiment}/runs/{run_id}/artifacts/notebook/validation.ipynb)" in text
+    run = c.get_run(run_id)
+    assert run.data.tags["pacsai.validated_model"] == f"models:/{name}/{version}"
+    assert run.data.tags["pacsai.validation.status"] == "fail"
+
+    # validated again, passing with other limits: the section is replaced, no tag of the first outlives it
+    passing = [{"structure": "Heart", "metric": "dice", "limit": "≥ 0.9", "value": 0.951, "passed": True, "reason": ""}]
+    tracking.record_validation(name, version, run_id=run_id, passed=True, rows=passing, notebook_artifact="nb.ipynb")
+    mv = c.get_model_version(name, version)
+    status = tracking.validation_status(name, version)
+    assert status["status"] == "pass" and status["limit.dice_Heart"] == "≥ 0.9"
+    assert "abs_delta_dmean_Heart" not in status and "limit.abs_delta_dmean_Heart" not in status
+    assert mv.description.startswith("# Model card")
+    assert mv.description.count("## Validation") == 1 and "## Validation: PASS" in mv.description
+    assert "Every structure the model outputs met its limits." in mv.description
+
+
+def test_run_links_for_server_and_embedded_store():
+    assert tracking.run_link("abc", "3", uri="sqlite:////x/mlflow.db") == "#/experiments/3/runs/abc"
+    assert (
+        tracking.run_link("abc", "3", uri="http://mlflow:5000/", path="notebook/v.ipynb")
+        == "http://mlflow:5000/#/experiments/3/runs/abc/artifacts/notebook/v.ipynb"
+    )

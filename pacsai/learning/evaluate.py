@@ -577,7 +577,7 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
             row[f"abs_{col}"] = float(values.abs().max()) if dose_ok else math.nan
         if len(dosed) == 0:
             notes.append("no case has a plan dose")
-        elif not dose_ok:
+        elif not dose_ok and all_present:  # else the contour note already says why
             notes.append("dose " + _counted(dose_states[dosed.index], ["evaluated"]))
         row["note"] = "; ".join(notes)
         out.append(row)

@@ -2,13 +2,25 @@
 
 :func:`run_validation` executes ``notebooks/03_evaluate.ipynb`` of the installed project (never of the working
 directory) with the ``pacsai`` kernel. The notebook evaluates the model on the held-out (``test``) patients of
-its training run, logs an MLflow run with ``pacsai.kind=validation`` (metrics ``dice_<structure>``,
-``hd95_<structure>``, ...) and writes its results to a JSON file; this module then attaches the executed
-notebook to that run, checks the thresholds itself, and sets the alias ``champion`` only if all pass.
+its training run, with the plan dose where the study has one (:func:`pacsai.learning.evaluate.
+dose_aware_agreement`), logs an MLflow run with ``pacsai.kind=validation`` (metrics ``dice_<S>``, ``hd95_<S>``,
+``surface_dice_<S>``, ``apl_<S>``, ``delta_dmean_<S>``, ``delta_d0_03cc_<S>``, ``delta_v20_<S>`` and the worst
+per-patient ``abs_delta_*_<S>``) and writes its results to a JSON file; this module then attaches the executed
+notebook to that run, checks the promotion gate itself, writes the gate's numbers onto the model version
+(:func:`pacsai.tracking.record_validation`) and sets the alias ``champion`` only if the gate passes.
 
-Thresholds: ``STRUCT=VALUE`` or ``dice_STRUCT=VALUE`` require Dice ≥ VALUE; ``hd95_STRUCT=VALUE`` and
-``msd_STRUCT=VALUE`` require the distance (mm) ≤ VALUE; ``surface_dice_STRUCT=VALUE`` requires ≥ VALUE.
-Without thresholds a model passes when every structure got a finite Dice.
+The gate covers every structure the model outputs: a structure without a threshold fails it, as does a limit
+that could not be checked (structure empty or missing in a held-out case, no plan dose for a dose limit).
+
+Thresholds, per structure (the experiment YAML's ``validation.thresholds`` block, stored with the model)::
+
+    Lung_L: {dice: 0.97, hd95: 5.0, delta_dmean_gy: 1.0}
+
+``dice`` and ``surface_dice`` are minima (mean over the held-out patients); ``hd95``, ``msd`` and ``apl_mm``
+maxima in mm (mean); ``delta_dmean_gy``, ``delta_d0_03cc_gy`` and ``delta_v20_pct`` maxima of |model − reference|
+in the worst held-out patient. On the command line: ``STRUCT=VALUE`` or ``dice_STRUCT=VALUE`` (Dice ≥),
+``hd95_STRUCT=MM``, ``msd_STRUCT=MM``, ``apl_STRUCT=MM``, ``surface_dice_STRUCT=F``, ``delta_dmean_STRUCT=GY``,
+``delta_d0_03cc_STRUCT=GY``, ``delta_v20_STRUCT=PCT``.
 
 Does not import torch (the notebook's kernel does).
 """
@@ -32,8 +44,28 @@ logger = logging.getLogger(__name__)
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 TEMPLATE = "03_evaluate.ipynb"
 KERNEL = "pacsai"
-LOWER_IS_BETTER = ("hd95", "msd")
+LOWER_IS_BETTER = ("hd95", "msd", "apl", "abs_delta_dmean", "abs_delta_d0_03cc", "abs_delta_v20")
 HIGHER_IS_BETTER = ("dice", "surface_dice")
+# key of a structure's entry in the YAML block → the metric prefix it limits
+LIMIT_KEYS = {
+    "dice": "dice",
+    "surface_dice": "surface_dice",
+    "hd95": "hd95",
+    "msd": "msd",
+    "apl_mm": "apl",
+    "delta_dmean_gy": "abs_delta_dmean",
+    "delta_d0_03cc_gy": "abs_delta_d0_03cc",
+    "delta_v20_pct": "abs_delta_v20",
+}
+# command-line prefix → metric prefix; a dose limit is on |Δ| in the worst patient, whichever way it is written
+_CLI_PREFIXES = {
+    **{f"{p}_": p for p in (*HIGHER_IS_BETTER, *LOWER_IS_BETTER)},
+    "delta_dmean_": "abs_delta_dmean",
+    "delta_d0_03cc_": "abs_delta_d0_03cc",
+    "delta_v20_": "abs_delta_v20",
+}
+_UNITS = {"hd95": " mm", "msd": " mm", "apl": " mm", "abs_delta_dmean": " Gy", "abs_delta_d0_03cc": " Gy",
+          "abs_delta_v20": " %"}
 
 
 def template_path() -> Path:
@@ -46,21 +78,52 @@ def template_path() -> Path:
     return path
 
 
-def parse_thresholds(items: Sequence[str] | Mapping[str, float]) -> dict[str, float]:
-    """``["Heart=0.85", "hd95_Heart=10"]`` → ``{"dice_Heart": 0.85, "hd95_Heart": 10.0}`` (metric names)."""
-    pairs = items.items() if isinstance(items, Mapping) else (_split(i) for i in items)
+def split_metric(metric: str) -> tuple[str, str]:
+    """``"abs_delta_dmean_Lung_L"`` → ``("abs_delta_dmean", "Lung_L")``; a bare name is a Dice limit."""
+    for prefix in sorted(_CLI_PREFIXES, key=len, reverse=True):
+        if metric.startswith(prefix) and len(metric) > len(prefix):
+            return _CLI_PREFIXES[prefix], metric[len(prefix) :]
+    return "dice", metric
+
+
+def parse_thresholds(
+    items: Sequence[str] | Mapping[str, float] | Mapping[str, Mapping[str, float]],
+) -> dict[str, float]:
+    """Thresholds in any accepted form → ``{metric name: limit}``.
+
+    ``["Heart=0.85", "hd95_Heart=10", "delta_dmean_Heart=1"]``, the same as a mapping, or the YAML form
+    ``{"Heart": {"dice": 0.85, "hd95": 10, "delta_dmean_gy": 1}}`` all give
+    ``{"dice_Heart": 0.85, "hd95_Heart": 10.0, "abs_delta_dmean_Heart": 1.0}``.
+    """
+    if isinstance(items, Mapping):
+        pairs: list[tuple[str, Any]] = []
+        for key, value in items.items():
+            if isinstance(value, Mapping):
+                pairs += _structure_limits(str(key), value)
+            else:
+                pairs.append((str(key), value))
+    else:
+        pairs = [_split(i) for i in items]
     out: dict[str, float] = {}
     for key, value in pairs:
-        metric = (
-            key
-            if key.startswith((*(f"{m}_" for m in LOWER_IS_BETTER), "dice_", "surface_dice_"))
-            else f"dice_{key}"
-        )
+        prefix, structure = split_metric(key)
         try:
-            out[metric] = float(value)
+            limit = float(value)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"threshold {key}={value!r} is not a number") from err
+        if not math.isfinite(limit):
+            raise ConfigError(f"threshold {key}={value!r} must be a finite number")
+        out[f"{prefix}_{structure}"] = limit
     return out
+
+
+def _structure_limits(structure: str, limits: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    unknown = sorted(set(limits) - set(LIMIT_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"validation threshold of {structure}: unknown {unknown}; use {', '.join(LIMIT_KEYS)}"
+        )
+    return [(f"{LIMIT_KEYS[k]}_{structure}", v) for k, v in limits.items()]
 
 
 def _split(item: str) -> tuple[str, str]:
@@ -70,27 +133,108 @@ def _split(item: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
-def check_thresholds(metrics: Mapping[str, float], thresholds: Mapping[str, float]) -> list[str]:
-    """The failed checks, as readable lines (empty list: all pass). A missing or NaN metric fails."""
-    failures = []
-    for metric, limit in thresholds.items():
-        value = metrics.get(metric)
-        lower = metric.startswith(tuple(f"{m}_" for m in LOWER_IS_BETTER))
-        if value is None or not math.isfinite(float(value)):
-            failures.append(
-                f"{metric}: no value (structure not evaluated or empty), needs {'≤' if lower else '≥'} {limit}"
+def thresholds_from_experiment(config: Mapping[str, Any], *, source: str = "the experiment") -> dict[str, float]:
+    """The ``validation.thresholds`` block of an experiment config → ``{metric: limit}``.
+
+    Raises
+    ------
+    ConfigError
+        The block is missing or malformed (the message names ``source``).
+    """
+    block = (config.get("validation") or {}).get("thresholds") if isinstance(config, Mapping) else None
+    if not isinstance(block, Mapping) or not block:
+        raise ConfigError(
+            f"{source} has no validation.thresholds block; add one (see experiments/demo.yaml) or pass --threshold"
+        )
+    if not all(isinstance(v, Mapping) for v in block.values()):
+        raise ConfigError(f"{source}: validation.thresholds maps each structure to {{metric: limit}}")
+    return parse_thresholds(block)
+
+
+def stored_thresholds(model_uri: str, *, settings: Any = None) -> dict[str, float] | None:
+    """The thresholds in the model's stored experiment config (``metadata["pacsai"]["experiment"]``), or None."""
+    from pacsai import tracking
+
+    mlflow = tracking._mlflow()
+    uri = tracking.tracking_uri(settings=settings)
+    try:
+        with tracking.using_store(uri):
+            info = mlflow.models.get_model_info(model_uri)
+    except Exception as err:
+        raise TrackingError(f"cannot read the metadata of {model_uri} from {uri}: {err}") from err
+    experiment = ((info.metadata or {}).get("pacsai") or {}).get("experiment")
+    if not isinstance(experiment, Mapping) or "validation" not in experiment:
+        return None
+    return thresholds_from_experiment(experiment, source=f"the experiment stored with {model_uri}")
+
+
+def _direction(prefix: str) -> str:
+    return "≤" if prefix in LOWER_IS_BETTER else "≥"
+
+
+def gate_rows(
+    metrics: Mapping[str, float],
+    thresholds: Mapping[str, float],
+    *,
+    outputs: Sequence[str] | None = None,
+    notes: Mapping[str, str] | None = None,
+) -> list[dict[str, Any]]:
+    """One row per limit (and per output without one): structure, metric, limit, value, passed, reason."""
+    notes = notes or {}
+    rows = []
+    limited = {split_metric(m)[1] for m in thresholds}
+    for structure in outputs or ():
+        if structure not in limited:
+            rows.append(
+                {"structure": structure, "metric": "", "limit": "", "value": math.nan, "passed": False,
+                 "reason": f"no threshold for {structure}: the gate must cover every output"}
             )
-        elif lower and float(value) > limit:
-            failures.append(f"{metric} = {float(value):.3f} > {limit}")
-        elif not lower and float(value) < limit:
-            failures.append(f"{metric} = {float(value):.4f} < {limit}")
+    for metric, limit in thresholds.items():
+        prefix, structure = split_metric(metric)
+        direction = _direction(prefix)
+        raw = metrics.get(metric)
+        value = float(raw) if raw is not None else math.nan
+        text = f"{direction} {limit:g}{_UNITS.get(prefix, '')}"
+        if outputs is not None and structure not in outputs:
+            passed, reason = False, f"{metric}: the model does not output {structure}"
+        elif not math.isfinite(value):
+            why = notes.get(structure) or "not evaluated"
+            passed, reason = False, f"{metric}: not evaluable ({why}), needs {text}"
+        else:
+            passed = value <= limit if direction == "≤" else value >= limit
+            reason = "" if passed else f"{metric} = {value:.4g} {'>' if direction == '≤' else '<'} {limit:g}"
+        rows.append(
+            {"structure": structure, "metric": prefix, "limit": text, "value": value, "passed": passed,
+             "reason": reason}
+        )
+    return rows
+
+
+def check_thresholds(
+    metrics: Mapping[str, float],
+    thresholds: Mapping[str, float],
+    *,
+    outputs: Sequence[str] | None = None,
+    notes: Mapping[str, str] | None = None,
+) -> list[str]:
+    """The failed checks of the promotion gate, as readable lines (empty list: the gate passes).
+
+    Parameters
+    ----------
+    metrics
+        Validation metrics by name (``dice_Heart`` ...); a missing or NaN metric fails its limit.
+    thresholds
+        ``{metric: limit}`` (:func:`parse_thresholds`).
+    outputs
+        The structures the model outputs: each needs at least one limit. ``None``: not checked.
+    notes
+        Per structure, why its metrics are NaN (``summarize``'s ``note``), quoted in the failure.
+    """
     if not thresholds:
-        failures = [
-            f"{k}: not finite" for k, v in metrics.items() if k.startswith("dice_") and not math.isfinite(v)
+        return [f"no threshold for {s}: the gate must cover every output" for s in outputs or ()] or [
+            "no thresholds: give the experiment a validation.thresholds block or pass --threshold"
         ]
-        if not any(k.startswith("dice_") for k in metrics):
-            failures.append("no Dice was computed")
-    return failures
+    return [r["reason"] for r in gate_rows(metrics, thresholds, outputs=outputs, notes=notes) if not r["passed"]]
 
 
 @dataclass(frozen=True)
@@ -106,12 +250,46 @@ class ValidationResult:
     failures: list[str] = field(default_factory=list)
     notebook: Path | None = None
     alias_set: bool = False
+    thresholds: Mapping[str, float] = field(default_factory=dict)
+    thresholds_source: str = ""
+    outputs: tuple[str, ...] = ()
+    gate: list[dict[str, Any]] = field(default_factory=list)
+
+
+def resolve_thresholds(
+    model_uri: str,
+    thresholds: Sequence[str] | Mapping[str, Any] | None,
+    *,
+    experiment: str | Path | None = None,
+    settings: Any = None,
+) -> tuple[dict[str, float], str]:
+    """The gate's limits and where they came from: given, else stored with the model, else ``experiment``.
+
+    An empty result is allowed: the gate then fails every output for want of a threshold.
+    """
+    if thresholds is not None:
+        return parse_thresholds(thresholds), "given"
+    stored = stored_thresholds(model_uri, settings=settings)
+    if stored is not None:
+        return stored, "the experiment stored with the model"
+    if experiment is not None:
+        import yaml
+
+        path = Path(experiment)
+        try:
+            config = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"cannot read the experiment {path}: {err}") from err
+        return thresholds_from_experiment(config, source=str(path)), str(path)
+    logger.warning("%s stores no experiment config and none was given: no thresholds", model_uri)
+    return {}, "none"
 
 
 def run_validation(
     model_uri: str,
+    thresholds: Sequence[str] | Mapping[str, Any] | None = None,
     *,
-    thresholds: Sequence[str] | Mapping[str, float] = (),
+    experiment: str | Path | None = None,
     smoke: bool = False,
     pacs_url: str | None = None,
     tolerance_mm: float = 2.0,
@@ -120,20 +298,24 @@ def run_validation(
     kernel: str = KERNEL,
     settings: Any = None,
 ) -> ValidationResult:
-    """Run the validation notebook on ``model_uri``; set ``champion`` if every threshold passes.
+    """Run the validation notebook on ``model_uri``; set ``champion`` if the promotion gate passes.
 
     Parameters
     ----------
     model_uri
         ``models:/name/3``, ``models:/name@alias`` or ``models:/name/latest``.
     thresholds
-        See the module docstring.
+        See the module docstring. ``None`` (default): the ``validation.thresholds`` of the experiment stored with
+        the model (``metadata["pacsai"]["experiment"]``), else of ``experiment``.
+    experiment
+        Experiment YAML to take the thresholds from when the model stores none (models from before the
+        experiment config was stored).
     smoke
         Evaluate a single held-out case (tests, CI).
     pacs_url
         PACS holding the cohort; default the settings' PACS.
     tolerance_mm
-        τ of the surface Dice.
+        τ of the surface Dice and the added path length.
     output_dir
         Where the executed notebook is kept; default a temporary folder (the notebook is in MLflow anyway).
     promote
@@ -146,7 +328,7 @@ def run_validation(
     Returns
     -------
     ValidationResult
-        ``passed`` False means nothing was promoted.
+        ``passed`` False means nothing was promoted; ``failures`` says why.
 
     Raises
     ------
@@ -159,13 +341,13 @@ def run_validation(
     from pacsai.pacs.credentials import credentials_out_of_url
     from pacsai.report.render import stderr_to
 
-    limits = parse_thresholds(thresholds)
     ref = tracking.resolve_model(model_uri, settings=settings)
     if not ref.name:
         raise TrackingError(
             f"{model_uri} is not a registered model; validate models:/NAME/VERSION or models:/NAME@ALIAS"
         )
     pinned = ref.uri  # validate and promote exactly this version, even if an alias moves meanwhile
+    limits, source = resolve_thresholds(pinned, thresholds, experiment=experiment, settings=settings)
     keep = Path(output_dir) if output_dir is not None else None
     with tempfile.TemporaryDirectory(prefix="pacsai-validate-") as tmp:
         folder = keep or Path(tmp)
@@ -181,7 +363,7 @@ def run_validation(
             "smoke": bool(smoke),
             "result_path": str(result_path),
         }
-        logger.info("validating %s with %s", pinned, template_path())
+        logger.info("validating %s with %s (thresholds: %s)", pinned, template_path(), source)
         try:
             # The executed notebook becomes an MLflow artifact: a user:password@ URL must not reach it, and the
             # kernel's start-up chatter goes to a log file next to it rather than the user's terminal.
@@ -215,11 +397,26 @@ def run_validation(
             ) from err
         run_id = str(result["run_id"])
         metrics = {k: float(v) for k, v in result["metrics"].items()}
+        outputs = tuple(str(s) for s in result.get("outputs") or ())
+        notes = {str(k): str(v) for k, v in (result.get("notes") or {}).items()}
         c = tracking.client(settings=settings)
         c.log_artifact(run_id, str(out_nb), artifact_path="notebook")
-        failures = check_thresholds(metrics, limits)
+        rows = gate_rows(metrics, limits, outputs=outputs, notes=notes)
+        failures = check_thresholds(metrics, limits, outputs=outputs, notes=notes)
         passed = not failures
         c.set_tag(run_id, "pacsai.passed", str(passed).lower())
+        c.set_tag(run_id, "pacsai.thresholds_source", source)
+        tracking.record_validation(
+            ref.name,
+            ref.version,
+            run_id=run_id,
+            passed=passed,
+            rows=rows,
+            failures=failures,
+            notebook_artifact=f"notebook/{out_nb.name}",
+            n_cases=int(result.get("n_patients") or 0),
+            settings=settings,
+        )
         alias_set = False
         if passed and promote:
             tracking.set_alias(ref.name, ref.version, tracking.CHAMPION, settings=settings)
@@ -235,4 +432,8 @@ def run_validation(
             failures=failures,
             notebook=out_nb if keep is not None else None,
             alias_set=alias_set,
+            thresholds=limits,
+            thresholds_source=source,
+            outputs=outputs,
+            gate=rows,
         )
