@@ -370,6 +370,16 @@ def test_hypofractionation_without_alpha_beta_is_not_evaluable(tmp_path):
         load_constraints(path)
 
 
+def test_a_structure_in_another_frame_of_reference_is_not_evaluable():
+    shape = (4, 4, 4)
+    heart = mask(shape, np.s_[0], name="Heart", frame_of_reference_uid="9.9")
+    row = rows_by_key(
+        evaluate_plan(plan_dose(np.ones(shape)), {"Heart": heart}, fractions=30, prescription_gy=60.0)
+    )
+    assert row[("Heart", "Dmean")]["status"] == "not evaluable"
+    assert "different patient frames; register them first" in row[("Heart", "Dmean")]["reason"]
+
+
 def test_evaluate_plan_fills_and_reuses_a_dvh_cache():
     shape = (4, 4, 4)
     dose = plan_dose(np.full(shape, 3.0))

@@ -457,25 +457,25 @@ def _component_problem(
     canonical: str,
     masks: Mapping[str, xr.DataArray],
     mapping: Mapping[str, str],
-) -> str:
-    """Why a derived structure cannot be formed ("" when every component is present and non-empty)."""
+) -> tuple[str, str] | None:
+    """(state, reason) why a derived structure cannot be formed; None when every component is present."""
     derive = table.structures.get(canonical, {}).get("derive") or {}
     formula = " ∪ ".join(derive.get("union", [])) + "".join(f" − {m}" for m in derive.get("minus", []))
     for part in [*derive.get("union", []), *derive.get("minus", [])]:
         key, _ = _resolve(table, part, list(masks), mapping)
         if key is None:
-            return f"{canonical} = {formula} cannot be formed: no structure named {part!r}"
+            return "missing", f"{canonical} = {formula} cannot be formed: no structure named {part!r}"
         if not bool(np.asarray(masks[key].values).any()):
-            return f"{canonical} = {formula} cannot be formed: {_empty_reason(key, masks[key])}"
-    return ""
+            return "empty", f"{canonical} = {formula} cannot be formed: {_empty_reason(key, masks[key])}"
+    return None
 
 
 def _constraint_masks(
     table: ConstraintSet, masks: Mapping[str, xr.DataArray], mapping: Mapping[str, str]
-) -> tuple[dict[str, xr.DataArray], dict[str, str]]:
-    """Masks for every constraint structure that can be had (given or derived), and why others cannot."""
+) -> tuple[dict[str, xr.DataArray], dict[str, tuple[str, str]]]:
+    """Masks of the constraint structures that can be had (given or derived), and (state, reason) of the others."""
     found: dict[str, xr.DataArray] = {}
-    problems: dict[str, str] = {}
+    problems: dict[str, tuple[str, str]] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PacsaiWarning)  # what cannot be derived is stated in the rows
         derived = derive_structures(masks, table, names=mapping)
@@ -483,17 +483,75 @@ def _constraint_masks(
         key, reason = _resolve(table, canonical, list(masks), mapping)
         if key is not None:
             found[canonical] = masks[key].rename(key) if masks[key].name != key else masks[key]
-            continue
-        if canonical in derived:
+        elif canonical in derived:
             found[canonical] = derived[canonical]
-            continue
-        problem = (
-            _component_problem(table, canonical, masks, mapping)
-            if table.structures.get(canonical, {}).get("derive")
-            else ""
-        )
-        problems[canonical] = problem or reason
+        else:
+            problem = None
+            if table.structures.get(canonical, {}).get("derive"):
+                problem = _component_problem(table, canonical, masks, mapping)
+            problems[canonical] = problem or ("missing", reason)
     return found, problems
+
+
+def _plan_dvh(dose: xr.DataArray, mask: xr.DataArray, cache: dict[str, DVH]) -> DVH | dict[str, Any]:
+    """The structure's DVH on the covered part (cached by name), or the row fields saying why there is none."""
+    from pacsai.planning.dvh import dose_coverage
+    from pacsai.planning.dvh import dvh as compute_dvh
+
+    key = str(mask.name)
+    cached = cache.get(key)
+    if cached is not None:
+        if "counted as 0 Gy" in cached.method:
+            raise PlanningError(
+                f"the cached DVH of {key!r} counts uncovered volume as 0 Gy; use outside='exclude'"
+            )
+        return cached
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PacsaiWarning)  # the coverage is stated in the row
+            cache[key] = compute_dvh(dose, mask, name=key)
+    except PlanningError as err:
+        if "entirely outside" not in str(err):
+            return {"reason": str(err)}  # e.g. another frame of reference: said in the row, not a crash
+        uncovered, _ = dose_coverage(dose, mask)
+        return {
+            "status": "unreliable",
+            "uncovered_cc": uncovered,
+            "uncovered_pct": 100.0,
+            "reason": f"{key} lies entirely outside the dose grid ({uncovered:.3g} cm³): no dose is known there",
+        }
+    return cache[key]
+
+
+def _plan_row(
+    c: Constraint,
+    mask: xr.DataArray,
+    h: DVH,
+    *,
+    fractions: int,
+    prescription_gy: float,
+    max_uncovered_pct: float,
+    max_uncovered_cc: float,
+) -> dict[str, Any]:
+    """The row of a constraint whose structure has a DVH: unreliable when too uncovered, else measured."""
+    key = str(mask.name)
+    pct = 100.0 * h.uncovered_cc / (h.volume_cc + h.uncovered_cc)
+    row = _row(c, matched=key, state="present", uncovered_cc=h.uncovered_cc, uncovered_pct=pct)
+    if pct > max_uncovered_pct + 1e-9 or h.uncovered_cc > max_uncovered_cc + 1e-12:
+        row.update(
+            status="unreliable",
+            reason=(
+                f"{h.uncovered_cc:.3g} cm³ ({pct:.3g} %) of {key} lies outside the dose grid (more than "
+                f"{max_uncovered_pct:g} % or {max_uncovered_cc:g} cm³): no dose is known there, so "
+                f"{c.metric} is not stated"
+            ),
+        )
+        return row
+    row.update(_measure(c, h, fractions, prescription_gy))
+    if h.uncovered_cc > 0:
+        note = f"{h.uncovered_cc:.3g} cm³ ({pct:.3g} %) outside the dose grid, excluded"
+        row["reason"] = "; ".join(r for r in (row["reason"], note) if r)
+    return row
 
 
 def evaluate_plan(
@@ -548,77 +606,35 @@ def evaluate_plan(
         As :func:`evaluate_constraints`.
     """
     from pacsai.imaging.dose import NotPlanDoseError, check_plan_dose
-    from pacsai.planning.dvh import dose_coverage
-    from pacsai.planning.dvh import dvh as compute_dvh
 
     table = site if isinstance(site, ConstraintSet) else load_constraints(site)
-    mapping = dict(names or {})
     cache = dvhs if dvhs is not None else {}
     try:
         check_plan_dose(dose)
     except NotPlanDoseError as err:
         return _frame([_row(c, reason=str(err)) for c in table.constraints])
-    found, problems = _constraint_masks(table, masks, mapping)
+    found, problems = _constraint_masks(table, masks, dict(names or {}))
     rows: list[dict[str, Any]] = []
     for c in table.constraints:
         if c.structure in problems:
-            state = (
-                "missing"
-                if "no structure named" in problems[c.structure] or "mapped to" in problems[c.structure]
-                else "empty"
-            )
-            rows.append(_row(c, state=state, reason=problems[c.structure]))
+            state, reason = problems[c.structure]
+            rows.append(_row(c, state=state, reason=reason))
             continue
         mask = found[c.structure]
         key = str(mask.name)
         if not bool(np.asarray(mask.values).any()):
             rows.append(_row(c, matched=key, state="empty", reason=_empty_reason(key, mask)))
             continue
-        h = cache.get(key)
-        if h is not None and "counted as 0 Gy" in h.method:
-            raise PlanningError(
-                f"the cached DVH of {key!r} counts uncovered volume as 0 Gy; use outside='exclude'"
+        h = _plan_dvh(dose, mask, cache)
+        if isinstance(h, dict):
+            rows.append(_row(c, matched=key, state="present", **h))
+            continue
+        rows.append(
+            _plan_row(
+                c, mask, h, fractions=fractions, prescription_gy=prescription_gy,
+                max_uncovered_pct=max_uncovered_pct, max_uncovered_cc=max_uncovered_cc,
             )
-        if h is None:
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", PacsaiWarning)  # the coverage is stated in the row
-                    h = compute_dvh(dose, mask, name=key)
-            except PlanningError as err:
-                if "entirely outside" not in str(err):
-                    raise
-                uncovered, _ = dose_coverage(dose, mask)
-                rows.append(
-                    _row(
-                        c,
-                        matched=key,
-                        state="present",
-                        status="unreliable",
-                        uncovered_cc=uncovered,
-                        uncovered_pct=100.0,
-                        reason=f"{key} lies entirely outside the dose grid ({uncovered:.3g} cm³): no dose is known there",
-                    )
-                )
-                continue
-            cache[key] = h
-        total = h.volume_cc + h.uncovered_cc
-        pct = 100.0 * h.uncovered_cc / total
-        row = _row(c, matched=key, state="present", uncovered_cc=h.uncovered_cc, uncovered_pct=pct)
-        if pct > max_uncovered_pct + 1e-9 or h.uncovered_cc > max_uncovered_cc + 1e-12:
-            row.update(
-                status="unreliable",
-                reason=(
-                    f"{h.uncovered_cc:.3g} cm³ ({pct:.3g} %) of {key} lies outside the dose grid (more than "
-                    f"{max_uncovered_pct:g} % or {max_uncovered_cc:g} cm³): no dose is known there, so "
-                    f"{c.metric} is not stated"
-                ),
-            )
-        else:
-            row.update(_measure(c, h, fractions, prescription_gy))
-            if h.uncovered_cc > 0:
-                note = f"{h.uncovered_cc:.3g} cm³ ({pct:.3g} %) outside the dose grid, excluded"
-                row["reason"] = "; ".join(r for r in (row["reason"], note) if r)
-        rows.append(row)
+        )  # fmt: skip
     return _frame(rows)
 
 
@@ -654,7 +670,7 @@ def derive_structures(
             continue
         problem = _component_problem(table, canonical, masks, mapping)
         if problem:
-            warnings.warn(problem, PacsaiWarning, stacklevel=2)
+            warnings.warn(problem[1], PacsaiWarning, stacklevel=2)
             continue
         union_keys = [_resolve(table, part, available, mapping)[0] for part in derive.get("union", [])]
         minus_keys = [_resolve(table, part, available, mapping)[0] for part in derive.get("minus", [])]
