@@ -11,7 +11,7 @@ from scipy.spatial.distance import cdist
 import pandas as pd
 
 from pacsai.errors import DoseError, VolumeError
-from pacsai.imaging.geometry import affine_from, make_volume
+from pacsai.imaging.geometry import affine_from, make_volume, same_grid
 from pacsai.learning.evaluate import (
     added_path_length,
     agreement,
@@ -248,3 +248,40 @@ def test_summary_hides_no_empty_case_and_checks_the_worst_dose_delta():
     metrics = summary_metrics(summary)
     assert metrics["abs_delta_dmean_H"] == pytest.approx(5.0) and metrics["apl_H"] > 0
     assert math.isnan(metrics["dice_G"])
+
+
+def test_a_synthetic_patients_plan_dose_and_contours(tmp_path_factory):
+    """The real path: CT, RTSTRUCT and the study's plan RTDOSE from a PACS, compared on their own grids."""
+    from pacsai.cohort import CohortQuery, select_cohort
+    from pacsai.imaging import read_rtstruct, read_series
+    from pacsai.learning.evaluate import UNCOVERED_CC, UNCOVERED_FRACTION, plan_dose_of_study
+    from pacsai.pacs import connect
+    from tests.test_cohort import STRUCTURES, seeded_store, store_url
+
+    root = seeded_store(tmp_path_factory)
+    pacs = connect(store_url(root), cache_dir=root / "cache-evaluate")
+    row = next(select_cohort(pacs, CohortQuery(structures=STRUCTURES)).table.itertuples())
+    ct = read_series(pacs.retrieve_series(row.study_instance_uid, row.series_instance_uid, progress=False))
+    rt = pacs.retrieve_series(row.study_instance_uid, row.rtstruct_series_uid, progress=False)
+    masks = {k: v for k, v in read_rtstruct(rt[0], like=ct).items() if k in STRUCTURES}
+    dose, why = plan_dose_of_study(pacs, row.study_instance_uid)
+    assert dose is not None, why
+    assert dose.attrs["dose_summation_type"] == "PLAN" and not same_grid(dose, ct)
+
+    same = dose_aware_agreement(masks, masks, dose).set_index("structure")
+    assert (same["state"] == "present").all() and (same["dice"] == 1.0).all()
+    assert (same["added_path_length_mm"] == 0.0).all() and (same["ref_path_length_mm"] > 0).all()
+    for name, row_ in same.iterrows():
+        limit = min(UNCOVERED_CC, UNCOVERED_FRACTION * row_.volume_ref_cc)
+        if row_.dose_uncovered_ref_cc > limit:
+            assert row_.dose_state == "unreliable" and math.isnan(row_.delta_dmean_gy), name
+        else:
+            assert row_.dose_state == "evaluated" and row_.delta_dmean_gy == 0.0, name
+    gtv = same.loc["GTV"]  # the target sits well inside the dose grid, at the prescription (60 Gy)
+    assert gtv.dose_state == "evaluated" and 55.0 < gtv.dmean_ref_gy < 66.0
+
+    # the GTV drawn two CT voxels (12 mm) off: geometry and dose both see it
+    shifted = {"GTV": masks["GTV"].copy(data=np.roll(masks["GTV"].values, 2, axis=2))}
+    off = dose_aware_agreement(shifted, {"GTV": masks["GTV"]}, dose).iloc[0]
+    assert off.dice < 0.5 and off.added_path_length_mm > 0 and off.hd95 >= 12.0 - 1e-9
+    assert off.delta_dmean_gy < 0  # part of it moved out of the high-dose region
