@@ -21,6 +21,7 @@ from pacsai.learning.evaluate import (
     summary_metrics,
     surface,
 )
+from pacsai.planning.constraints import MAX_UNCOVERED_CC, MAX_UNCOVERED_PCT
 
 SPACING_ZYX = (3.0, 1.0, 2.0)  # deliberately anisotropic: z 3 mm, y 1 mm, x 2 mm
 
@@ -116,6 +117,16 @@ def _vol(mask, spacing_xyz=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0)):
     return make_volume(mask, affine_from(origin, np.eye(3), spacing_xyz))
 
 
+PLAN_DOSE = {"units": "Gy", "dose_summation_type": "PLAN", "dose_type": "PHYSICAL", "sop_instance_uid": "1.2.3.4"}
+
+
+def _dose(values, spacing_xyz=(1.0, 1.0, 1.0)):
+    """A total plan dose in Gy (the attributes read_dose sets) on a grid from the origin."""
+    dose = _vol(np.ascontiguousarray(values, dtype=float), spacing_xyz)
+    dose.attrs.update(PLAN_DOSE)
+    return dose
+
+
 def _square_slices(shape, y, x):
     """A (z, y, x) mask holding the same rectangle rows y[0]:y[1], columns x[0]:x[1] on every slice."""
     m = np.zeros(shape, bool)
@@ -160,8 +171,7 @@ def test_dose_aware_agreement_geometry_states_and_dose_gradient_by_hand():
     shape = (10, 20, 50)  # 1 mm voxels; dose = x in mm, so Gy rises 1 Gy per mm to the right
     ref_box = _box(shape, (2, 5, 10), (8, 15, 30))  # x 10..29 mm
     pred_box = _box(shape, (2, 5, 15), (8, 15, 35))  # the same box 5 mm to the right
-    dose = _vol(np.broadcast_to(np.arange(50, dtype=float), shape).copy())
-    dose.attrs.update(units="Gy", dose_summation_type="PLAN", dose_type="PHYSICAL")
+    dose = _dose(np.broadcast_to(np.arange(50, dtype=float), shape))
     empty = np.zeros(shape, bool)
     pred = {"Heart": _vol(pred_box), "GTV": _vol(empty), "Cord": _vol(ref_box)}
     ref = {"Heart": _vol(ref_box), "GTV": _vol(ref_box), "Cord": _vol(empty), "Lung": _vol(ref_box)}
@@ -200,13 +210,12 @@ def test_dose_on_its_own_coarser_grid_and_partly_uncovered():
     ref_box = _box(shape, (2, 5, 10), (8, 15, 30))
     pred_box = _box(shape, (2, 5, 15), (8, 15, 35))
     # a 2 mm dose grid, dose = x mm again: trilinear interpolation of a linear dose is exact
-    coarse = _vol(np.broadcast_to(np.arange(25, dtype=float) * 2.0, (5, 10, 25)).copy(), (2.0, 2.0, 2.0))
-    coarse.attrs["units"] = "Gy"
+    coarse = _dose(np.broadcast_to(np.arange(25, dtype=float) * 2.0, (5, 10, 25)), (2.0, 2.0, 2.0))
     row = dose_aware_agreement({"H": _vol(pred_box)}, {"H": _vol(ref_box)}, coarse).iloc[0]
     assert row.dose_state == "evaluated" and row.dose_uncovered_ref_cc == 0.0
     assert row.delta_dmean_gy == pytest.approx(5.0, abs=1e-6)
     # a dose grid that ends at x = 19.5 mm: 10 of the reference box's 20 mm (0.6 cm³) get no dose
-    half = _vol(np.broadcast_to(np.arange(20, dtype=float), shape[:2] + (20,)).copy())
+    half = _dose(np.broadcast_to(np.arange(20, dtype=float), shape[:2] + (20,)))
     row = dose_aware_agreement({"H": _vol(pred_box)}, {"H": _vol(ref_box)}, half).iloc[0]
     assert row.dose_state == "unreliable" and row.dose_uncovered_ref_cc == pytest.approx(0.6)
     assert math.isnan(row.delta_dmean_gy) and "outside the dose grid" in row.reason
@@ -216,13 +225,14 @@ def test_dose_on_its_own_coarser_grid_and_partly_uncovered():
 def test_only_a_total_plan_dose_is_compared():
     m = _vol(_box((4, 4, 4), (1, 1, 1), (3, 3, 3)))
     for attrs, match in (
-        ({"dose_summation_type": "BEAM"}, "BEAM dose"),
-        ({"dose_summation_type": "FRACTION"}, "FRACTION dose"),
-        ({"dose_type": "ERROR"}, "DoseType ERROR"),
-        ({"units": "relative"}, "not Gy"),
+        ({"dose_summation_type": "BEAM"}, "DoseSummationType is BEAM"),
+        ({"dose_summation_type": "FRACTION"}, "DoseSummationType is FRACTION"),
+        ({"dose_summation_type": ""}, "DoseSummationType is missing"),
+        ({"dose_type": "ERROR"}, "DoseType is ERROR"),
+        ({"units": "relative"}, "not GY"),
     ):
-        dose = _vol(np.ones((4, 4, 4)))
-        dose.attrs.update(sop_instance_uid="1.2.3.4", **attrs)
+        dose = _dose(np.ones((4, 4, 4)))
+        dose.attrs.update(attrs)
         with pytest.raises(DoseError, match=match) as err:
             dose_aware_agreement({"A": m}, {"A": m}, dose)
         assert "1.2.3.4" in str(err.value)
@@ -231,7 +241,7 @@ def test_only_a_total_plan_dose_is_compared():
 def test_summary_hides_no_empty_case_and_checks_the_worst_dose_delta():
     shape = (10, 20, 50)
     ref_box = _box(shape, (2, 5, 10), (8, 15, 30))
-    dose = _vol(np.broadcast_to(np.arange(50, dtype=float), shape).copy())
+    dose = _dose(np.broadcast_to(np.arange(50, dtype=float), shape))
     shifted = {"H": _vol(_box(shape, (2, 5, 15), (8, 15, 35))), "G": _vol(ref_box)}  # H: +5 Gy
     back = {"H": _vol(_box(shape, (2, 5, 7), (8, 15, 27))), "G": _vol(np.zeros(shape, bool))}  # H: −3 Gy
     ref = {"H": _vol(ref_box), "G": _vol(ref_box)}
@@ -254,7 +264,7 @@ def test_a_synthetic_patients_plan_dose_and_contours(tmp_path_factory):
     """The real path: CT, RTSTRUCT and the study's plan RTDOSE from a PACS, compared on their own grids."""
     from pacsai.cohort import CohortQuery, select_cohort
     from pacsai.imaging import read_rtstruct, read_series
-    from pacsai.learning.evaluate import UNCOVERED_CC, UNCOVERED_FRACTION, plan_dose_of_study
+    from pacsai.learning.evaluate import plan_dose_of_study
     from pacsai.pacs import connect
     from tests.test_cohort import STRUCTURES, seeded_store, store_url
 
@@ -272,8 +282,8 @@ def test_a_synthetic_patients_plan_dose_and_contours(tmp_path_factory):
     assert (same["state"] == "present").all() and (same["dice"] == 1.0).all()
     assert (same["added_path_length_mm"] == 0.0).all() and (same["ref_path_length_mm"] > 0).all()
     for name, row_ in same.iterrows():
-        limit = min(UNCOVERED_CC, UNCOVERED_FRACTION * row_.volume_ref_cc)
-        if row_.dose_uncovered_ref_cc > limit:
+        limit = min(MAX_UNCOVERED_CC, MAX_UNCOVERED_PCT / 100.0 * row_.volume_ref_cc)
+        if row_.dose_uncovered_ref_cc > limit * (1 + 1e-9):
             assert row_.dose_state == "unreliable" and math.isnan(row_.delta_dmean_gy), name
         else:
             assert row_.dose_state == "evaluated" and row_.delta_dmean_gy == 0.0, name

@@ -17,8 +17,8 @@ quarter pixel otherwise).
 
 Dose-aware comparison (:func:`dose_aware_agreement`): the same plan dose read under the reference and the
 predicted contour (DVHs by :func:`pacsai.planning.dvh`), ΔDmean, ΔD0.03cc and ΔV20Gy = model − reference. Only
-a total plan dose counts (DoseSummationType PLAN/MULTI_PLAN, DoseType PHYSICAL/EFFECTIVE), and a structure more
-than 1 % or 0.5 cm³ outside the dose grid gets no dose numbers (they would count 0 Gy there).
+a total plan dose counts (:func:`pacsai.imaging.dose.check_plan_dose`), and a structure more than 1 % or 0.5 cm³
+outside the dose grid gets no dose figures (the planning rule, :func:`pacsai.planning.dose_coverage`).
 
 An empty or missing structure has no agreement: its metrics are NaN and its ``state`` says why, never a silent
 Dice of 0 or 1.
@@ -40,8 +40,11 @@ import pandas as pd
 import xarray as xr
 from scipy import ndimage
 
-from pacsai.errors import ConfigError, DoseError, PacsaiWarning, VolumeError
+from pacsai.errors import ConfigError, PacsaiWarning, VolumeError
+from pacsai.imaging.dose import check_plan_dose
 from pacsai.imaging.geometry import affine_of, same_grid, spacing_of, voxel_volume_cc
+from pacsai.planning.constraints import MAX_UNCOVERED_CC, MAX_UNCOVERED_PCT
+from pacsai.planning.dvh import dose_coverage, dvh
 
 logger = logging.getLogger(__name__)
 
@@ -289,11 +292,6 @@ def added_path_length(
 # ---------------------------------------------------------------------------------------- dose-aware comparison
 
 STATES = ("present", "empty pred", "empty ref", "missing")
-PLAN_SUMMATIONS = ("PLAN", "MULTI_PLAN")
-DOSE_TYPES = ("PHYSICAL", "EFFECTIVE")
-# A structure this much outside the dose grid would get 0 Gy there: its dose figures are not reported.
-UNCOVERED_FRACTION = 0.01
-UNCOVERED_CC = 0.5
 V_GY = 20.0  # V20Gy: the lung figure of QUANTEC (pneumonitis), reported for every structure
 
 CONTOUR_COLUMNS = (
@@ -331,61 +329,22 @@ AGREEMENT_COLUMNS = (
 )
 
 
-def check_plan_dose(dose: xr.DataArray) -> None:
-    """Refuse a dose that is not a total plan dose in Gy (issue 12: constraints only on a PLAN dose).
-
-    Attributes absent (a dose built by hand) are not held against it; present and wrong, they are.
-
-    Raises
-    ------
-    DoseError
-        DoseSummationType other than PLAN/MULTI_PLAN, DoseType other than PHYSICAL/EFFECTIVE, units not Gy.
-    """
-    uid = dose.attrs.get("sop_instance_uid") or "(dose without SOP instance UID)"
-    summation = str(dose.attrs.get("dose_summation_type") or "").upper()
-    if summation and summation not in PLAN_SUMMATIONS:
-        raise DoseError(
-            f"RTDOSE {uid} is a {summation} dose, not the total plan dose: compare contours on the RTDOSE with "
-            "DoseSummationType PLAN or MULTI_PLAN"
-        )
-    kind = str(dose.attrs.get("dose_type") or "").upper()
-    if kind and kind not in DOSE_TYPES:
-        raise DoseError(f"RTDOSE {uid} has DoseType {kind}: only a PHYSICAL or EFFECTIVE dose is compared")
-    units = dose.attrs.get("units")
-    if units is not None and str(units).lower() != "gy":
-        raise DoseError(f"RTDOSE {uid} is in {units!r}, not Gy: read it as absolute dose")
-
-
-def uncovered_cc(dose: xr.DataArray, mask: xr.DataArray) -> float:
-    """Volume (cm³) of ``mask`` whose voxel centres lie outside ``dose``'s grid (beyond half a dose voxel)."""
-    values = np.asarray(mask.values, dtype=bool)
-    if not values.any() or same_grid(dose, mask):
-        return 0.0
-    to_dose = np.linalg.inv(affine_of(dose)) @ affine_of(mask)
-    upper = np.asarray(dose.shape[::-1], dtype=float) - 0.5  # (i, j, k) extent
-    outside = 0
-    kji = np.argwhere(values)
-    for start in range(0, len(kji), 1_000_000):  # chunks bound the memory of a whole-body mask
-        ijk = kji[start : start + 1_000_000, ::-1].astype(float) @ to_dose[:3, :3].T + to_dose[:3, 3]
-        outside += int(np.any((ijk < -0.5) | (ijk > upper), axis=1).sum())
-    return outside * voxel_volume_cc(mask)
-
-
 def _dose_figures(dose: xr.DataArray, mask: xr.DataArray, name: str) -> tuple[float, float, float]:
     """(Dmean, D0.03cc, V20Gy %) of ``mask`` under ``dose``, from :func:`pacsai.planning.dvh`."""
-    from pacsai.planning.dvh import dvh
-
     with warnings.catch_warnings():
-        # the share outside the dose grid is measured and reported separately (dose_uncovered_*_cc)
+        # what lies outside the dose grid (within the limits) is excluded and reported as dose_uncovered_*_cc
         warnings.simplefilter("ignore", PacsaiWarning)
-        histogram = dvh(dose, mask, name=name)
+        histogram = dvh(dose, mask, name=name, outside="exclude")
         figures = histogram.to_dict()
         v20 = histogram.v(V_GY)
     return float(figures["mean_gy"]), float(figures["d0_03cc_gy"]), float(v20)
 
 
-def _too_uncovered(outside_cc: float, volume_cc: float) -> bool:
-    return outside_cc > UNCOVERED_CC or outside_cc > UNCOVERED_FRACTION * volume_cc
+def _uncovered(dose: xr.DataArray, mask: xr.DataArray) -> tuple[float, bool]:
+    """Volume outside the dose grid (cm³), and whether that makes the dose figures unreliable: the planning
+    rule (:data:`pacsai.planning.constraints.MAX_UNCOVERED_PCT` or ``MAX_UNCOVERED_CC``), one rule for both."""
+    cc, fraction = dose_coverage(dose, mask)
+    return cc, (cc > MAX_UNCOVERED_CC or 100.0 * fraction > MAX_UNCOVERED_PCT)
 
 
 def _compare_one(
@@ -442,14 +401,13 @@ def _compare_one(
         row["dose_state"] = "not evaluable"
     else:
         assert p is not None and r is not None
-        out_ref, out_pred = uncovered_cc(dose, r), uncovered_cc(dose, p)
+        (out_ref, bad_ref), (out_pred, bad_pred) = _uncovered(dose, r), _uncovered(dose, p)
         row.update(dose_uncovered_ref_cc=out_ref, dose_uncovered_pred_cc=out_pred)
-        volumes = float(row["volume_ref_cc"]), float(row["volume_pred_cc"])  # type: ignore[arg-type]
-        if _too_uncovered(out_ref, volumes[0]) or _too_uncovered(out_pred, volumes[1]):
+        if bad_ref or bad_pred:
             row["dose_state"] = "unreliable"
             reasons.append(
                 f"{name} lies partly outside the dose grid (reference {out_ref:.2f} cm³, prediction "
-                f"{out_pred:.2f} cm³; limit {UNCOVERED_FRACTION:.0%} or {UNCOVERED_CC} cm³): no dose figures"
+                f"{out_pred:.2f} cm³; limit {MAX_UNCOVERED_PCT:g} % or {MAX_UNCOVERED_CC:g} cm³): no dose figures"
             )
         else:
             dm_r, d03_r, v_r = _dose_figures(dose, r, name)
@@ -511,7 +469,8 @@ def dose_aware_agreement(
     Raises
     ------
     DoseError
-        ``dose`` is not a total plan dose in Gy (see :func:`check_plan_dose`).
+        ``dose`` is not a total plan dose in Gy (:class:`pacsai.imaging.dose.NotPlanDoseError`, from
+        :func:`pacsai.imaging.dose.check_plan_dose`).
     VolumeError
         A predicted mask is not on its reference's grid.
     PlanningError
