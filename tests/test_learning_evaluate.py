@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy.spatial.distance import cdist
-
-import pandas as pd
 
 from pacsai.errors import DoseError, VolumeError
 from pacsai.imaging.geometry import affine_from, make_volume, same_grid
