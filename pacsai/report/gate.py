@@ -207,6 +207,44 @@ def dose_reasons(header: Mapping[str, Any]) -> list[Reason]:
     )]
 
 
+def plan_dose_reasons(dose: xr.DataArray) -> list[Reason]:
+    """The plan-dose check of :func:`pacsai.imaging.dose.check_plan_dose` as a gate reason (error)."""
+    from pacsai.imaging.dose import NotPlanDoseError, check_plan_dose
+
+    try:
+        check_plan_dose(dose)
+    except NotPlanDoseError as err:
+        return [Reason("DOSE_NOT_PLAN_TOTAL", "error", f"{err}; constraints, DVH verdicts and coverage are not "
+                       "evaluable on it", values={"DoseSummationType": dose.attrs.get("dose_summation_type"),
+                                                  "DoseType": dose.attrs.get("dose_type")})]
+    return []
+
+
+def uncovered_reasons(rows: Sequence[Mapping[str, Any]], *, coverage: Mapping[str, Any] | None = None) -> list[Reason]:
+    """Constraint structures partly outside the dose grid (rows ``unreliable``) → review, with the cm³."""
+    reasons = []
+    for row in rows:
+        if row.get("status") != "unreliable":
+            continue
+        name = str(row.get("matched") or row.get("structure"))
+        reasons.append(Reason(
+            "DOSE_UNCOVERED", "review",
+            f"constraint {row.get('structure')} {row.get('metric')} unreliable: {row.get('reason')}",
+            structure=name,
+            values={"uncovered_cc": row.get("uncovered_cc"), "uncovered_pct": row.get("uncovered_pct")},
+        ))
+    from pacsai.planning.constraints import MAX_UNCOVERED_CC, MAX_UNCOVERED_PCT
+
+    outside = float((coverage or {}).get("target_uncovered_cc") or 0.0)
+    total = outside + float((coverage or {}).get("target_volume_cc") or 0.0)
+    if outside > MAX_UNCOVERED_CC or (total > 0 and 100.0 * outside / total > MAX_UNCOVERED_PCT):
+        reasons.append(Reason(
+            "DOSE_UNCOVERED", "review", f"{outside:.3g} cm³ of the PTV lies outside the dose grid: its coverage "
+            "is measured on the part inside", structure="PTV", values={"uncovered_cc": outside},
+        ))
+    return reasons
+
+
 def gate(reasons: Iterable[Reason]) -> dict[str, Any]:
     """``{"status", "reasons"}``: reasons de-duplicated (code, structure, message), errors first."""
     seen, unique = set(), []
@@ -254,10 +292,14 @@ def apply_states(
         row = dict(row)
         for part in constraint_parts(str(row.get("structure")), table):
             info = states.get(part)
-            if info is not None and info["state"] != PRESENT:
+            if info is None or info["state"] == PRESENT:
+                continue
+            if row.get("status") in ("pass", "fail") or info["state"] == NOT_REQUESTED:
                 row.update(status="not evaluable", value=None, passed=None, goal_met=None,
                            reason=not_evaluable_reason(part, info))
-                break
+            break
+        if row.get("status") == "not evaluable" and not str(row.get("reason", "")).startswith("not evaluable"):
+            row["reason"] = f"not evaluable — {row.get('reason') or 'no reason given'}"
         out.append(row)
     return out
 
@@ -274,6 +316,8 @@ __all__ = [
     "change_reasons",
     "component_volumes_cc",
     "dose_reasons",
+    "plan_dose_reasons",
+    "uncovered_reasons",
     "fragmentation_reasons",
     "gate",
     "mask_state",

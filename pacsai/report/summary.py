@@ -145,31 +145,44 @@ def _num(value: Any) -> str:
 
 
 def build_summary(params: ReportParameters, *, pacs: Any | None = None) -> PlanSummary:
-    """Connect (``params.pacs_url`` or settings), gather the patient's data and compute its summary."""
+    """Connect (``params.pacs_url`` or settings), gather the patient's data and compute its summary.
+
+    Data notes raised while reading (e.g. an ROI without contours) join the QA notes, as those of the computation.
+    """
     if pacs is None:
         from pacsai.pacs import connect
 
         pacs = connect(params.pacs_url or None)
-    return summarize(gather(params, pacs=pacs), params, pacs_url=str(getattr(pacs, "url", "")))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PacsaiWarning)
+        data = gather(params, pacs=pacs)
+    return summarize(data, params, pacs_url=str(getattr(pacs, "url", "")), notes=_notes(caught))
 
 
-def summarize(data: PatientData, params: ReportParameters, *, pacs_url: str = "") -> PlanSummary:
+def _notes(caught: Sequence[warnings.WarningMessage]) -> list[str]:
+    """The messages of PacsaiWarnings (data notes); other warnings are re-issued."""
+    notes = []
+    for w in caught:
+        if issubclass(w.category, PacsaiWarning):
+            notes.append(str(w.message))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return notes
+
+
+def summarize(
+    data: PatientData, params: ReportParameters, *, pacs_url: str = "", notes: Sequence[str] = ()
+) -> PlanSummary:
     """Compute every planning metric of one patient and its QA gate (pure: no I/O).
 
-    Data notes raised on the way (:class:`PacsaiWarning`: dose samples outside the dose grid ...) become QA
-    reasons of level ``note`` (they change no status), once each, instead of stderr noise in the report.
+    Data notes raised on the way (:class:`PacsaiWarning`: dose samples outside the dose grid ...) and ``notes``
+    become QA reasons of level ``note`` (they change no status), once each, instead of stderr noise in the report.
     """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", PacsaiWarning)
         summary = _summarize(data, params, pacs_url=pacs_url)
     reasons = [Reason.from_dict(r) for r in summary.qa["reasons"]]
-    seen = {r.message for r in reasons}
-    for w in caught:
-        if issubclass(w.category, PacsaiWarning) and str(w.message) not in seen:
-            seen.add(str(w.message))
-            reasons.append(Reason("DATA_NOTE", "note", str(w.message)))
-        elif not issubclass(w.category, PacsaiWarning):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    reasons += [Reason("DATA_NOTE", "note", message) for message in [*notes, *_notes(caught)]]
     summary.qa = gate.gate(reasons)
     return summary
 
@@ -309,36 +322,39 @@ def _analyse(
     coverage: dict[str, Any] = {"state": "no dose", "note": dose_note or "no RTDOSE in the planning study"}
     dvh_note = dose_note
     if dose is not None:
-        # Derived constraint structures (e.g. Lungs-GTV = Lung_L ∪ Lung_R − GTV) get DVHs but are not drawn.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", PacsaiWarning)
-            derived = planning.derive_structures(masks, table)
-        for name, m in {**masks, **derived}.items():
-            # BODY's DVH costs seconds and answers no clinical question; its isodose volumes come from
-            # plan_quality below.
-            if name == body or not bool(m.values.any()):
-                continue
-            dvhs[name] = planning.dvh(dose, m, name=name)
-            dvh_rows[name] = dvhs[name].to_dict()
-            curves[name] = dvhs[name].curve()
-        if "PTV" in dvhs:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", PacsaiWarning)  # same sampling notes as the DVHs above
-                plan_quality = planning.plan_quality(
-                    dose, masks["PTV"], prescription_gy=params.prescription_gy,
-                    body=masks[body] if body else None, target_dvh=dvhs["PTV"], name="PTV",
-                ).to_dict()
-        table_rows = planning.evaluate_constraints(dvhs, table)
+        # The planning evaluation checks the dose type, each structure's state (derived ones from their parts),
+        # its coverage by the dose grid and the fractionation before any verdict; its DVHs are reused here.
+        cache: dict[str, Any] = {}
+        table_rows = planning.evaluate_plan(dose, masks, table, fractions=params.fractions,
+                                            prescription_gy=params.prescription_gy, dvhs=cache)
         table_rows = table_rows.astype(object).where(table_rows.notna(), None)
         constraints = gate.apply_states(table_rows.to_dict(orient="records"), states, table)
-        dvh_note = dvhs[next(iter(dvhs))].method if dvhs else "no non-empty structure to compute a DVH for"
-        coverage = _coverage(plan_quality, dvh_rows, params, target_info)
-        if dose_reasons:
+        if not dose_reasons:
+            for name, m in masks.items():
+                # BODY's DVH costs seconds and answers no clinical question; its isodose volumes come from
+                # plan_quality below.
+                if name == body or not bool(m.values.any()):
+                    continue
+                dvhs[name] = cache.get(name) or planning.dvh(dose, m, name=name)
+            for name, h in cache.items():
+                dvhs.setdefault(name, h)  # derived constraint structures (e.g. Lungs-GTV): DVHs, not drawn
+            for name, h in dvhs.items():
+                dvh_rows[name] = h.to_dict()
+                curves[name] = h.curve()
+            if "PTV" in dvhs:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", PacsaiWarning)  # same sampling notes as the DVHs above
+                    plan_quality = planning.plan_quality(
+                        dose, masks["PTV"], prescription_gy=params.prescription_gy,
+                        body=masks[body] if body else None, target_dvh=dvhs["PTV"], name="PTV",
+                    ).to_dict()
+            dvh_note = dvhs[next(iter(dvhs))].method if dvhs else "no non-empty structure to compute a DVH for"
+            coverage = _coverage(plan_quality, dvh_rows, params, target_info)
+            reasons += gate.uncovered_reasons(constraints, coverage=plan_quality)
+        else:
             why = "; ".join(r.message for r in dose_reasons)
-            for row in constraints:
-                row.update(status="not evaluable", value=None, passed=None, goal_met=None,
-                           reason=f"not evaluable — {why}")
             coverage = {"state": "not evaluable", "note": why}
+            dvh_note = why
     return Analysis(masks=masks, states=states, structures=structures, margins=margins, geometry=geometry,
                     dvhs=dvhs, dvh_rows=dvh_rows, curves=curves, plan_quality=plan_quality, constraints=constraints,
                     coverage=coverage, dvh_note=dvh_note, reasons=reasons)
@@ -379,7 +395,7 @@ def _summarize(data: PatientData, params: ReportParameters, *, pacs_url: str) ->
     # Input vs the model's training domain: before anything is stated from its contours.
     if from_model:
         reasons += _domain_reasons(data)
-    header_reasons = gate.dose_reasons(data.dose_header) if data.dose is not None else []
+    header_reasons = gate.plan_dose_reasons(data.dose) if data.dose is not None else []
     reasons += header_reasons
     main = _analyse(
         data.current.structures, drawn_by=data.current.drawn_by, offered=data.current.offered,
@@ -590,22 +606,25 @@ def _response(
             "drawn_by_prior": prior_who.to_dict() if prior_who else {},
             "prior_study_instance_uid": prior_study.study_instance_uid, "prior_study_date": prior_study.study_date}
     reasons: list[Reason] = []
-    if (now_who and prior_who) and now_who.kind != prior_who.kind:  # never compare a model with a planner
-        return {**base, "category": "NE", "note": "contours of different sources: not compared",
-                "_reasons": reasons}, now, prior, prior_study.image
-    # Same source on both: implausible changes of organs that do not shrink in weeks are contour errors.
-    reasons += gate.change_reasons(_volumes(now), _volumes(prior), source=source)
-    key_now, key_prior = _find(now, params.target), _find(prior, params.target)
-    state_now, state_prior = gate.mask_state(now.get(key_now)), gate.mask_state(prior.get(key_prior))
-    if state_now != gate.PRESENT or state_prior != gate.PRESENT:
-        which = f"{params.target} is {state_now} now" if state_now != gate.PRESENT else \
-            f"{params.target} is {state_prior} in the prior study"
-        found_nothing = " (the model found nothing)" if now_who and now_who.kind == "model" else ""
-        note = f"not evaluable: {which}{found_nothing}; an empty segmentation is never a complete response"
-        return {**base, "category": "NE", "note": note, "volumes_now_cc": _volumes(now),
-                "volumes_prior_cc": _volumes(prior), "_reasons": reasons}, now, prior, prior_study.image
-    result = planning.assess_response(now, prior, target=params.target).to_dict()
-    return {**base, **result, "note": "", "_reasons": reasons}, now, prior, prior_study.image
+    # Same source on both (inputs.gather chose them so): implausible changes of organs that do not shrink
+    # in weeks are contour errors, not anatomy.
+    if now_who and prior_who and now_who.kind == prior_who.kind:
+        reasons += gate.change_reasons(_volumes(now), _volumes(prior), source=source)
+    result = planning.assess_response(
+        _contours(now, now_who), _contours(prior, prior_who), target=params.target
+    ).to_dict()
+    reasons += [Reason.from_dict(r) for r in result.get("reasons", [])]
+    note = "" if result["category"] != "NE" else "; ".join(
+        r["message"] for r in result.get("reasons", []) if r.get("level") == "error") or "not evaluable"
+    return {**base, **result, "note": note, "_reasons": reasons}, now, prior, prior_study.image
+
+
+def _contours(masks: Mapping[str, xr.DataArray], who: DrawnBy | None) -> Any:
+    """Masks with their source for the like-with-like rule: the planner's are the reference, a model's are model."""
+    from pacsai.planning.response import StudyContours
+
+    source = "model" if who and who.kind == "model" else "reference"
+    return StudyContours(structures=dict(masks), source=source, label=who.label if who else "")
 
 
 def _structure_row(name: str, mask: xr.DataArray, *, info: Mapping[str, Any]) -> dict[str, Any]:
