@@ -383,7 +383,8 @@ def test_planner_without_gtv_or_with_an_empty_one_fails_the_gate(sources_store):
     assert lungs and all(c["status"] == "not evaluable" and c["value"] is None for c in lungs)
     assert lungs[0]["reason"].startswith("not evaluable — ") and "'GTV'" in lungs[0]["reason"]
     heart = [c for c in missing.constraints if c["structure"] == "Heart"]
-    assert all(c["status"] in ("pass", "fail") for c in heart)  # the organs themselves are evaluated
+    # the organs themselves are evaluated (unreliable here only for the generator's short dose grid)
+    assert heart and all(c["status"] in ("pass", "fail", "unreliable") for c in heart)
     assert any(r["state"] == "missing" and r["name"] == "GTV" for r in missing.structures)
 
     empty = build_summary(validate_parameters(patient_id=patients[12].patient_id), pacs=pacs)
