@@ -134,7 +134,12 @@ def validated(tmp_path_factory):
         DEMO,
         pacs=info["pacs_url"],
         smoke=True,
-        overrides={"structures": ["BODY"], "model.name": BODY_MODEL},
+        overrides={
+            "structures": ["BODY"],
+            "model.name": BODY_MODEL,
+            "train.class_weights": {"background": 1, "BODY": 1},
+            "postprocess": {"BODY": {"fill_holes": True, "largest_component": True}},
+        },
         progress=False,
         settings=load_settings(),
     )
