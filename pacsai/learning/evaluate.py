@@ -347,6 +347,76 @@ def _uncovered(dose: xr.DataArray, mask: xr.DataArray) -> tuple[float, bool]:
     return cc, (cc > MAX_UNCOVERED_CC or 100.0 * fraction > MAX_UNCOVERED_PCT)
 
 
+def _geometry(
+    name: str, p: xr.DataArray | None, r: xr.DataArray | None, tolerance_mm: float
+) -> tuple[dict[str, object], str]:
+    """State, volumes and contour metrics of one structure, and why a metric is missing ("" if none is)."""
+    row: dict[str, object] = {"volume_pred_cc": math.nan, "volume_ref_cc": math.nan}
+    if p is None or r is None:
+        for key, mask in (("volume_pred_cc", p), ("volume_ref_cc", r)):
+            if mask is not None:
+                row[key] = float(np.asarray(mask.values, dtype=bool).sum()) * voxel_volume_cc(mask)
+        row["state"] = "missing"
+        return row, f"{name} is missing from the {'prediction' if p is None else 'reference'}"
+    if not same_grid(p, r):
+        raise VolumeError(
+            f"structure {name!r}: prediction and reference are on different grids "
+            f"({p.shape} vs {r.shape}, affines {affine_of(p).tolist()} vs {affine_of(r).tolist()}); "
+            "resample the prediction onto the reference grid first"
+        )
+    pv, rv = np.asarray(p.values, dtype=bool), np.asarray(r.values, dtype=bool)
+    voxel_cc = voxel_volume_cc(r)
+    row.update(volume_pred_cc=float(pv.sum()) * voxel_cc, volume_ref_cc=float(rv.sum()) * voxel_cc)
+    if not rv.any():
+        row["state"] = "empty ref"
+        return row, f"the reference {name} is empty" + (" and so is the prediction" if not pv.any() else "")
+    if not pv.any():
+        row["state"] = "empty pred"
+        return row, f"the predicted {name} is empty (the model found nothing)"
+    spacing = _zyx_spacing(r)
+    a = agreement(pv, rv, spacing_zyx=spacing, tolerance_mm=tolerance_mm)
+    apl, length = added_path_length(pv, rv, spacing_zyx=spacing, tolerance_mm=tolerance_mm)
+    row.update(
+        state="present",
+        dice=a.dice,
+        hd95=a.hd95,
+        msd=a.msd,
+        surface_dice=a.surface_dice,
+        added_path_length_mm=apl,
+        ref_path_length_mm=length,
+    )
+    return row, ""
+
+
+def _dose_difference(
+    name: str, p: xr.DataArray, r: xr.DataArray, dose: xr.DataArray
+) -> tuple[dict[str, object], str]:
+    """Dose figures under both contours of a present structure, unless too much of either lies off the grid."""
+    (out_ref, bad_ref), (out_pred, bad_pred) = _uncovered(dose, r), _uncovered(dose, p)
+    row: dict[str, object] = {"dose_uncovered_ref_cc": out_ref, "dose_uncovered_pred_cc": out_pred}
+    if bad_ref or bad_pred:
+        row["dose_state"] = "unreliable"
+        return row, (
+            f"{name} lies partly outside the dose grid (reference {out_ref:.2f} cm³, prediction "
+            f"{out_pred:.2f} cm³; limit {MAX_UNCOVERED_PCT:g} % or {MAX_UNCOVERED_CC:g} cm³): no dose figures"
+        )
+    dm_r, d03_r, v_r = _dose_figures(dose, r, name)
+    dm_p, d03_p, v_p = _dose_figures(dose, p, name)
+    row.update(
+        dose_state="evaluated",
+        dmean_ref_gy=dm_r,
+        dmean_pred_gy=dm_p,
+        delta_dmean_gy=dm_p - dm_r,
+        d0_03cc_ref_gy=d03_r,
+        d0_03cc_pred_gy=d03_p,
+        delta_d0_03cc_gy=d03_p - d03_r,
+        v20_ref_pct=v_r,
+        v20_pred_pct=v_p,
+        delta_v20_pct=v_p - v_r,
+    )
+    return row, ""
+
+
 def _compare_one(
     name: str,
     p: xr.DataArray | None,
@@ -355,76 +425,19 @@ def _compare_one(
     tolerance_mm: float,
 ) -> dict[str, object]:
     row: dict[str, object] = {c: math.nan for c in (*CONTOUR_COLUMNS, *DOSE_COLUMNS)}
-    row.update(structure=name, tolerance_mm=tolerance_mm, volume_pred_cc=math.nan, volume_ref_cc=math.nan)
-    reasons = []
-    if p is None or r is None:
-        side = "prediction" if p is None else "reference"
-        for key, mask in (("volume_pred_cc", p), ("volume_ref_cc", r)):
-            if mask is not None:
-                row[key] = float(np.asarray(mask.values, dtype=bool).sum()) * voxel_volume_cc(mask)
-        row["state"] = "missing"
-        reasons.append(f"{name} is missing from the {side}")
-    else:
-        if not same_grid(p, r):
-            raise VolumeError(
-                f"structure {name!r}: prediction and reference are on different grids "
-                f"({p.shape} vs {r.shape}, affines {affine_of(p).tolist()} vs {affine_of(r).tolist()}); "
-                "resample the prediction onto the reference grid first"
-            )
-        pv, rv = np.asarray(p.values, dtype=bool), np.asarray(r.values, dtype=bool)
-        voxel_cc = voxel_volume_cc(r)
-        row.update(volume_pred_cc=float(pv.sum()) * voxel_cc, volume_ref_cc=float(rv.sum()) * voxel_cc)
-        if not rv.any():
-            row["state"] = "empty ref"
-            reasons.append(
-                f"the reference {name} is empty" + (" and so is the prediction" if not pv.any() else "")
-            )
-        elif not pv.any():
-            row["state"] = "empty pred"
-            reasons.append(f"the predicted {name} is empty (the model found nothing)")
-        else:
-            row["state"] = "present"
-            spacing = _zyx_spacing(r)
-            a = agreement(pv, rv, spacing_zyx=spacing, tolerance_mm=tolerance_mm)
-            apl, length = added_path_length(pv, rv, spacing_zyx=spacing, tolerance_mm=tolerance_mm)
-            row.update(
-                dice=a.dice,
-                hd95=a.hd95,
-                msd=a.msd,
-                surface_dice=a.surface_dice,
-                added_path_length_mm=apl,
-                ref_path_length_mm=length,
-            )
+    row.update(structure=name, tolerance_mm=tolerance_mm)
+    geometry, why = _geometry(name, p, r, tolerance_mm)
+    row.update(geometry)
+    reasons = [why]
     if dose is None:
         row["dose_state"] = "no dose"
-    elif row["state"] != "present":
+    elif p is None or r is None or row["state"] != "present":
         row["dose_state"] = "not evaluable"
     else:
-        assert p is not None and r is not None
-        (out_ref, bad_ref), (out_pred, bad_pred) = _uncovered(dose, r), _uncovered(dose, p)
-        row.update(dose_uncovered_ref_cc=out_ref, dose_uncovered_pred_cc=out_pred)
-        if bad_ref or bad_pred:
-            row["dose_state"] = "unreliable"
-            reasons.append(
-                f"{name} lies partly outside the dose grid (reference {out_ref:.2f} cm³, prediction "
-                f"{out_pred:.2f} cm³; limit {MAX_UNCOVERED_PCT:g} % or {MAX_UNCOVERED_CC:g} cm³): no dose figures"
-            )
-        else:
-            dm_r, d03_r, v_r = _dose_figures(dose, r, name)
-            dm_p, d03_p, v_p = _dose_figures(dose, p, name)
-            row.update(
-                dmean_ref_gy=dm_r,
-                dmean_pred_gy=dm_p,
-                delta_dmean_gy=dm_p - dm_r,
-                d0_03cc_ref_gy=d03_r,
-                d0_03cc_pred_gy=d03_p,
-                delta_d0_03cc_gy=d03_p - d03_r,
-                v20_ref_pct=v_r,
-                v20_pred_pct=v_p,
-                delta_v20_pct=v_p - v_r,
-                dose_state="evaluated",
-            )
-    row["reason"] = "; ".join(reasons)
+        figures, why = _dose_difference(name, p, r, dose)
+        row.update(figures)
+        reasons.append(why)
+    row["reason"] = "; ".join(text for text in reasons if text)
     return row
 
 
