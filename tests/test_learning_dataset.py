@@ -1,4 +1,4 @@
-"""Cohort → preprocessed, cached cases → MONAI patches; resampling checked against exact answers."""
+"""Cohort → preprocessed, cached cases → class-balanced patches; resampling checked against exact answers."""
 
 from __future__ import annotations
 
@@ -8,15 +8,18 @@ import pytest
 from pacsai.cohort import CohortQuery, select_cohort
 from pacsai.imaging.geometry import affine_from, make_volume, voxel_volume_cc
 from pacsai.learning.dataset import (
+    Augment,
+    Case,
+    PatchSampler,
     PreprocessSpec,
     body_box,
+    class_map,
     load_cases,
     preprocess_case,
     sample,
-    training_dataset,
     training_grid,
 )
-from tests.test_cohort import STRUCTURES, seeded_store, store_url
+from tests.test_cohort import SMOKE_SPACING, STRUCTURES, seeded_store, store_url
 
 
 def _ramp(affine: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
@@ -113,16 +116,66 @@ def test_cohort_to_cached_cases(cases):
     np.testing.assert_array_equal(one.label, ref.label)
     np.testing.assert_array_equal(one.affine, ref.affine)
     assert one.patient == "p-x"
+    # the raw image's statistics and the structure volumes come back from the cache unchanged
+    assert one.stats == ref.stats and one.volumes_cc == ref.volumes_cc
+    assert one.stats["modality"] == "CT" and one.stats["spacing_mm"] == pytest.approx(list(SMOKE_SPACING))
+    assert set(one.volumes_cc) == set(STRUCTURES) and one.volumes_cc["BODY"] > one.volumes_cc["Heart"] > 0
 
 
-def test_training_dataset_yields_patches(cases):
-    ds = training_dataset(cases["cases"], patch_size=(16, 32, 32), samples_per_case=2, seed=0)
-    items = ds[0]
-    assert len(items) == 2
-    for item in items:
-        assert tuple(item["image"].shape) == (1, 16, 32, 32)
-        assert tuple(item["label"].shape) == (len(STRUCTURES), 16, 32, 32)
-        assert "fg" not in item
+def test_sampler_yields_patches_of_real_cases(cases):
+    sampler = PatchSampler(
+        cases["cases"], patch_size=(16, 32, 32), class_weights=[1] * (len(STRUCTURES) + 1),
+        rng=np.random.default_rng(0),
+    )
+    image, label = sampler.batch(3)
+    assert image.shape == (3, 1, 16, 32, 32) and image.dtype == np.float32
+    assert label.shape == (3, len(STRUCTURES), 16, 32, 32)
+
+
+def _toy_case() -> Case:
+    """40 voxels in a row: background, a big structure A (30 voxels) and a single voxel of B."""
+    label = np.zeros((2, 1, 1, 40), dtype=np.uint8)
+    label[0, ..., 5:35] = 1
+    label[1, ..., 20] = 1  # B inside A: B wins in the class map
+    image = np.arange(40, dtype=np.float32).reshape(1, 1, 1, 40)
+    return Case("toy", image, label, np.eye(4), "p", "s")
+
+
+def test_class_map_later_structures_win():
+    cm = class_map(_toy_case().label)
+    assert cm[0, 0, 4] == 0 and cm[0, 0, 5] == 1 and cm[0, 0, 20] == 2 and (cm == 2).sum() == 1
+
+
+def test_sampler_centres_follow_the_class_weights():
+    """Weights (0, 0, 1): every 1-voxel-wide patch is the single B voxel, however rare it is; (1, 0, 0): never."""
+    case = _toy_case()
+    only_b = PatchSampler([case], patch_size=(1, 1, 1), class_weights=[0, 0, 1], rng=np.random.default_rng(1),
+                          augment=Augment(p_scale=0, p_shift=0))
+    for _ in range(20):
+        image, label = only_b.draw()
+        assert image.item() == 20.0 and label[:, 0, 0, 0].tolist() == [1.0, 1.0]
+    only_bg = PatchSampler([case], patch_size=(1, 1, 1), class_weights=[1, 0, 0], rng=np.random.default_rng(1),
+                           augment=Augment(p_scale=0, p_shift=0))
+    seen = {only_bg.draw()[0].item() for _ in range(50)}
+    assert seen <= set(range(5)) | set(range(35, 40))
+    # the patch stays inside the case (shifted at the edges) and a case smaller than a patch is padded
+    big = PatchSampler([case], patch_size=(2, 2, 8), class_weights=[1, 1, 1], rng=np.random.default_rng(2))
+    image, label = big.draw()
+    assert image.shape == (1, 2, 2, 8) and label.shape == (2, 2, 2, 8)
+    with pytest.raises(Exception, match="class weights"):
+        PatchSampler([case], patch_size=(1, 1, 1), class_weights=[1, 1], rng=np.random.default_rng(0))
+
+
+def test_sampler_is_deterministic_from_its_generator():
+    case = _toy_case()
+    aug = Augment(noise=0.05, p_noise=1.0, blur=1.0, p_blur=0.5)
+    draws = [
+        PatchSampler([case], patch_size=(1, 1, 8), class_weights=[1, 1, 1], rng=np.random.default_rng(7),
+                     augment=aug).batch(4)
+        for _ in range(2)
+    ]
+    np.testing.assert_array_equal(draws[0][0], draws[1][0])
+    np.testing.assert_array_equal(draws[0][1], draws[1][1])
 
 
 def test_spec_key_and_round_trip():

@@ -1,6 +1,6 @@
 """segment(): masks on the input grid exactly, from models:/...@champion (real MLflow registry, SQLite).
 
-Geometry is checked with a model whose answer is known: a fixed "network" that thresholds the windowed input at
+Geometry is checked with a model whose answer is known: a voxelwise network that thresholds the windowed input at
 -500 HU, logged and registered like a trained one. Its masks must equal the thresholded input, exactly where the
 training grid equals the input grid and up to the resampling where it does not, on an oblique anisotropic grid.
 """
@@ -18,15 +18,16 @@ from pacsai.learning.evaluate import agreement
 from tests.test_learning_train import MODEL_NAME, smoke_model
 
 
-class ThresholdNet(torch.nn.Module):
-    """Logits of "windowed intensity above -500 HU" (window -1000..500 → 1/3), steep enough to be a step."""
+def threshold_net() -> torch.nn.Module:
+    """A Voxelwise network (1×1×1 convolution) whose logit is "windowed intensity above -500 HU" (window
+    -1000..500 → 1/3), steep enough to be a step: a model with a known answer, stored like a trained one."""
+    from pacsai.learning.networks import build_network
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.scale = torch.nn.Parameter(torch.tensor(200.0))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * (x - 1.0 / 3.0)
+    net = build_network({"architecture": "Voxelwise"}, in_channels=1, out_channels=1)
+    with torch.no_grad():
+        net.weight.fill_(200.0)
+        net.bias.fill_(-200.0 / 3.0)
+    return net
 
 
 def _oblique_phantom() -> tuple[np.ndarray, np.ndarray]:
@@ -53,14 +54,14 @@ def threshold_models(tmp_path_factory):
     mp.chdir(work)
     mp.delenv("MLFLOW_TRACKING_URI", raising=False)
     hu, affine = _oblique_phantom()
-    cfg = {"train": {"patch_size": [16, 32, 32], "overlap": 0.25}, "model": {"architecture": "fixed"}}
+    cfg = {"train": {"patch_size": [16, 32, 32], "overlap": 0.25}, "model": {"architecture": "Voxelwise"}}
     versions = {}
     for label, spacing in (("same", (0.9, 1.3, 2.5)), ("coarse", (1.7, 2.3, 3.9))):
         spec = PreprocessSpec(
             spacing_mm=spacing, window=(-1000.0, 500.0), structures=("BODY",), margin_mm=4.0
         )
         with tracking.start_run("training", experiment="infer-test", settings=load_settings()):
-            info = log_model(ThresholdNet(), spec=spec, cfg=cfg, name="threshold-test")
+            info = log_model(threshold_net(), spec=spec, cfg=cfg, name="threshold-test")
         versions[label] = str(info.registered_model_version)
     tracking.set_alias("threshold-test", versions["same"], "champion")
     yield {"work": work, "versions": versions, "hu": hu, "affine": affine}
@@ -130,3 +131,77 @@ def test_unknown_structure_or_model_is_an_error(threshold_models, monkeypatch):
         segment(volume, model="models:/threshold-test@champion", structures=["Heart"])
     with pytest.raises(TrackingError, match="no-such"):
         segment(volume, model="models:/no-such/1")
+
+
+# ---------------------------------------------------------------------------------------------------- post-processing
+
+
+def test_rules_keep_the_largest_piece_fill_holes_and_drop_specks():
+    from pacsai.learning.postprocess import Rule, apply_rule, parse_rules
+
+    mask = np.zeros((3, 10, 10), dtype=bool)
+    mask[:, 1:6, 1:6] = True  # 75 voxels
+    mask[1, 3, 3] = False  # an enclosed hole in the middle slice
+    mask[:, 8, 8] = True  # a 3-voxel column elsewhere
+    mask[0, 0, 9] = True  # a single voxel
+    assert apply_rule(mask, Rule(), voxel_cc=1.0) is not None
+    filled = apply_rule(mask, Rule(fill_holes=True), voxel_cc=1.0)
+    assert filled[1, 3, 3] and filled.sum() == mask.sum() + 1
+    largest = apply_rule(mask, Rule(largest_component=True, fill_holes=True), voxel_cc=1.0)
+    assert largest.sum() == 75 and not largest[:, 8, 8].any() and not largest[0, 0, 9]
+    # voxels of 0.5 cc: the column is 1.5 cc (kept at 1 cc), the single voxel 0.5 cc (dropped)
+    pruned = apply_rule(mask, Rule(min_component_cc=1.0), voxel_cc=0.5)
+    assert pruned[:, 8, 8].all() and not pruned[0, 0, 9] and pruned.sum() == mask.sum() - 1
+    # diagonal neighbours are one piece (26-connectivity)
+    diagonal = np.zeros((2, 2, 2), dtype=bool)
+    diagonal[0, 0, 0] = diagonal[1, 1, 1] = True
+    assert apply_rule(diagonal, Rule(largest_component=True), voxel_cc=1.0).sum() == 2
+    rules = parse_rules({"BODY": {"fill_holes": True}}, ["BODY", "GTV"])
+    assert rules["BODY"] == Rule(fill_holes=True) and rules["GTV"] == Rule()
+
+
+def test_bad_rules_are_config_errors():
+    from pacsai.errors import ConfigError
+    from pacsai.learning.postprocess import parse_rules
+
+    with pytest.raises(ConfigError, match="Liver"):
+        parse_rules({"Liver": {"largest_component": True}}, ["BODY"])
+    with pytest.raises(ConfigError, match="biggest"):
+        parse_rules({"BODY": {"biggest": True}}, ["BODY"])
+    with pytest.raises(ConfigError, match="≥ 0"):
+        parse_rules({"BODY": {"min_component_cc": -1}}, ["BODY"])
+
+
+def test_segment_applies_the_recorded_rules(tmp_path, monkeypatch):
+    """The threshold model with a largest-component rule: a speck beside the ellipsoid (inside the body crop)
+    is not returned; without the rule it is."""
+    from scipy import ndimage
+
+    from pacsai.config import load_settings
+    from pacsai.learning.infer import load_model, segment
+    from pacsai.learning.postprocess import Rule
+    from pacsai.learning.train import log_model
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    hu, affine = _oblique_phantom()
+    inside = hu > -500
+    box = ndimage.find_objects(inside.astype(np.int8))[0]
+    free = np.zeros_like(inside)
+    free[box] = True
+    free &= ~ndimage.binary_dilation(inside, iterations=3)
+    speck = tuple(int(v) for v in np.argwhere(free)[0])
+    hu[speck] = 0.0
+    spec = PreprocessSpec(spacing_mm=(0.9, 1.3, 2.5), window=(-1000.0, 500.0), structures=("BODY",), margin_mm=4.0)
+    cfg = {"train": {"patch_size": [16, 32, 32], "overlap": 0.25}, "model": {"architecture": "Voxelwise"}}
+    versions = {}
+    with tracking.start_run("training", experiment="rules-test", settings=load_settings()):
+        for label, rules in (("plain", None), ("largest", {"BODY": Rule(largest_component=True)})):
+            info = log_model(threshold_net(), spec=spec, cfg=cfg, name="rules-test", rules=rules)
+            versions[label] = info.registered_model_version
+    volume = make_volume(hu, affine)
+    loaded = load_model(f"models:/rules-test/{versions['largest']}")
+    assert loaded.postprocess["BODY"]["largest_component"] is True
+    np.testing.assert_array_equal(segment(volume, model=loaded)["BODY"].values, inside)
+    plain = segment(volume, model=f"models:/rules-test/{versions['plain']}")["BODY"].values
+    assert plain[speck] and plain.sum() == inside.sum() + 1

@@ -64,6 +64,13 @@ def smoke_model(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {**json.loads(record.read_text()), "work": work, "pacs_url": store_url(root), "root": root}
 
 
+class _Payload:
+    """What a tampered checkpoint could smuggle in: code that runs when it is unpickled."""
+
+    def __reduce__(self):
+        return (print, ("code ran",))
+
+
 @pytest.fixture
 def trained(tmp_path_factory, monkeypatch) -> dict:
     info = smoke_model(tmp_path_factory)
@@ -94,7 +101,7 @@ def test_training_run_has_tags_metrics_and_artifacts(trained):
     assert run.data.params["model.name"] == MODEL_NAME
     assert run.data.params["train.epochs"] == "2"
     artifacts = {a.path for a in c.list_artifacts(trained["run_id"])}
-    assert {"inputs", "split.json", "preprocess.json", "checkpoints"} <= artifacts
+    assert {"inputs", "split.json", "preprocess.json", "model_card.md", "domain.json"} <= artifacts
     assert {a.path for a in c.list_artifacts(trained["run_id"], "inputs")} == {
         "inputs/manifest.json",
         "inputs/cohort.parquet",
@@ -148,6 +155,69 @@ def test_model_is_registered_with_metadata_and_signature(trained):
         -1,
     ]
     assert "torch==" in reqs and "monai==" in reqs
+    # everything segment() and the QA gate need travels with the model
+    assert meta["domain"]["n_cases"] == 1 and meta["domain"]["modality"] == "CT"
+    assert set(meta["domain"]["structure_volumes_cc"]) == set(STRUCTURES)
+    assert meta["experiment"]["name"] == "demo-thorax" and "thresholds" in meta["experiment"]["validation"]
+    assert meta["postprocess"]["BODY"] == {"fill_holes": True, "largest_component": True, "min_component_cc": 0.0}
+    assert meta["network"]["architecture"] == "UNet"
+
+
+def test_registered_version_loads_without_unpickling(trained, monkeypatch):
+    """No file of the stored model is a pickle, and loading works with every unpickler disabled."""
+    import pickle
+    import zipfile
+
+    from pacsai import tracking
+    from pacsai.learning.infer import load_model
+
+    uri = f"models:/{MODEL_NAME}/{trained['version']}"
+    mlflow = tracking._mlflow()
+    with tracking.using_store(tracking.tracking_uri()):
+        local = Path(mlflow.artifacts.download_artifacts(uri))
+    files = [f for f in local.rglob("*") if f.is_file()]
+    assert {f.name for f in files} >= {"MLmodel", "model.json", "weights.npz", "model_card.md"}
+    for f in files:
+        assert f.suffix not in (".pkl", ".pickle", ".pt", ".pth"), f
+        head = f.read_bytes()[:2]
+        assert head[:1] != b"\x80", f"{f} starts like a pickle stream"
+        if zipfile.is_zipfile(f):  # an .npz: numpy arrays only, no pickled members
+            names = zipfile.ZipFile(f).namelist()
+            assert all(n.endswith(".npy") for n in names), names
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model store was unpickled")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
+    loaded = load_model(uri)
+    assert loaded.name == MODEL_NAME and loaded.version == trained["version"]
+    assert loaded.run_id == trained["run_id"]
+    assert loaded.card.startswith(f"# Model card: {MODEL_NAME} v{trained['version']}")
+    assert "Intended use" in loaded.card and "Known limitations" in loaded.card
+    assert loaded.domain["n_cases"] == 1 and loaded.postprocess["GTV"]["min_component_cc"] == 0.5
+    assert loaded.experiment["validation"]["thresholds"]["GTV"]["dice"] == 0.75
+
+
+def test_checkpoints_live_under_the_cache_dir_and_load_weights_only(trained, tmp_path):
+    import torch
+
+    from pacsai.config import load_settings
+    from pacsai.errors import ConfigError
+    from pacsai.learning.train import load_checkpoint
+
+    checkpoint = Path(trained["checkpoint"])
+    # PACSAI_CACHE_DIR (conftest: <env>/cache) / checkpoints / <run id> / best.npz; nothing beside the cache dir
+    assert checkpoint.parent.name == trained["run_id"] and checkpoint.parents[1].name == "checkpoints"
+    assert checkpoint.parents[2].name == Path(load_settings().cache_dir).name == "cache"
+    state = load_checkpoint(checkpoint.with_name("last.pt"), torch.device("cpu"))
+    assert state["run_id"] == trained["run_id"] and state["epoch"] == 1
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {}, "x": _Payload()}, evil)
+    with pytest.raises(ConfigError, match="safely"):
+        load_checkpoint(evil, torch.device("cpu"))
 
 
 def test_resume_continues_the_same_run(trained, tmp_path_factory):
@@ -265,3 +335,135 @@ def test_train_notebook_runs_with_smoke_parameters(tmp_path_factory, tmp_path, m
     (experiment,) = [e for e in c.search_experiments() if e.name == "demo-thorax"]
     (run,) = c.search_runs([experiment.experiment_id])
     assert run.data.tags["pacsai.kind"] == "training" and run.data.tags["pacsai.smoke"] == "true"
+
+
+# ---------------------------------------------------------------------------------------------------- units
+
+
+def test_dice_per_channel_hand_computed():
+    import numpy as np
+
+    from pacsai.learning.train import dice_per_channel
+
+    pred = np.zeros((3, 1, 2, 4), dtype=bool)
+    ref = np.zeros_like(pred)
+    pred[0, 0, 0, :3] = True  # 3 voxels
+    ref[0, 0, 0, 1:] = True  # 3 voxels, 2 shared → 2·2 / 6
+    pred[1, 0, 1, 0] = True  # predicted, reference empty → 0
+    # channel 2: both empty → 1 by convention
+    np.testing.assert_allclose(dice_per_channel(pred, ref), [4 / 6, 0.0, 1.0])
+
+
+def test_head_softmax_probabilities_and_target_hand_computed():
+    import torch
+
+    from pacsai.learning.train import Head
+
+    head = Head(kind="softmax", structures=("BODY", "Lung", "GTV"), contains={"BODY": ("Lung", "GTV")})
+    assert head.channels == 4
+    # one voxel, logits with softmax → classes (bg, BODY, Lung, GTV) = (0.1, 0.2, 0.3, 0.4)
+    classes = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    logits = classes.log().reshape(1, 4, 1, 1, 1)
+    probs = head.probabilities(logits).reshape(3)
+    # BODY holds Lung and GTV: 0.2 + 0.3 + 0.4; the others are their own class
+    torch.testing.assert_close(probs, torch.tensor([0.9, 0.3, 0.4]))
+    # multi-label → class map, later structures win where they overlap
+    label = torch.zeros(1, 3, 1, 1, 4)
+    label[0, 0, 0, 0, 1:] = 1  # BODY at voxels 1..3
+    label[0, 1, 0, 0, 2:] = 1  # Lung at 2..3
+    label[0, 2, 0, 0, 3] = 1  # GTV at 3 (inside the lung)
+    assert head.target(label).reshape(4).tolist() == [0, 1, 2, 3]
+    sigmoid = Head(kind="sigmoid", structures=("A", "B"))
+    assert sigmoid.channels == 2
+    torch.testing.assert_close(sigmoid.probabilities(torch.zeros(1, 2, 1, 1, 1)), torch.full((1, 2, 1, 1, 1), 0.5))
+    assert Head.from_dict(head.to_dict(), head.structures) == head
+
+
+def test_containment_hand_computed():
+    import numpy as np
+
+    from pacsai.learning.dataset import Case
+    from pacsai.learning.train import containment
+
+    label = np.zeros((3, 1, 1, 20), dtype=np.uint8)
+    label[0, ..., :18] = 1  # BODY: 0..17
+    label[1, ..., 2:12] = 1  # Lung: 2..11, inside BODY
+    label[2, ..., 10:20] = 1  # Tumour: 10..19, 8 of 10 voxels in BODY (80 %), 2 of 10 in the lung
+    case = Case("k", np.zeros((1, 1, 1, 20), np.float32), label, np.eye(4), "p", "s")
+    names = ("BODY", "Lung", "Tumour")
+    assert containment([case], names) == {"BODY": ("Lung",)}
+    assert containment([case], names, fraction=0.8) == {"BODY": ("Lung", "Tumour")}
+
+
+def _separable_case(seed: int):
+    """A 24³ case: noise around 0.2 and a bright 10³ cube (the structure) at a random place."""
+    import numpy as np
+
+    from pacsai.learning.dataset import Case
+
+    rng = np.random.default_rng(seed)
+    image = (0.2 + 0.05 * rng.standard_normal((1, 24, 24, 24))).astype(np.float32)
+    label = np.zeros((1, 24, 24, 24), dtype=np.uint8)
+    z, y, x = rng.integers(2, 12, size=3)
+    image[0, z : z + 10, y : y + 10, x : x + 10] += 0.6
+    label[0, z : z + 10, y : y + 10, x : x + 10] = 1
+    return Case(f"c{seed}", image, label, np.eye(4), f"p{seed}", f"s{seed}")
+
+
+def test_a_tiny_model_learns_a_separable_structure():
+    """Loss falls and Dice on an unseen case rises from chance to > 0.8 within seconds."""
+    import numpy as np
+    import torch
+
+    from pacsai.learning.dataset import PatchSampler
+    from pacsai.learning.train import (
+        build_training,
+        load_experiment,
+        make_head,
+        make_loss,
+        train_epoch,
+        validate_cases,
+    )
+
+    cfg = load_experiment(
+        {
+            "name": "tiny",
+            "structures": ["Cube"],
+            "model": {"name": "tiny", "channels": [4, 8], "strides": [2], "num_res_units": 0},
+            "train": {"epochs": 10, "steps_per_epoch": 5, "batch_size": 2, "patch_size": [16, 16, 16],
+                      "lr": 0.01, "seed": 0},
+        }
+    )
+    cases = [_separable_case(s) for s in range(3)]
+    unseen = [_separable_case(99)]
+    device = torch.device("cpu")
+    head = make_head(cfg, cases)
+    net, optimiser, scheduler = build_training(cfg, head, device)
+    sampler = PatchSampler(cases, patch_size=(16, 16, 16), class_weights=[1, 1], rng=np.random.default_rng(0))
+    loss_fn = make_loss(cfg, head)
+    before = validate_cases(net, unseen, patch_size=(16, 16, 16), device=device, overlap=0.25, head=head)[0]
+    losses = [
+        train_epoch(net, sampler, optimiser=optimiser, scheduler=scheduler, loss_fn=loss_fn, head=head,
+                    steps=5, batch_size=2, device=device)
+        for _ in range(10)
+    ]
+    after = validate_cases(net, unseen, patch_size=(16, 16, 16), device=device, overlap=0.25, head=head)[0]
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert after > 0.8 and after > before + 0.3, (before, after)
+
+
+def test_network_init_leaves_the_global_random_state_alone():
+    import torch
+
+    from pacsai.learning.train import Head, build_training, load_experiment
+
+    cfg = load_experiment(
+        {"name": "t", "structures": ["A"], "model": {"name": "t", "channels": [4, 8], "strides": [2]},
+         "train": {"patch_size": [8, 8, 8], "seed": 3}}
+    )
+    state = torch.random.get_rng_state()
+    net_a, *_ = build_training(cfg, Head("softmax", ("A",)), torch.device("cpu"))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    net_b, *_ = build_training(cfg, Head("softmax", ("A",)), torch.device("cpu"))
+    for a, b in zip(net_a.state_dict().values(), net_b.state_dict().values()):
+        assert torch.equal(a, b)  # the same seed gives the same network

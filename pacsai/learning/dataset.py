@@ -1,4 +1,4 @@
-"""Cohort → preprocessed training cases (cached on disk) → MONAI datasets.
+"""Cohort → preprocessed training cases (cached on disk) → random training patches.
 
 Preprocessing (:class:`PreprocessSpec`, saved with every model so inference repeats it exactly):
 
@@ -11,6 +11,13 @@ Preprocessing (:class:`PreprocessSpec`, saved with every model so inference repe
 Labels are cached multi-label: one channel per structure in the YAML's order, so overlapping ROIs (a GTV inside a
 lung) all stay intact. The training head (:class:`pacsai.learning.train.Head`) turns them into what the loss needs:
 a class map where later structures win (softmax, the default) or the channels as they are (sigmoid).
+
+Each cache entry also keeps the case's image statistics and reference structure volumes, measured on the raw HU
+volume before preprocessing (:func:`pacsai.domain.image_stats`, :func:`pacsai.domain.structure_volumes`): the
+model's training domain is built from them without reading the images again.
+
+Patches (:class:`PatchSampler`) are centred on a class drawn with per-class weights, so small structures (cord,
+GTV) get their share of patch centres however few voxels they have.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import os
 import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +46,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when the preprocessing code changes what it writes
+CACHE_VERSION = 2  # bump when the preprocessing code changes what it writes
 
 
 @dataclass(frozen=True)
@@ -101,12 +108,10 @@ class Case:
     patient: str
     series_instance_uid: str
     sop_instance_uids: tuple[str, ...] = ()
-
-    def as_item(self) -> dict[str, Any]:
-        # "fg" (any structure) picks patch centres: MONAI would read a multi-channel label as one-hot
-        # and skip its first channel
-        fg = self.label.any(axis=0, keepdims=True).astype(np.float32)
-        return {"image": self.image, "label": self.label.astype(np.float32), "fg": fg}
+    #: :func:`pacsai.domain.image_stats` of the raw HU volume ({} where pacsai.domain was unavailable)
+    stats: Mapping[str, Any] = field(default_factory=dict)
+    #: reference structure volumes (cc) on the image's own grid
+    volumes_cc: Mapping[str, float] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------------- grids
@@ -273,6 +278,8 @@ def load_case(
                     patient=label_name,
                     series_instance_uid=str(row.series_instance_uid),
                     sop_instance_uids=tuple(str(u) for u in z["sop_instance_uids"]),
+                    stats=json.loads(str(z["stats"])),
+                    volumes_cc=json.loads(str(z["volumes_cc"])),
                 )
         except (OSError, ValueError, KeyError) as err:
             warnings.warn(
@@ -281,6 +288,7 @@ def load_case(
                 stacklevel=2,
             )
     volume, masks = load_reference(pacs, row, spec.structures)
+    stats, volumes_cc = case_statistics(volume, masks)
     image, label = preprocess_case(volume, masks, spec)
     sop_uids = tuple(str(u) for u in volume.attrs.get("sop_instance_uids", ()))
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
@@ -292,6 +300,8 @@ def load_case(
             label=label,
             affine=affine_of(image),
             sop_instance_uids=np.array(sop_uids, dtype=str),
+            stats=np.array(json.dumps(stats)),
+            volumes_cc=np.array(json.dumps(volumes_cc)),
         )
     os.replace(tmp, path)
     return Case(
@@ -302,7 +312,33 @@ def load_case(
         patient=label_name,
         series_instance_uid=str(row.series_instance_uid),
         sop_instance_uids=sop_uids,
+        stats=stats,
+        volumes_cc=volumes_cc,
     )
+
+
+def case_statistics(
+    volume: xr.DataArray, masks: Mapping[str, xr.DataArray]
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """Image statistics of the raw HU volume and the reference structure volumes (for the training domain).
+
+    JSON round trip, so a fresh case and a cached one carry identical values.
+    """
+    from pacsai.domain import image_stats, structure_volumes
+
+    stats = json.loads(json.dumps(image_stats(volume), default=_plain))
+    volumes = {str(k): float(v) for k, v in structure_volumes(masks).items()}
+    return stats, volumes
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def pick_rtstruct(files: Sequence[Path], sop_uid: str) -> Path:
@@ -341,41 +377,135 @@ def load_cases(
     return cases
 
 
-def training_dataset(
-    cases: Sequence[Case], *, patch_size: Sequence[int], samples_per_case: int = 2, seed: int = 0
-) -> Any:
-    """A MONAI dataset of random patches (padded where a case is smaller than a patch).
+def class_map(label: np.ndarray) -> np.ndarray:
+    """Multi-label (C, z, y, x) → class index map (z, y, x): 0 background, k + 1 where channel k is set and no
+    later channel is (later structures win, as in the softmax head)."""
+    out = np.zeros(label.shape[1:], dtype=np.uint8)
+    for k in range(label.shape[0]):
+        out[label[k] > 0] = k + 1
+    return out
 
-    Patch centres fall on foreground (any structure) and background at 3:1 (``RandCropByPosNegLabeld``);
-    no left-right flips (they would swap Lung_L and Lung_R).
+
+@dataclass(frozen=True)
+class Augment:
+    """Intensity and resolution augmentation on windowed [0, 1] patches (no flips: left must stay left).
+
+    Each draw applies, with its probability: a scale of the intensities by U(1 ± ``scale``), a shift by
+    U(± ``shift``), Gaussian noise with a standard deviation up to ``noise`` (window units; 0.02 ≈ 30 HU) and an
+    in-plane Gaussian blur of up to ``blur`` voxels (a softer reconstruction kernel, partial volume).
     """
-    from monai.data import Dataset
-    from monai.transforms import (
-        Compose,
-        DeleteItemsd,
-        RandCropByPosNegLabeld,
-        RandScaleIntensityd,
-        RandShiftIntensityd,
-        SpatialPadd,
-    )
 
-    patch = [int(p) for p in patch_size]
-    transforms = Compose(
-        [
-            SpatialPadd(keys=("image", "label", "fg"), spatial_size=patch, mode="constant"),
-            RandCropByPosNegLabeld(
-                keys=("image", "label"),
-                label_key="fg",
-                spatial_size=patch,
-                pos=3,
-                neg=1,
-                num_samples=int(samples_per_case),
-                allow_smaller=False,
-            ),
-            DeleteItemsd(keys="fg"),
-            RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
-            RandShiftIntensityd(keys="image", offsets=0.05, prob=0.5),
+    scale: float = 0.1
+    shift: float = 0.05
+    noise: float = 0.0
+    blur: float = 0.0
+    p_scale: float = 0.5
+    p_shift: float = 0.5
+    p_noise: float = 0.0
+    p_blur: float = 0.0
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> Augment:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: float(v) for k, v in (d or {}).items() if k in known})
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        out = image
+        if self.p_blur and rng.random() < self.p_blur:
+            sigma = float(rng.uniform(0.0, self.blur))
+            out = ndimage.gaussian_filter(out, sigma=(0.0, 0.0, sigma, sigma), truncate=2.5)
+        if self.p_scale and rng.random() < self.p_scale:
+            out = out * np.float32(rng.uniform(1.0 - self.scale, 1.0 + self.scale))
+        if self.p_shift and rng.random() < self.p_shift:
+            out = out + np.float32(rng.uniform(-self.shift, self.shift))
+        if self.p_noise and rng.random() < self.p_noise:
+            sd = float(rng.uniform(0.0, self.noise))
+            out = out + rng.standard_normal(out.shape, dtype=np.float32) * np.float32(sd)
+        return np.asarray(out, dtype=np.float32)
+
+
+class PatchSampler:
+    """Random training patches whose centres are drawn class by class.
+
+    For each patch a class (background or a structure, as in :func:`class_map`) is drawn with ``class_weights``
+    among the classes the chosen case has, then a voxel of that class is the patch centre (the patch is shifted
+    to lie inside the case, which is padded with air where it is smaller than a patch). Deterministic from the
+    ``rng`` it is given; no global random state.
+
+    Parameters
+    ----------
+    cases
+        Preprocessed cases.
+    patch_size
+        (z, y, x) voxels.
+    class_weights
+        One weight per class: background first, then one per structure.
+    rng
+        The random stream (``numpy.random.default_rng(seed)``).
+    augment
+        Intensity/resolution augmentation; default intensity scale and shift only.
+    max_centres
+        Candidate centres kept per class and case (a random subset; keeps memory small).
+    """
+
+    def __init__(
+        self,
+        cases: Sequence[Case],
+        *,
+        patch_size: Sequence[int],
+        class_weights: Sequence[float],
+        rng: np.random.Generator,
+        augment: Augment | None = None,
+        max_centres: int = 20000,
+    ) -> None:
+        if not cases:
+            raise VolumeError("no training case to draw patches from")
+        self.patch = tuple(int(p) for p in patch_size)
+        self.rng = rng
+        self.augment = augment or Augment()
+        n_classes = cases[0].label.shape[0] + 1
+        weights = np.asarray(class_weights, dtype=float)
+        if weights.shape != (n_classes,) or weights.min() < 0 or weights.sum() <= 0:
+            raise VolumeError(
+                f"class weights {list(weights)} need {n_classes} non-negative entries (background + structures)"
+            )
+        self.weights = weights
+        self._images: list[np.ndarray] = []
+        self._labels: list[np.ndarray] = []
+        self._centres: list[list[np.ndarray]] = []
+        for case in cases:
+            pad = [(0, 0)] + [(0, max(0, p - s)) for p, s in zip(self.patch, case.image.shape[1:])]
+            image = np.pad(case.image, pad) if any(p[1] for p in pad) else case.image
+            label = np.pad(case.label, pad) if any(p[1] for p in pad) else case.label
+            classes = class_map(label).ravel()
+            per_class = []
+            for k in range(n_classes):
+                idx = np.flatnonzero(classes == k)
+                if len(idx) > max_centres:
+                    idx = np.sort(rng.choice(idx, size=max_centres, replace=False))
+                per_class.append(idx.astype(np.int64))
+            self._images.append(np.ascontiguousarray(image, dtype=np.float32))
+            self._labels.append(label)
+            self._centres.append(per_class)
+
+    def draw(self) -> tuple[np.ndarray, np.ndarray]:
+        """One patch: image (1, *patch) float32 (augmented) and multi-label (C, *patch) float32."""
+        c = int(self.rng.integers(len(self._images)))
+        centres = self._centres[c]
+        w = self.weights * np.array([len(idx) > 0 for idx in centres])
+        k = int(self.rng.choice(len(w), p=w / w.sum()))
+        flat = int(centres[k][int(self.rng.integers(len(centres[k])))])
+        shape = self._images[c].shape[1:]
+        centre = np.unravel_index(flat, shape)
+        start = [
+            int(np.clip(ci - p // 2, 0, s - p)) for ci, p, s in zip(centre, self.patch, shape)
         ]
-    )
-    transforms.set_random_state(seed=seed)
-    return Dataset(data=[c.as_item() for c in cases], transform=transforms)
+        box = tuple(slice(s0, s0 + p) for s0, p in zip(start, self.patch))
+        image = self._images[c][(slice(None), *box)]
+        label = self._labels[c][(slice(None), *box)].astype(np.float32)
+        return self.augment(image, self.rng), label
+
+    def batch(self, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """``size`` patches stacked: (B, 1, *patch) and (B, C, *patch)."""
+        pairs = [self.draw() for _ in range(size)]
+        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])

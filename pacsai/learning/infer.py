@@ -3,15 +3,19 @@
 The model's MLflow metadata (``metadata["pacsai"]``, written by :func:`pacsai.learning.train.log_model`) says how
 it was trained; :func:`segment` repeats that preprocessing (:func:`pacsai.learning.dataset.preprocess_image`),
 runs the network on the training grid, and maps each structure's probability back onto the input grid by
-trilinear interpolation (label-probability resampling) before thresholding at 0.5. The returned masks have the
-input's shape and affine, whatever its spacing or orientation.
+trilinear interpolation (label-probability resampling) before thresholding at 0.5 and applying the model's
+post-processing rules (:mod:`pacsai.learning.postprocess`). The returned masks have the input's shape and affine,
+whatever its spacing or orientation.
+
+Loading never unpickles: :func:`load_model` downloads the model folder, rebuilds the network from its JSON
+config and reads the ``.npz`` weights (:mod:`pacsai.learning.modelio`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -20,8 +24,9 @@ import torch
 import xarray as xr
 
 from pacsai.errors import TrackingError, VolumeError
-from pacsai.imaging.geometry import affine_of, like
+from pacsai.imaging.geometry import affine_of, like, voxel_volume_cc
 from pacsai.learning.dataset import PreprocessSpec, match_structures, preprocess_image, sample
+from pacsai.learning.postprocess import Rule, apply_rule
 from pacsai.learning.train import Head, predict_probabilities
 
 logger = logging.getLogger(__name__)
@@ -29,7 +34,25 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, eq=False)
 class LoadedModel:
-    """A network with the metadata needed to apply it."""
+    """A network with the metadata needed to apply it, and what it was trained on.
+
+    Attributes
+    ----------
+    net, spec, patch_size, overlap, head
+        The network and how to apply it.
+    uri
+        What it was loaded from (``models:/name@champion`` ...).
+    name, version, run_id
+        The registry entry and the training run ("" where the URI is not a registry URI).
+    domain
+        The training domain (:func:`pacsai.domain.training_domain`; {} for a model that has none).
+    postprocess
+        Post-processing rules per structure (JSON, :mod:`pacsai.learning.postprocess`).
+    card
+        The model card (markdown; "" if none was logged).
+    experiment
+        The training experiment config (with its ``validation:`` block).
+    """
 
     net: torch.nn.Module
     spec: PreprocessSpec
@@ -37,11 +60,26 @@ class LoadedModel:
     overlap: float
     uri: str
     head: Head
+    name: str = ""
+    version: str = ""
+    run_id: str | None = None
+    domain: Mapping[str, Any] = field(default_factory=dict)
+    postprocess: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    card: str = ""
+    experiment: Mapping[str, Any] = field(default_factory=dict)
+
+    def rule(self, structure: str) -> Rule:
+        return Rule.from_dict(self.postprocess.get(structure) or {}, structure=structure)
 
 
 def load_model(model: str, *, device: str | torch.device | None = None, settings: Any = None) -> LoadedModel:
-    """Load a model logged by pacsai from ``models:/name@alias``, ``models:/name/3`` or ``runs:/ID/model``."""
+    """Load a model logged by pacsai from ``models:/name@alias``, ``models:/name/3`` or ``runs:/ID/model``.
+
+    The network is rebuilt from code and its weights read from ``.npz`` (``allow_pickle=False``): nothing in the
+    store is unpickled or executed.
+    """
     from pacsai import tracking
+    from pacsai.learning.modelio import build_from_dir, find_model_dir
 
     mlflow = tracking._mlflow()
     uri = tracking.tracking_uri(settings=settings)
@@ -52,10 +90,8 @@ def load_model(model: str, *, device: str | torch.device | None = None, settings
     )
     try:
         with tracking.using_store(uri):
-            import mlflow.pytorch
-
             info = mlflow.models.get_model_info(model)
-            net = mlflow.pytorch.load_model(model, map_location=dev)
+            local = mlflow.artifacts.download_artifacts(artifact_uri=model)
     except Exception as err:
         raise TrackingError(
             f"cannot load model {model} from {uri}: {err}; check the URI (pacsai ui lists registered models)"
@@ -65,14 +101,28 @@ def load_model(model: str, *, device: str | torch.device | None = None, settings
         raise TrackingError(
             f"model {model} has no pacsai metadata (preprocessing); it was not logged by pacsai"
         )
-    spec = PreprocessSpec.from_dict(meta["preprocess"])
+    model_dir = find_model_dir(local)
+    net, config = build_from_dir(model_dir, device=dev)
+    spec = PreprocessSpec.from_dict(config["preprocess"])
+    card_path = model_dir / "model_card.md"
+    ref = tracking.resolve_model(model, settings=settings) if model.startswith("models:/") else None
+    card = card_path.read_text() if card_path.is_file() else ""
+    if ref is not None and card.startswith(f"# Model card: {ref.name}\n"):  # written before it had a version
+        card = f"# Model card: {ref.name} v{ref.version}" + card[len(f"# Model card: {ref.name}") :]
     return LoadedModel(
-        net=net.to(dev).eval(),
+        net=net,
         spec=spec,
-        head=Head.from_dict(meta.get("head") or {}, spec.structures),
-        patch_size=tuple(int(p) for p in meta["patch_size"]),  # type: ignore[arg-type]
-        overlap=float(meta.get("overlap", 0.25)),
+        head=Head.from_dict(config.get("head") or {}, spec.structures),
+        patch_size=tuple(int(p) for p in config["patch_size"]),  # type: ignore[arg-type]
+        overlap=float(config.get("overlap", 0.25)),
         uri=model,
+        name=ref.name if ref else "",
+        version=ref.version if ref else "",
+        run_id=ref.run_id if ref else info.run_id,
+        domain=dict(meta.get("domain") or {}),
+        postprocess=dict(config.get("postprocess") or {}),
+        card=card,
+        experiment=dict(meta.get("experiment") or {}),
     )
 
 
@@ -112,7 +162,8 @@ def segment(
     Returns
     -------
     dict, or (dict, dict) with ``return_uncertainty``
-        Boolean masks (and float32 uncertainty maps) with exactly ``volume``'s shape and affine.
+        Boolean masks (post-processed by the model's rules) and float32 uncertainty maps, with exactly
+        ``volume``'s shape and affine.
     """
     loaded = model if isinstance(model, LoadedModel) else load_model(model, settings=settings)
     names = list(loaded.spec.structures)
@@ -145,12 +196,14 @@ def segment(
         spread = np.std(np.stack(stack), axis=0)
         probs = np.mean(np.stack(stack), axis=0)
     src, dst = affine_of(image), affine_of(volume)
+    voxel_cc = float(voxel_volume_cc(volume))
     masks: dict[str, xr.DataArray] = {}
     uncertainty: dict[str, xr.DataArray] = {}
     for name in wanted:
         c = names.index(name)
         prob = _to_input_grid(probs[c], src, dst, volume.shape)
-        masks[name] = like(volume, prob >= threshold, name=name, source_model=loaded.uri)
+        mask = apply_rule(prob >= threshold, loaded.rule(name), voxel_cc=voxel_cc)
+        masks[name] = like(volume, mask, name=name, source_model=loaded.uri)
         if spread is not None:
             unc = _to_input_grid(spread[c], src, dst, volume.shape).astype(np.float32)
             uncertainty[name] = like(volume, unc, name=f"{name}_uncertainty", source_model=loaded.uri)

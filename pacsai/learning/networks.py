@@ -1,4 +1,8 @@
-"""Segmentation networks from the experiment's ``model:`` mapping (MONAI UNet, SegResNet, DynUNet)."""
+"""Segmentation networks from the experiment's ``model:`` mapping (MONAI UNet, SegResNet, DynUNet, Voxelwise).
+
+A model is stored as this mapping plus its weights (:mod:`pacsai.learning.modelio`): loading rebuilds the network
+here, from code, and never unpickles a module.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from pacsai.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-ARCHITECTURES = ("UNet", "SegResNet", "DynUNet")
+ARCHITECTURES = ("UNet", "SegResNet", "DynUNet", "Voxelwise")
 
 
 def build_network(spec: Mapping[str, Any], *, in_channels: int, out_channels: int) -> torch.nn.Module:
@@ -26,7 +30,8 @@ def build_network(spec: Mapping[str, Any], *, in_channels: int, out_channels: in
         UNet: ``channels`` (default [16, 32, 64, 128]), ``strides`` (default 2 between levels),
         ``num_res_units`` (2), ``dropout`` (0). SegResNet: ``init_filters`` (16), ``blocks_down`` ([1, 2, 2, 4]),
         ``blocks_up`` ([1, 1, 1]), ``dropout`` (0). DynUNet: ``filters`` (default [16, 32, 64, 128]),
-        ``kernel_size`` (3 at every level), ``strides`` (1 then 2).
+        ``kernel_size`` (3 at every level), ``strides`` (1 then 2). Voxelwise: a 1×1×1 convolution, i.e. a
+        logistic model of each voxel's intensity (a thresholding baseline; no options).
     in_channels, out_channels
         Image channels in, one channel per structure out (logits).
     """
@@ -71,6 +76,8 @@ def build_network(spec: Mapping[str, Any], *, in_channels: int, out_channels: in
             filters=filters,
             res_block=bool(spec.get("res_block", True)),
         )
+    if arch == "Voxelwise":
+        return torch.nn.Conv3d(in_channels, out_channels, kernel_size=1)
     raise ConfigError(f"model.architecture {arch!r} is not one of {', '.join(ARCHITECTURES)}")
 
 
@@ -82,6 +89,8 @@ def divisor(spec: Mapping[str, Any]) -> int:
         strides = spec.get("strides", (2,) * (len(channels) - 1))
     elif arch == "SegResNet":
         strides = (2,) * (len(spec.get("blocks_down", (1, 2, 2, 4))) - 1)
+    elif arch == "Voxelwise":
+        strides = ()
     else:
         filters = spec.get("filters", (16, 32, 64, 128))
         strides = spec.get("strides", [1] + [2] * (len(filters) - 1))

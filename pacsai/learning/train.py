@@ -1,13 +1,21 @@
-"""Training loop: cohort from the PACS → MONAI network, tracked in MLflow, registered in the model registry.
+"""Training: cohort from the PACS → MONAI network, tracked in MLflow, registered (without pickle) with a model card.
 
-One call, :func:`train`, does what ``pacsai train EXPERIMENT.yaml`` does: select the cohort, split it by patient
-(recorded as ``split.json``), preprocess (cached), train with DiceCE loss and AdamW (AMP on CUDA), validate
-every ``val_every`` epochs (``val_dice_<structure>`` and ``val_dice_mean``), keep the best checkpoint, then log the
-best model with its preprocessing spec and register it under ``model.name``.
+:func:`train` does what ``pacsai train EXPERIMENT.yaml`` does, in small steps:
 
-Under ``torchrun`` (``WORLD_SIZE`` > 1) it initialises a process group (NCCL on GPUs, Gloo otherwise), shards the
-training patches with a ``DistributedSampler`` and wraps the network in DDP; only rank 0 validates and talks to
-MLflow.
+1. :func:`prepare_data`: select the cohort, split it by patient (``split.json``), preprocess (cached under
+   ``PACSAI_CACHE_DIR``) with each case's image statistics and structure volumes;
+2. :func:`make_head` and :func:`build_training`: the output head (containment measured on the labels), the
+   network (initialised from the experiment's seed without touching the global random state), AdamW and a
+   warm-up + cosine learning-rate schedule;
+3. :func:`train_epoch`: ``steps_per_epoch`` batches of class-balanced patches (:class:`PatchSampler`), DiceCE loss
+   (Dice per class, so large organs do not drown small ones);
+4. :func:`validate_cases` every ``val_every`` epochs (``val_dice_<structure>``), best weights kept;
+5. :func:`save_checkpoint` every epoch (``last.pt``, read back with ``weights_only=True`` for ``--resume``);
+6. :func:`register`: weights as ``.npz`` + JSON config as an MLflow pyfunc model (:mod:`.modelio`), the training
+   domain (``domain.json``), the post-processing rules, the experiment config and the model card.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) it initialises a process group (NCCL on GPUs, Gloo otherwise), every rank
+draws its own patches (seed + rank) and DDP averages the gradients; only rank 0 validates and talks to MLflow.
 """
 
 from __future__ import annotations
@@ -16,7 +24,9 @@ import contextlib
 import copy
 import json
 import logging
+import math
 import os
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -29,8 +39,10 @@ import torch
 import yaml
 
 from pacsai.errors import ConfigError, PacsaiWarning, TrackingError
-from pacsai.learning.dataset import Case, PreprocessSpec, load_cases, training_dataset
+from pacsai.learning.dataset import Augment, Case, PatchSampler, PreprocessSpec, load_cases
+from pacsai.learning.modelio import load_state_dict, save_state_dict
 from pacsai.learning.networks import build_network, divisor
+from pacsai.learning.postprocess import Rule, apply_rules, parse_rules, rules_to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +52,12 @@ DEFAULTS: dict[str, Any] = {
     "model": {"architecture": "UNet"},
     "train": {
         "epochs": 20,
+        "steps_per_epoch": 20,
         "batch_size": 2,
         "patch_size": [64, 64, 64],
-        "samples_per_case": 2,
+        "class_weights": {},
+        "augment": {},
+        "warmup": 0.1,
         "lr": 2e-3,
         "weight_decay": 1e-5,
         "val_every": 1,
@@ -137,6 +152,10 @@ def load_experiment(
     patch = cfg["train"]["patch_size"]
     if len(patch) != 3 or any(int(p) % div for p in patch):
         raise ConfigError(f"train.patch_size {patch} must be three multiples of {div} for this network")
+    stray = sorted(set(cfg["train"].get("class_weights") or {}) - {"background", *cfg["structures"]})
+    if stray:
+        raise ConfigError(f"train.class_weights names {stray}: use 'background' or one of {cfg['structures']}")
+    parse_rules(cfg.get("postprocess"), list(cfg["structures"]))  # refuse a bad rule before hours of training
     return cfg
 
 
@@ -370,6 +389,194 @@ def _signature(n_out: int) -> Any:
     )
 
 
+@dataclass(frozen=True)
+class TrainingData:
+    """The cohort, its split and the preprocessed cases of one training run."""
+
+    cohort: Any
+    split: Mapping[str, list[str]]
+    spec: PreprocessSpec
+    train_cases: list[Case]
+    val_cases: list[Case]
+
+
+def cache_root(settings: Any) -> Path:
+    """Where preprocessed cases and checkpoints live: inside ``PACSAI_CACHE_DIR``, never beside it."""
+    return Path(settings.cache_dir)
+
+
+def prepare_data(
+    cfg: Mapping[str, Any], pacs: Any, *, settings: Any, progress: bool = True
+) -> TrainingData:
+    """Select the cohort, split it by patient and load (or preprocess and cache) the training/validation cases."""
+    from pacsai.cohort import CohortQuery, select_cohort
+
+    query = CohortQuery.from_config(cfg.get("cohort") or {}, structures=cfg["structures"])
+    cohort = select_cohort(pacs, query, progress=progress)
+    split = cohort.split(
+        seed=int(cfg["split"]["seed"]), fractions={k: cfg["split"][k] for k in ("val", "test")}
+    )
+    spec = preprocess_spec(cfg)
+    cache_dir = cache_root(settings) / "preprocessed"
+    train_cases = load_cases(
+        pacs, cohort, spec, cache_dir=cache_dir, patients=split["train"], progress=progress
+    )
+    val_patients = split["val"] or split["train"]  # two patients: validate on training data (smoke only)
+    val_cases = load_cases(pacs, cohort, spec, cache_dir=cache_dir, patients=val_patients, progress=False)
+    return TrainingData(cohort, split, spec, train_cases, val_cases)
+
+
+def make_head(cfg: Mapping[str, Any], train_cases: Sequence[Case]) -> Head:
+    """The output head of the experiment (``model.output``), with containment measured on the training labels."""
+    kind = str(cfg["model"].get("output", "softmax"))
+    if kind not in ("softmax", "sigmoid"):
+        raise ConfigError(f"model.output {kind!r} must be softmax or sigmoid")
+    structures = tuple(cfg["structures"])
+    return Head(kind=kind, structures=structures, contains=containment(train_cases, structures))
+
+
+def class_weights(cfg: Mapping[str, Any]) -> list[float]:
+    """Patch-centre weights (background, then each structure; 1 where the experiment gives none)."""
+    given = cfg["train"].get("class_weights") or {}
+    return [float(given.get(name, 1.0)) for name in ("background", *cfg["structures"])]
+
+
+def lr_factor(step: int, total: int, warmup: float) -> float:
+    """Learning-rate multiplier: linear warm-up over ``warmup`` of the steps, then a cosine decay to zero."""
+    n_warm = max(1, int(round(warmup * total)))
+    if step < n_warm:
+        return 0.04 + 0.96 * step / n_warm
+    progress = min(1.0, (step - n_warm) / max(1, total - n_warm))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_training(
+    cfg: Mapping[str, Any], head: Head, device: torch.device
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """Network (initialised from ``train.seed`` under a forked RNG: the global state is left alone), AdamW and
+    the per-step schedule of :func:`lr_factor`."""
+    tcfg = cfg["train"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(tcfg["seed"]))
+        net = build_network(cfg["model"], in_channels=1, out_channels=head.channels).to(device)
+    optimiser = torch.optim.AdamW(
+        net.parameters(), lr=float(tcfg["lr"]), weight_decay=float(tcfg["weight_decay"])
+    )
+    total = int(tcfg["epochs"]) * int(tcfg["steps_per_epoch"])
+    warmup = float(tcfg.get("warmup", 0.1))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: lr_factor(step, total, warmup))
+    return net, optimiser, scheduler
+
+
+def make_loss(cfg: Mapping[str, Any], head: Head) -> torch.nn.Module:
+    from monai.losses import DiceCELoss
+
+    tcfg = cfg["train"]
+    return DiceCELoss(
+        sigmoid=head.kind == "sigmoid",
+        softmax=head.kind == "softmax",
+        to_onehot_y=head.kind == "softmax",
+        lambda_dice=float(tcfg["lambda_dice"]),
+        lambda_ce=float(tcfg["lambda_ce"]),
+        smooth_nr=1e-5,
+    )
+
+
+def train_epoch(
+    model: torch.nn.Module,
+    sampler: PatchSampler,
+    *,
+    optimiser: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    loss_fn: torch.nn.Module,
+    head: Head,
+    steps: int,
+    batch_size: int,
+    device: torch.device,
+    scaler: torch.amp.GradScaler | None = None,
+) -> float:
+    """``steps`` optimiser steps on fresh patches; returns the mean loss."""
+    model.train()
+    losses = []
+    for _ in range(steps):
+        image, label = sampler.batch(batch_size)
+        x = torch.from_numpy(image).to(device)
+        y = head.target(torch.from_numpy(label).to(device))
+        optimiser.zero_grad(set_to_none=True)
+        with _autocast(device):
+            loss = loss_fn(model(x), y)
+        if scaler is not None and scaler.is_enabled():
+            scaler.scale(loss).backward()
+            scaler.step(optimiser)
+            scaler.update()
+        else:
+            loss.backward()
+            optimiser.step()
+        scheduler.step()
+        losses.append(float(loss.detach()))
+    return float(np.mean(losses)) if losses else float("nan")
+
+
+def save_checkpoint(path: Path, **state: Any) -> Path:
+    """Write a resumable checkpoint atomically (tensors, numbers, strings and plain containers only)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".pt.tmp")
+    os.close(fd)
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | Path, device: torch.device) -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True``: a tampered file cannot run code."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError as err:
+        raise ConfigError(f"checkpoint {path} does not exist; pass a last.pt written by an earlier run") from err
+    except Exception as err:  # the restricted unpickler refuses anything but tensors and plain containers
+        raise ConfigError(
+            f"checkpoint {path} cannot be read safely ({err}); only checkpoints written by pacsai are accepted"
+        ) from err
+
+
+def evaluate_cases(
+    net: torch.nn.Module,
+    cases: Sequence[Case],
+    *,
+    spec: PreprocessSpec,
+    head: Head,
+    rules: Mapping[str, Rule],
+    patch_size: Sequence[int],
+    overlap: float,
+    device: torch.device,
+) -> dict[str, dict[str, float]]:
+    """Mean Dice and HD95 (mm) per structure over ``cases``, after post-processing, on the training grid."""
+    from pacsai.learning.evaluate import agreement
+
+    net.eval()
+    spacing_zyx = tuple(spec.spacing_mm[::-1])
+    voxel_cc = float(np.prod(spec.spacing_mm)) / 1000.0
+    rows: dict[str, list[tuple[float, float]]] = {s: [] for s in spec.structures}
+    for case in cases:
+        prob = predict_probabilities(
+            net, case.image, patch_size=patch_size, device=device, overlap=overlap, head=head
+        )
+        masks = apply_rules(
+            {s: prob[k] >= 0.5 for k, s in enumerate(spec.structures)}, rules, voxel_cc=voxel_cc
+        )
+        for k, s in enumerate(spec.structures):
+            ref = case.label[k].astype(bool)
+            if not ref.any():
+                continue
+            a = agreement(masks[s], ref, spacing_zyx=spacing_zyx)  # type: ignore[arg-type]
+            rows[s].append((a.dice, a.hd95))
+    return {
+        s: {"dice": float(np.mean([r[0] for r in v])), "hd95": float(np.nanmean([r[1] for r in v]))}
+        for s, v in rows.items()
+        if v
+    }
+
+
 def train(
     experiment: str | Path | Mapping[str, Any],
     *,
@@ -410,7 +617,6 @@ def train(
     from tqdm.auto import tqdm
 
     from pacsai import tracking
-    from pacsai.cohort import CohortQuery, select_cohort
     from pacsai.config import load_settings
 
     settings = settings or load_settings()
@@ -418,52 +624,32 @@ def train(
     dist = _distributed()
     tcfg = cfg["train"]
     seed = int(tcfg["seed"])
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    from monai.utils import set_determinism
-
-    set_determinism(seed=seed)
 
     if pacs is None or isinstance(pacs, str):
         from pacsai.pacs import connect
 
         pacs = connect(pacs or (cfg.get("pacs") or {}).get("url"), settings=settings)
-    query = CohortQuery.from_config(cfg.get("cohort") or {}, structures=cfg["structures"])
-    cohort = select_cohort(pacs, query, progress=progress and dist.main)
-    split = cohort.split(
-        seed=int(cfg["split"]["seed"]), fractions={k: cfg["split"][k] for k in ("val", "test")}
-    )
-    spec = preprocess_spec(cfg)
-    cache_dir = Path(settings.cache_dir).parent / "preprocessed"
-    train_cases = load_cases(
-        pacs, cohort, spec, cache_dir=cache_dir, patients=split["train"], progress=progress
-    )
-    val_patients = split["val"] or split["train"]  # two patients: validate on training data (smoke only)
-    val_cases = load_cases(pacs, cohort, spec, cache_dir=cache_dir, patients=val_patients, progress=False)
-
-    kind = str(cfg["model"].get("output", "softmax"))
-    if kind not in ("softmax", "sigmoid"):
-        raise ConfigError(f"model.output {kind!r} must be softmax or sigmoid")
-    head = Head(kind=kind, structures=spec.structures, contains=containment(train_cases, spec.structures))
-    net = build_network(cfg["model"], in_channels=1, out_channels=head.channels).to(dist.device)
-    optimiser = torch.optim.AdamW(
-        net.parameters(), lr=float(tcfg["lr"]), weight_decay=float(tcfg["weight_decay"])
-    )
-    epochs = int(tcfg["epochs"])
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(1, epochs))
+    data = prepare_data(cfg, pacs, settings=settings, progress=progress and dist.main)
+    spec, cohort, split = data.spec, data.cohort, data.split
+    head = make_head(cfg, data.train_cases)
+    rules = parse_rules(cfg.get("postprocess"), list(spec.structures))
+    net, optimiser, scheduler = build_training(cfg, head, dist.device)
     scaler = torch.amp.GradScaler("cuda", enabled=dist.device.type == "cuda")
+    epochs, steps = int(tcfg["epochs"]), int(tcfg["steps_per_epoch"])
     start_epoch, best, best_epoch, run_id = 0, -1.0, -1, None
+    rng_state: dict[str, Any] | None = None
     if resume is not None:
-        state = torch.load(resume, map_location=dist.device, weights_only=False)
+        state = load_checkpoint(resume, dist.device)
         net.load_state_dict(state["model"])
         optimiser.load_state_dict(state["optimiser"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, best, best_epoch, run_id = (
-            state["epoch"] + 1,
-            state["best"],
-            state["best_epoch"],
-            state["run_id"],
+            int(state["epoch"]) + 1,
+            float(state["best"]),
+            int(state["best_epoch"]),
+            str(state["run_id"]),
         )
+        rng_state = state.get("rng")
         if state.get("cohort_hash") not in (None, cohort.content_hash):
             warnings.warn(
                 f"resuming from {resume}: the cohort changed since that checkpoint (hash "
@@ -477,37 +663,18 @@ def train(
         model = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
         )
-
-    from monai.data import DataLoader
-    from monai.losses import DiceCELoss
-
-    dataset = training_dataset(
-        train_cases, patch_size=tcfg["patch_size"], samples_per_case=int(tcfg["samples_per_case"]), seed=seed
+    # every rank its own stream; a resumed run continues the stream where the checkpoint left it
+    rng = np.random.default_rng(np.random.SeedSequence([seed, dist.rank]))
+    sampler = PatchSampler(
+        data.train_cases,
+        patch_size=tcfg["patch_size"],
+        class_weights=class_weights(cfg),
+        rng=rng,
+        augment=Augment.from_dict(tcfg.get("augment")),
     )
-    sampler = None
-    if dist.world > 1:
-        from torch.utils.data.distributed import DistributedSampler
-
-        sampler = DistributedSampler(
-            dataset, num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=seed
-        )
-    loader = DataLoader(
-        dataset,
-        batch_size=max(1, int(tcfg["batch_size"]) // int(tcfg["samples_per_case"])),
-        shuffle=sampler is None,
-        sampler=sampler,
-        num_workers=int(tcfg.get("num_workers", 0)),
-        generator=torch.Generator().manual_seed(seed),
-    )
-    loss_fn = DiceCELoss(
-        sigmoid=kind == "sigmoid",
-        softmax=kind == "softmax",
-        to_onehot_y=kind == "softmax",
-        lambda_dice=float(tcfg["lambda_dice"]),
-        lambda_ce=float(tcfg["lambda_ce"]),
-        smooth_nr=1e-5,
-    )
-    ckpt_dir = Path(settings.cache_dir).parent / "checkpoints"
+    if rng_state is not None:
+        rng.bit_generator.state = json.loads(rng_state)
+    loss_fn = make_loss(cfg, head)
     params = flat_params({k: v for k, v in cfg.items() if k not in ("settings", "pacs")})
 
     run_cm: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
@@ -525,17 +692,17 @@ def train(
     with run_cm as ctx:
         import mlflow
 
-        # a resumed run keeps writing next to the checkpoint it came from (best.pt lives there)
+        # a resumed run keeps writing next to the checkpoint it came from (best.npz lives there)
         run_dir = (
             Path(resume).parent
             if resume is not None
-            else ckpt_dir / (ctx.run_id if ctx is not None else f"rank{dist.rank}")
+            else cache_root(settings) / "checkpoints" / (ctx.run_id if ctx is not None else f"rank{dist.rank}")
         )
         run_dir.mkdir(parents=True, exist_ok=True)
         if ctx is not None and run_id is None:
             mlflow.log_dict(_split_record(split, cohort, ctx, seed=int(cfg["split"]["seed"])), "split.json")
             mlflow.log_dict(
-                {c.series_instance_uid: list(c.sop_instance_uids) for c in [*train_cases, *val_cases]},
+                {c.series_instance_uid: list(c.sop_instance_uids) for c in [*data.train_cases, *data.val_cases]},
                 "inputs/instances.json",
             )
             mlflow.log_dict({**spec.to_dict(), "head": head.to_dict()}, "preprocess.json")
@@ -544,30 +711,25 @@ def train(
         )
         last_dice = "-"
         for epoch in bar:
-            if sampler is not None:
-                sampler.set_epoch(epoch)
-            model.train()
-            losses = []
-            for batch in loader:
-                x = batch["image"].to(dist.device)
-                y = head.target(batch["label"].to(dist.device))
-                optimiser.zero_grad(set_to_none=True)
-                with _autocast(dist.device):
-                    loss = loss_fn(model(x), y)
-                scaler.scale(loss).backward()
-                scaler.step(optimiser)
-                scaler.update()
-                losses.append(float(loss.detach()))
-            scheduler.step()
-            train_loss = float(np.mean(losses)) if losses else float("nan")
+            train_loss = train_epoch(
+                model,
+                sampler,
+                optimiser=optimiser,
+                scheduler=scheduler,
+                loss_fn=loss_fn,
+                head=head,
+                steps=steps,
+                batch_size=int(tcfg["batch_size"]),
+                device=dist.device,
+                scaler=scaler,
+            )
             if not dist.main:
                 continue
             metrics = {"train_loss": train_loss, "lr": float(scheduler.get_last_lr()[0])}
-            is_last = epoch == epochs - 1
-            if (epoch + 1) % int(tcfg["val_every"]) == 0 or is_last:
+            if (epoch + 1) % int(tcfg["val_every"]) == 0 or epoch == epochs - 1:
                 dice = validate_cases(
                     net,
-                    val_cases,
+                    data.val_cases,
                     patch_size=tcfg["patch_size"],
                     device=dist.device,
                     overlap=float(tcfg["overlap"]),
@@ -577,36 +739,34 @@ def train(
                 metrics["val_dice_mean"] = float(np.mean(dice))
                 if metrics["val_dice_mean"] > best:
                     best, best_epoch = metrics["val_dice_mean"], epoch
-                    torch.save({"model": net.state_dict(), "epoch": epoch}, run_dir / "best.pt")
+                    save_state_dict(net.state_dict(), run_dir / "best.npz")
+                last_dice = f"{metrics['val_dice_mean']:.3f}"
             mlflow.log_metrics(metrics, step=epoch)
             if callback is not None:
                 callback(epoch, metrics)
-            if "val_dice_mean" in metrics:  # validation runs every val_every epochs: show the latest, never "nan"
-                last_dice = f"{metrics['val_dice_mean']:.3f}"
             bar.set_postfix(loss=f"{train_loss:.3f}", val_dice=last_dice)
-            torch.save(
-                {
-                    "model": net.state_dict(),
-                    "optimiser": optimiser.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "epoch": epoch,
-                    "best": best,
-                    "best_epoch": best_epoch,
-                    "run_id": ctx.run_id,
-                    "cohort_hash": cohort.content_hash,
-                    "config": cfg,
-                },
+            save_checkpoint(
                 run_dir / "last.pt",
+                model=net.state_dict(),
+                optimiser=optimiser.state_dict(),
+                scheduler=scheduler.state_dict(),
+                epoch=epoch,
+                best=best,
+                best_epoch=best_epoch,
+                run_id=ctx.run_id,
+                cohort_hash=cohort.content_hash,
+                rng=json.dumps(rng.bit_generator.state),
+                config=json.dumps(cfg),
             )
         seconds = time.perf_counter() - started
         if not dist.main:
             return TrainResult("", "", "", "", best_epoch, {}, epochs, seconds, run_dir / "last.pt", split)
-        if not (run_dir / "best.pt").is_file():
+        if not (run_dir / "best.npz").is_file():
             raise TrackingError(f"no checkpoint in {run_dir}: training ran no epoch (epochs={epochs})")
-        net.load_state_dict(torch.load(run_dir / "best.pt", map_location=dist.device)["model"])
+        net.load_state_dict(load_state_dict(run_dir / "best.npz"))
         best_dice = validate_cases(
             net,
-            val_cases,
+            data.val_cases,
             patch_size=tcfg["patch_size"],
             device=dist.device,
             overlap=float(tcfg["overlap"]),
@@ -614,16 +774,13 @@ def train(
         )
         best_val = {s: float(d) for s, d in zip(spec.structures, best_dice)}
         mlflow.log_metrics(
-            {
-                "best_val_dice_mean": float(np.mean(best_dice)),
-                "best_epoch": best_epoch,
-                "train_seconds": seconds,
-            }
+            {"best_val_dice_mean": float(np.mean(best_dice)), "best_epoch": best_epoch, "train_seconds": seconds}
         )
-        mlflow.log_artifact(str(run_dir / "best.pt"), artifact_path="checkpoints")
-        info = log_model(net.cpu(), spec=spec, cfg=cfg, name=str(cfg["model"]["name"]), head=head)
-        version = str(info.registered_model_version)
-        mlflow.set_tag("pacsai.model_version", version)
+        print(f"training took {seconds:.0f} s ({epochs - start_epoch} epochs × {steps} steps)", flush=True)
+        version = register(
+            net, data=data, cfg=cfg, head=head, rules=rules, ctx=ctx, seconds=seconds, best_epoch=best_epoch,
+            device=dist.device,
+        )
         return TrainResult(
             run_id=ctx.run_id,
             model_name=str(cfg["model"]["name"]),
@@ -633,9 +790,86 @@ def train(
             best_val_dice=best_val,
             epochs=epochs,
             seconds=seconds,
-            checkpoint=run_dir / "best.pt",
+            checkpoint=run_dir / "best.npz",
             split={k: [ctx.patient_label(p) for p in v] for k, v in split.items()},
         )
+
+
+def register(
+    net: torch.nn.Module,
+    *,
+    data: TrainingData,
+    cfg: Mapping[str, Any],
+    head: Head,
+    rules: Mapping[str, Rule],
+    ctx: Any,
+    seconds: float,
+    best_epoch: int,
+    device: torch.device,
+) -> str:
+    """Log the trained network with its domain, post-processing, experiment and model card; register it.
+
+    Returns the registered version.
+    """
+    import mlflow
+
+    from pacsai import tracking
+    from pacsai.domain import training_domain
+    from pacsai.learning.card import model_card
+
+    tcfg = cfg["train"]
+    held_out = evaluate_cases(
+        net,
+        data.val_cases,
+        spec=data.spec,
+        head=head,
+        rules=rules,
+        patch_size=tcfg["patch_size"],
+        overlap=float(tcfg["overlap"]),
+        device=device,
+    )
+    # the kept weights on the validation patients after post-processing (val_dice_* are the raw curves)
+    mlflow.log_metrics(
+        {f"best_val_pp_{m}_{s}": v for s, row in held_out.items() for m, v in row.items() if np.isfinite(v)}
+    )
+    domain = training_domain(
+        [c.stats for c in data.train_cases], [c.volumes_cc for c in data.train_cases], body_region="thorax"
+    )
+    mlflow.log_dict(domain, "domain.json")
+    name = str(cfg["model"]["name"])
+    table = data.cohort.table
+    sources = sorted({str(v) for v in (table["manufacturer"] if "manufacturer" in table else [])} - {"", "nan"})
+    card_args = {
+        "name": name,
+        "run_id": ctx.run_id,
+        "experiment": cfg,
+        "cohort": {
+            "train": len(data.split["train"]),
+            "val": len(data.split["val"]),
+            "test": len(data.split["test"]),
+            "series": len(table),
+            "sources": sources or ["pacsai.synthetic (synthetic patients)"],
+        },
+        "domain": domain,
+        "metrics": held_out,
+        "postprocess": {s: r.describe() for s, r in rules.items()},
+        "train_seconds": seconds,
+        "best_epoch": best_epoch,
+    }
+    info = log_model(
+        net.cpu(), spec=data.spec, cfg=cfg, name=name, head=head, rules=rules, domain=domain,
+        card=model_card(version=None, **card_args),
+    )
+    version = str(info.registered_model_version)
+    card = model_card(version=version, **card_args)
+    mlflow.log_text(card, "model_card.md")
+    mlflow.set_tag("pacsai.model_version", version)
+    try:  # the card as the version's description, shown on the registry page
+        tracking.client().update_model_version(name, version, description=card)
+    except Exception as err:  # the model is registered and usable; the description is a convenience
+        logger.warning("could not set the description of %s v%s: %s", name, version, err)
+    return version
+
 
 
 def _split_record(split: Mapping[str, list[str]], cohort: Any, ctx: Any, *, seed: int) -> dict[str, Any]:
@@ -648,34 +882,64 @@ def _split_record(split: Mapping[str, list[str]], cohort: Any, ctx: Any, *, seed
     return out
 
 
-def log_model(
-    net: torch.nn.Module, *, spec: PreprocessSpec, cfg: Mapping[str, Any], name: str, head: Head | None = None
-) -> Any:
-    """Log ``net`` with its preprocessing spec in the active run and register it as ``name``.
-
-    Explicit ``pip_requirements`` (inferring them costs seconds) and a signature with dynamic batch and
-    spatial sizes. ``metadata["pacsai"]`` holds what :func:`pacsai.learning.infer.segment` needs.
-    """
-    import mlflow.pytorch
-
-    meta = {
-        "pacsai": {
-            "preprocess": spec.to_dict(),
-            "patch_size": [int(p) for p in cfg["train"]["patch_size"]],
-            "overlap": float(cfg["train"]["overlap"]),
-            "architecture": cfg["model"].get("architecture", "UNet"),
-            "head": (head or Head(kind="sigmoid", structures=spec.structures)).to_dict(),
-        }
+def model_config(
+    cfg: Mapping[str, Any],
+    *,
+    spec: PreprocessSpec,
+    head: Head,
+    rules: Mapping[str, Rule] | None = None,
+) -> dict[str, Any]:
+    """What a stored model needs to be rebuilt and applied (``model.json`` and ``metadata["pacsai"]``)."""
+    network = {k: v for k, v in cfg["model"].items() if k not in ("name",)}
+    return {
+        "network": network,
+        "in_channels": 1,
+        "out_channels": head.channels,
+        "architecture": str(network.get("architecture", "UNet")),
+        "preprocess": spec.to_dict(),
+        "patch_size": [int(p) for p in cfg["train"]["patch_size"]],
+        "overlap": float(cfg["train"]["overlap"]),
+        "head": head.to_dict(),
+        "postprocess": rules_to_dict(rules or {}),
     }
-    channels = (head or Head(kind="sigmoid", structures=spec.structures)).channels
-    return mlflow.pytorch.log_model(
-        net.eval(),
-        name="model",
-        pip_requirements=_model_pip_requirements(),
-        signature=_signature(channels),
-        metadata=meta,
-        registered_model_name=name,
-        # "pt2" (torch.export) would need an input example and fixed stride constraints on every dynamic
-        # dimension; a pickled module keeps any batch and window size. Load only models from a trusted store.
-        serialization_format="pickle",
-    )
+
+
+def log_model(
+    net: torch.nn.Module,
+    *,
+    spec: PreprocessSpec,
+    cfg: Mapping[str, Any],
+    name: str,
+    head: Head | None = None,
+    rules: Mapping[str, Rule] | None = None,
+    domain: Mapping[str, Any] | None = None,
+    card: str = "",
+) -> Any:
+    """Log ``net`` in the active run as a pickle-free pyfunc model and register it as ``name``.
+
+    The weights go to ``weights.npz`` and the architecture, preprocessing, head and post-processing to
+    ``model.json`` (:mod:`pacsai.learning.modelio`, also the pyfunc ``loader_module``); ``metadata["pacsai"]``
+    repeats them with the training domain and the experiment config. Explicit ``pip_requirements`` (inferring
+    them costs seconds) and a signature with dynamic batch and spatial sizes.
+    """
+    import mlflow.pyfunc
+
+    from pacsai.learning.modelio import save_model_dir
+
+    head = head or Head(kind="sigmoid", structures=spec.structures)
+    config = model_config(cfg, spec=spec, head=head, rules=rules)
+    experiment = json.loads(json.dumps({k: v for k, v in cfg.items() if k not in ("settings",)}, default=str))
+    meta = {"pacsai": {**config, "domain": dict(domain or {}), "experiment": experiment}}
+    with tempfile.TemporaryDirectory(prefix="pacsai-model-") as tmp:
+        model_dir = save_model_dir(net, config, tmp)
+        if card:
+            (model_dir / "model_card.md").write_text(card)
+        return mlflow.pyfunc.log_model(
+            name="model",
+            loader_module="pacsai.learning.modelio",
+            data_path=str(model_dir),
+            pip_requirements=_model_pip_requirements(),
+            signature=_signature(head.channels),
+            metadata=meta,
+            registered_model_name=name,
+        )
