@@ -396,3 +396,133 @@ def test_planner_without_gtv_or_with_an_empty_one_fails_the_gate(sources_store):
     assert headline["qa_status"] == "FAIL"
     lungs = [line for line in headline["constraints_not_evaluable"] if line.startswith("Lungs-GTV")]
     assert len(lungs) == 2 and all("GTV is empty" in line for line in lungs)
+
+
+# ------------------------------------------------------------------------- the model path: gate and push
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """The demo experiment trained once per session with --smoke (tests/test_learning_train.py)."""
+    from tests.test_learning_train import MODEL_NAME, smoke_model
+
+    info = smoke_model(tmp_path_factory)
+    return {**info, "model_uri": f"models:/{MODEL_NAME}/{info['version']}"}
+
+
+def _without_tumour(patient):
+    """The planning study with the tumour painted out of the CT (lung density there) and no GTV in the planner's
+    RTSTRUCT: a model can find nothing, and the reference has nothing to compare."""
+    masks = {k: v for k, v in patient.masks.items() if k != "GTV"}
+    gtv = np.asarray(patient.masks["GTV"].values, bool)
+    slices = []
+    for k, ds in enumerate(patient.ct):  # CT slices run inferior → superior, as the mask's z
+        ds = copy.deepcopy(ds)
+        pixels = ds.pixel_array.copy()
+        pixels[gtv[k]] = int(round((-850.0 - float(ds.RescaleIntercept)) / float(ds.RescaleSlope)))
+        ds.PixelData = pixels.tobytes()
+        slices.append(ds)
+    return [*slices, _planner_rtstruct(patient, masks, description="Plan without GTV"), patient.rtdose]
+
+
+def test_model_path_without_tumour_fails_and_pushes_nothing_of_the_model(smoke, tmp_path, monkeypatch):
+    """The model finds no GTV: FAIL with EMPTY_STRUCTURE; --push stores only the PDF (it shows the FAIL), and
+    --push-anyway stores SEG, RTSTRUCT and an SR that says it was pushed despite the FAIL."""
+    from pacsai.imaging.dicomio import load_datasets
+    from pacsai.pacs import connect
+    from pacsai.report.render import chromium
+    from pacsai.report.run import push_results, run_report
+    from pacsai.report.sr import PUSHED_DESPITE_FAIL, read_qa
+    from pacsai.synthetic import make_patient
+
+    monkeypatch.chdir(smoke["work"])  # the smoke model's MLflow store
+    patient = make_patient(14, shape=SHAPE, spacing=SPACING, with_prior=False)
+    url = f"file://{tmp_path / 'pacs'}"
+    pacs = connect(url, cache_dir=tmp_path / "cache")
+    assert pacs.store(_without_tumour(patient), progress=False).ok
+    params = validate_parameters(patient_id=patient.patient_id, pacs_url=url, structures_from="model",
+                                 model_uri=smoke["model_uri"])
+    before = set(pacs.search_instances(PatientID=patient.patient_id).SOPInstanceUID)
+    result = run_report(params, out_dir=tmp_path / "out", push=True, track=False, pdf=bool(chromium()))
+    metrics = json.loads(result.metrics.read_text())
+    assert metrics["qa"]["status"] == "FAIL"
+    errors = {(r["code"], r["structure"]) for r in metrics["qa"]["reasons"] if r["level"] == "error"}
+    assert ("EMPTY_STRUCTURE", "GTV") in errors
+    assert metrics["structure_states"]["GTV"]["drawn_by"]["kind"] == "model"
+    assert metrics["headline"]["coverage"]["state"] == "not evaluable"
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert html.index("QA: FAIL") < html.index("Key images")  # the gate comes first
+    added = set(pacs.search_instances(PatientID=patient.patient_id).SOPInstanceUID) - before
+    assert result.pushed["withheld"] == ["SEG", "RTSTRUCT", "SR"]
+    kept = pacs.search_instances(PatientID=patient.patient_id)
+    assert set(kept[kept.SOPInstanceUID.isin(added)].Modality) <= {"DOC"}  # the PDF at most, nothing of the model
+    assert len(added) == (1 if chromium() else 0)
+
+    forced = push_results(params, result.out_dir, metrics, result.pdf, push_anyway=True)
+    assert forced["withheld"] == [] and not forced["failed"]
+    found = pacs.search_instances(PatientID=patient.patient_id)
+    new = found[~found.SOPInstanceUID.isin(before | added)]
+    assert set(new.Modality) == {"SEG", "RTSTRUCT", "SR"}
+    sr_row = new[new.Modality == "SR"].iloc[0]
+    (sr,) = load_datasets(pacs.retrieve_series(sr_row.StudyInstanceUID, sr_row.SeriesInstanceUID, progress=False))
+    qa = read_qa(sr)
+    assert qa["status"] == "FAIL" and qa["statements"][-1] == PUSHED_DESPITE_FAIL
+    assert any(line.startswith("ERROR EMPTY_STRUCTURE: GTV is empty") for line in qa["statements"])
+
+
+def _seed_real(pacs, data: Path) -> dict[str, str]:
+    """The shared real data that is not a thorax CT: the soft-tissue sarcoma MR (+ its RTSTRUCT) and the
+    abdominal J2K CT, whose Patient/Study/Series/SOP UIDs are empty strings (new ones are given here)."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    mr = data / "tcia_sts001_mr_t2_rtstruct"
+    j2k = data / "totalsegmentator_ct_j2k" / "dicom"
+    if not mr.is_dir() or not j2k.is_dir():
+        pytest.skip(f"real data not found under {data} (set PACSAI_TEST_DATA)")
+    assert pacs.store([*sorted((mr / "mr_t2").iterdir()), *sorted((mr / "rtstruct").iterdir())],
+                      progress=False).ok
+    study, series = generate_uid(), generate_uid()
+    slices = []
+    for path in sorted(j2k.iterdir()):
+        ds = pydicom.dcmread(path)
+        ds.PatientID, ds.PatientName = "TSEG-J2K", "TotalSegmentator^Example"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+        slices.append(ds)
+    assert pacs.store(slices, progress=False).ok
+    return {"MR": str(pydicom.dcmread(sorted((mr / "mr_t2").iterdir())[0]).PatientID), "J2K": "TSEG-J2K"}
+
+
+def test_model_path_on_real_non_thorax_series_fails_on_its_domain(smoke, test_data, tmp_path, monkeypatch):
+    """The thoracic model on an MR and on an abdominal CT: FAIL for the modality / body region (the input is
+    unlike anything it was trained on), and --push stores none of its contours and no SR."""
+    from pacsai.pacs import connect
+    from pacsai.report.run import push_results
+    from pacsai.report.summary import build_summary
+
+    monkeypatch.chdir(smoke["work"])
+    url = f"file://{tmp_path / 'pacs'}"
+    pacs = connect(url, cache_dir=tmp_path / "cache")
+    patients = _seed_real(pacs, test_data)
+    expected = {"MR": "DOMAIN_MODALITY", "J2K": "DOMAIN_BODY_REGION"}
+    for kind, patient_id in patients.items():
+        params = validate_parameters(patient_id=patient_id, pacs_url=url, structures_from="model",
+                                     model_uri=smoke["model_uri"])
+        s = build_summary(params, pacs=pacs)
+        codes = {r["code"] for r in s.qa["reasons"] if r["level"] == "error"}
+        assert s.qa["status"] == "FAIL" and expected[kind] in codes, (kind, s.qa)
+        assert s.provenance["image_modality"] == ("MR" if kind == "MR" else "CT")
+        assert "not evaluable" in s.headline()["constraint_set"] or not s.constraints
+        folder = tmp_path / kind
+        metrics = json.loads(s.save(folder).read_text())
+        before = len(pacs.search_instances(PatientID=patient_id))
+        pushed = push_results(params, folder, metrics, None)
+        assert pushed["objects"] == [] and pushed["withheld"] == ["SEG", "RTSTRUCT", "SR"]
+        assert len(pacs.search_instances(PatientID=patient_id)) == before
+    # the sarcoma MR's planner contours (GTV_Mass, GTV_Edema) are the reference; its "GTV" is missing
+    mr = build_summary(validate_parameters(patient_id=patients["MR"], pacs_url=url, structures_from="model",
+                                           model_uri=smoke["model_uri"]), pacs=pacs)
+    assert mr.reference["drawn_by"]["kind"] == "planner"
+    assert mr.reference["states"]["GTV"]["state"] == "missing"

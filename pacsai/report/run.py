@@ -153,19 +153,30 @@ def push_results(
     from pacsai.imaging.dicomio import load_datasets
     from pacsai.imaging.geometry import like
     from pacsai.pacs import connect
+    from pacsai.report.inputs import IMAGE_MODALITIES
     from pacsai.report.outputs import build_outputs, push_outputs
 
-    pacs = connect(params.pacs_url or None)
-    ct_ref = next(i for i in metrics["provenance"]["inputs"] if i["modality"] == "CT")
-    paths = pacs.retrieve_series(ct_ref["study_instance_uid"], ct_ref["series_instance_uid"], progress=False)
-    source = load_datasets(paths)
-    image = read_series(source)
-    with np.load(folder / MASKS_FILE) as data:
-        masks = {name: like(image, data[name].astype(bool), name=name) for name in data.files}
     from_model = params.structures_from == "model"
     qa = metrics.get("qa") or {}
     status = str(qa.get("status", "FAIL"))  # a report without a gate is not trusted
     withhold = status == "FAIL" and not push_anyway
+    withheld: list[str] = []
+    if withhold:
+        withheld = ["SEG", "RTSTRUCT", "SR"] if from_model else ["SEG", "SR"]
+        log.warning("QA FAIL: %s not stored (pass --push-anyway to store them); the PDF shows why",
+                    ", ".join(withheld))
+        if not pdf_path:
+            return {"objects": [], "stored": [], "already_present": [], "failed": [], "qa_status": status,
+                    "withheld": withheld, "withheld_reason": "QA FAIL (and no PDF rendered)"}
+    pacs = connect(params.pacs_url or None)
+    study = metrics.get("study_instance_uid")
+    image_ref = next(i for i in metrics["provenance"]["inputs"]
+                     if i["modality"] in IMAGE_MODALITIES and i["study_instance_uid"] == study)
+    paths = pacs.retrieve_series(image_ref["study_instance_uid"], image_ref["series_instance_uid"], progress=False)
+    source = load_datasets(paths)
+    image = read_series(source)
+    with np.load(folder / MASKS_FILE) as data:
+        masks = {name: like(image, data[name].astype(bool), name=name) for name in data.files}
     measurements = {}
     dvh = metrics.get("dvh") or {}
     for row in metrics["structures"]:
@@ -178,14 +189,6 @@ def push_results(
             "mean_dose_gy": (dvh.get(name) or {}).get("mean_gy"),
             "max_dose_gy": (dvh.get(name) or {}).get("max_gy"),
         }
-    withheld: list[str] = []
-    if withhold:
-        withheld = ["SEG", "RTSTRUCT", "SR"] if from_model else ["SEG", "SR"]
-        log.warning("QA FAIL: %s not stored (pass --push-anyway to store them); the PDF shows why",
-                    ", ".join(withheld))
-        if not pdf_path:
-            return {"objects": [], "stored": [], "already_present": [], "failed": [], "qa_status": status,
-                    "withheld": withheld, "withheld_reason": "QA FAIL (no PDF rendered)"}
     datasets = build_outputs(
         source_images=source,
         masks={} if withhold else {k: v for k, v in masks.items() if k in measurements},

@@ -139,7 +139,7 @@ def measurement_report(
     procedure = procedure_reported or _procedure(first)
     version = algorithm_version or _pacsai_version()
     rows = {name: _values(name, values) for name, values in measurements.items()}
-    qa_lines = _qa_lines(qa, pushed_despite_fail)
+    qa_lines = _qa_lines(qa, pushed_despite_fail, charset=first.get("SpecificCharacterSet"))
     missing = [name for name in rows if name not in segments]
     if missing:
         raise ReportError(
@@ -279,7 +279,29 @@ def read_qa(sr: Any) -> dict[str, Any]:
     return {"status": None, "statements": []}
 
 
-def _qa_lines(qa: Mapping[str, Any] | None, pushed_despite_fail: bool) -> tuple[str, tuple[str, ...]] | tuple[()]:
+#: Typography of pacsai's messages → what a single-byte character set (e.g. ISO_IR 100, Latin-1) can hold.
+_PLAIN = {"—": "-", "–": "-", "−": "-", "≥": ">=", "≤": "<=", "→": "->", "∪": "+", "σ": "sigma", "…": "...",
+          "Δ": "delta ", "α": "alpha", "β": "beta", "’": "'", "“": '"', "”": '"'}
+
+
+def _encodable(text: str, charset: Any) -> str:
+    """``text`` as the SR's SpecificCharacterSet (copied from the source) can encode it: typographic signs made
+    plain where needed, anything else left unencodable replaced by "?" (never a failed store)."""
+    from pydicom.charset import convert_encodings
+
+    names = [charset] if isinstance(charset, str) else list(charset or [])
+    codecs = convert_encodings(names or ["ISO_IR 6"])
+    try:
+        text.encode(codecs[0])
+        return text
+    except UnicodeEncodeError:
+        plain = "".join(_PLAIN.get(c, c) for c in text)
+        return plain.encode(codecs[0], errors="replace").decode(codecs[0])
+
+
+def _qa_lines(
+    qa: Mapping[str, Any] | None, pushed_despite_fail: bool, *, charset: Any = None
+) -> tuple[str, tuple[str, ...]] | tuple[()]:
     if not qa:
         if pushed_despite_fail:
             raise ReportError("measurement_report: pushed_despite_fail without a QA gate (qa=None)")
@@ -293,7 +315,8 @@ def _qa_lines(qa: Mapping[str, Any] | None, pushed_despite_fail: bool) -> tuple[
              for r in qa.get("reasons", []) if r.get("level") != "note"]
     if pushed_despite_fail:
         lines.append(PUSHED_DESPITE_FAIL)
-    return status, tuple(line[:1024] for line in lines)  # UT would allow more; ST keeps one reason readable
+    # One reason per TEXT item; 1024 characters keep any of them readable in a viewer.
+    return status, tuple(_encodable(line, charset)[:1024] for line in lines)
 
 
 def _qa_group(lines: tuple[str, tuple[str, ...]], algorithm: Any, seg: Dataset) -> Any:
