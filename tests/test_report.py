@@ -250,17 +250,26 @@ def _plan_ready(patient):
     return objects
 
 
-def test_reference_structures_from_the_pacs_pass_the_gate(tmp_path):
+@pytest.fixture(scope="module")
+def ready(tmp_path_factory):
+    """SYN-00013 as a planning department holds it (see :func:`_plan_ready`)."""
+    from pacsai.pacs import connect
+    from pacsai.synthetic import make_patient
+
+    root = tmp_path_factory.mktemp("ready-store")
+    patient = make_patient(13, shape=SHAPE, spacing=SPACING)
+    pacs = connect(f"file://{root / 'pacs'}", cache_dir=root / "cache")
+    assert pacs.store(_plan_ready(patient), progress=False).ok
+    return pacs, patient
+
+
+def test_reference_structures_from_the_pacs_pass_the_gate(ready):
     """A gate that flags good contours teaches users to ignore it: the planner's contours of a synthetic patient
     (plan dose over the whole CT, prior with planner contours in the same frame) give PASS, with every required
     structure present and drawn by the planner."""
-    from pacsai.pacs import connect
     from pacsai.report.summary import build_summary
-    from pacsai.synthetic import make_patient
 
-    patient = make_patient(13, shape=SHAPE, spacing=SPACING)
-    pacs = connect(f"file://{tmp_path / 'pacs'}", cache_dir=tmp_path / "cache")
-    assert pacs.store(_plan_ready(patient), progress=False).ok
+    pacs, patient = ready
     s = build_summary(validate_parameters(patient_id=patient.patient_id), pacs=pacs)
     assert s.qa["status"] == "PASS", [r for r in s.qa["reasons"] if r["level"] != "note"]
     assert all(r["level"] == "note" for r in s.qa["reasons"])
@@ -526,3 +535,47 @@ def test_model_path_on_real_non_thorax_series_fails_on_its_domain(smoke, test_da
                                            model_uri=smoke["model_uri"]), pacs=pacs)
     assert mr.reference["drawn_by"]["kind"] == "planner"
     assert mr.reference["states"]["GTV"]["state"] == "missing"
+
+
+def test_model_verdicts_that_the_reference_contradicts_are_review_with_both_values(ready):
+    """Model contours that move the cord into the beam and shrink the GTV: every verdict that differs from the
+    one computed on the planner's contours is REVIEW with both values; the response uses the planner's contours
+    of both studies; the model-vs-reference table measures the difference (Dice, HD95, Δdose)."""
+    from pacsai.imaging.geometry import like
+    from pacsai.report.inputs import DrawnBy, StudyData, gather
+    from pacsai.report.summary import summarize
+
+    pacs, patient = ready
+    params = validate_parameters(patient_id=patient.patient_id)
+    planner = gather(params, pacs=pacs)
+    reference = planner.current
+    ptv_centre = np.argwhere(patient.masks["GTV"].values).mean(axis=0).round().astype(int)
+    cord = np.zeros(patient.masks["SpinalCord"].shape, bool)
+    cord[:, ptv_centre[1] - 1 : ptv_centre[1] + 2, ptv_centre[2] - 1 : ptv_centre[2] + 2] = True  # through the PTV
+    model_masks = dict(reference.structures)
+    model_masks["SpinalCord"] = like(reference.structures["SpinalCord"], cord, name="SpinalCord")
+    model = DrawnBy("model", "model hand-made v0")
+    current = StudyData(study_instance_uid=reference.study_instance_uid, study_date=reference.study_date,
+                        image=reference.image, structures=model_masks, structures_source=model.label,
+                        inputs=[r for r in reference.inputs if r.modality != "RTSTRUCT"], drawn_by=model,
+                        offered=tuple(model_masks))
+    data = type(planner)(
+        patient_id=planner.patient_id, current=current, dose=planner.dose, dose_note="", prior=planner.prior,
+        prior_note="", model={"name": "hand-made", "version": "0"}, reference=reference,
+        reference_prior=planner.prior, response_source="planner contours on both studies (reference)",
+        model_domain={}, input_stats={}, dose_header=planner.dose_header,
+    )
+    s = summarize(data, params.model_copy(update={"structures_from": "model", "model_uri": "models:/x/0"}))
+    cord_row = next(c for c in s.constraints if c["structure"] == "SpinalCord")
+    assert cord_row["status"] == "review" and cord_row["model_status"] == "fail" and cord_row["model_value"] > 50
+    assert cord_row["reference_status"] == "pass" and cord_row["reference_value"] < 50
+    (disagree,) = [r for r in s.qa["reasons"] if r["code"] == "MODEL_REFERENCE_DISAGREE"]
+    assert disagree["level"] == "review" and disagree["values"]["model"] == "fail"
+    assert disagree["values"]["reference"] == "pass" and s.qa["status"] == "REVIEW"
+    same = [c for c in s.constraints if c["structure"] == "Heart"]
+    assert all(c["status"] == c["reference_status"] and c["value"] == c["reference_value"] for c in same)
+    assert s.headline()["constraints_review"][0].startswith("SpinalCord D0.03cc")
+    assert s.response["drawn_by_now"]["kind"] == "planner" and s.response["drawn_by_prior"]["kind"] == "planner"
+    rows = {a["structure"]: a for a in s.agreement}
+    assert rows["Heart"]["dice"] == pytest.approx(1.0) and rows["SpinalCord"]["dice"] == pytest.approx(0.0)
+    assert s.reference["drawn_by"]["kind"] == "planner"
