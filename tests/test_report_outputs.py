@@ -33,7 +33,13 @@ from pacsai.report.pdf import (
     pdf_digest,
     read_encapsulated_pdf,
 )
-from pacsai.report.sr import COMPREHENSIVE_3D_SR_STORAGE, measurement_report, read_measurements
+from pacsai.report.sr import (
+    COMPREHENSIVE_3D_SR_STORAGE,
+    PUSHED_DESPITE_FAIL,
+    measurement_report,
+    read_measurements,
+    read_qa,
+)
 from pacsai.synthetic import make_patient
 from tests.dciodvfy import assert_dciodvfy_clean
 
@@ -287,6 +293,47 @@ def test_measurement_report_leaves_out_nan_and_refuses_bad_input(patient, masks,
     labelmap = write_seg({"GTV": masks["GTV"]}, source=patient.ct, segment_type="LABELMAP")
     with pytest.raises(ReportError, match="BINARY"):
         measurement_report(labelmap, source_images=patient.ct, measurements={"GTV": {"volume_cc": 1.0}})
+
+
+QA_FAIL = {
+    "status": "FAIL",
+    "reasons": [
+        {"code": "EMPTY_STRUCTURE", "level": "error", "message": "GTV is empty (the model found nothing)",
+         "structure": "GTV", "values": {}},
+        {"code": "DOMAIN_HU", "level": "review", "message": "HU p50 44 HU (training −107…−107) — σ ≥ 0.1",
+         "structure": None, "values": {}},
+        {"code": "DATA_NOTE", "level": "note", "message": "a note", "structure": None, "values": {}},
+    ],
+}
+
+
+def test_measurement_report_carries_the_qa_gate(patient, seg, tmp_path):
+    """The gate is a TID 1501 group of its own: the coded status and each error/review reason as text (notes
+    left out), in the source's character set (Latin-1 here: typography made plain); dciodvfy-clean."""
+    sr = measurement_report(seg, source_images=patient.ct, measurements=MEASUREMENTS, qa=QA_FAIL)
+    path = save(sr, tmp_path / "sr.dcm")
+    assert_dciodvfy_clean(path)
+    assert read_qa(path) == {
+        "status": "FAIL",
+        "statements": ["ERROR EMPTY_STRUCTURE: GTV is empty (the model found nothing)",
+                       "REVIEW DOMAIN_HU: HU p50 44 HU (training -107...-107) - sigma >= 0.1"],
+    }
+    assert read_measurements(path) == read_measurements(
+        measurement_report(seg, source_images=patient.ct, measurements=MEASUREMENTS))  # measurements unchanged
+    forced = measurement_report(seg, source_images=patient.ct, measurements=MEASUREMENTS, qa=QA_FAIL,
+                                pushed_despite_fail=True)
+    assert read_qa(forced)["statements"][-1] == PUSHED_DESPITE_FAIL == "pushed despite QA FAIL by user request"
+    assert len({sr.SOPInstanceUID, forced.SOPInstanceUID,
+                measurement_report(seg, source_images=patient.ct, measurements=MEASUREMENTS).SOPInstanceUID}) == 3
+    passed = measurement_report(seg, source_images=patient.ct, measurements=MEASUREMENTS,
+                                qa={"status": "PASS", "reasons": []})
+    assert read_qa(passed) == {"status": "PASS", "statements": []}
+    assert read_qa(measurement_report(seg, source_images=patient.ct, measurements=MEASUREMENTS))["status"] is None
+    with pytest.raises(ReportError, match="only a FAIL"):
+        measurement_report(seg, source_images=patient.ct, measurements=MEASUREMENTS,
+                           qa={"status": "REVIEW", "reasons": []}, pushed_despite_fail=True)
+    with pytest.raises(ReportError, match="QA status"):
+        measurement_report(seg, source_images=patient.ct, measurements=MEASUREMENTS, qa={"status": "OK"})
 
 
 # -------------------------------------------------------------------------------------------------- build_outputs
