@@ -88,3 +88,15 @@ for s in config["structures"]:
     history[f"val_dice_{s}"].plot(ax=axes[1], label=s, xlabel="epoch", ylim=(0, 1), title="validation Dice")
 axes[1].legend(fontsize=7, ncol=2)
 fig.tight_layout()
+
+# %% [markdown]
+# ## The model card registered with this version
+# Intended use, training cohort and domain (what the report's QA gate compares new images with), validation
+# metrics, post-processing rules and known limitations. The registry shows it as the version's description.
+
+# %%
+from IPython.display import Markdown
+
+from pacsai.learning.infer import load_model
+
+Markdown(load_model(result.model_uri).card)

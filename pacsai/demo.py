@@ -13,7 +13,6 @@ from pathlib import Path
 DEMO_EXPERIMENT = "experiments/demo.yaml"
 # The report patient is seeded after training, from seeds the training cohort never saw, with a prior study.
 REPORT_SEED = 900
-THRESHOLDS = ("BODY=0.85", "Lung_L=0.85", "Lung_R=0.85", "Heart=0.85")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -50,12 +49,15 @@ def run(args: argparse.Namespace) -> int:
     n_patients = 3 if args.smoke else int(syn.get("patients", 12))
     pacs = connect(args.pacs)
 
+    stages: dict[str, float] = {}
     t = _step(f"seeding {n_patients} synthetic patients into {pacs.url}")
     seed_pacs(pacs, patients=n_patients, seed=int(syn.get("seed", 0)), with_prior=bool(syn.get("with_prior")),
               shape=shape, spacing=spacing, progress=True)
-    print(f"    {time.perf_counter() - t:.0f} s")
+    stages["seeding"] = time.perf_counter() - t
+    print(f"    {stages['seeding']:.0f} s")
 
     model_name = cfg["model"]["name"]
+    report_model = f"models:/{model_name}@champion"
     champion = tracking.get_alias(model_name)
     if champion is None or args.retrain or args.smoke:
         from pacsai.learning.train import train
@@ -63,18 +65,26 @@ def run(args: argparse.Namespace) -> int:
 
         t = _step(f"training {experiment} (MLflow: {tracking.tracking_uri()})")
         result = train(experiment, pacs=pacs, smoke=args.smoke)
+        stages["training"] = time.perf_counter() - t
         print(f"    {result.model_uri} (run {result.run_id}), best epoch {result.best_epoch}, "
-              f"{result.seconds:.0f} s")
-        t = _step(f"validating {result.model_uri} by papermill")
-        validation = run_validation(result.model_uri, thresholds=() if args.smoke else THRESHOLDS,
-                                    smoke=args.smoke, pacs_url=str(pacs.url))
-        dice = ", ".join(f"{k.removeprefix('dice_')} {v:.3f}" for k, v in sorted(validation.metrics.items())
-                         if k.startswith("dice_"))
-        print(f"    held-out Dice: {dice}")
+              f"{result.seconds:.0f} s in the training loop, {stages['training']:.0f} s in all")
+        t = _step(f"validating {result.model_uri} by papermill (thresholds: the experiment's validation block)")
+        validation = run_validation(result.model_uri, smoke=args.smoke, pacs_url=str(pacs.url))
+        stages["validation"] = time.perf_counter() - t
+        for metric in ("dice", "hd95"):
+            values = ", ".join(f"{k.removeprefix(metric + '_')} {v:.3g}"
+                               for k, v in sorted(validation.metrics.items()) if k.startswith(metric + "_"))
+            print(f"    held-out {metric}: {values}")
         if not validation.passed:
-            raise PacsaiError(f"the demo model failed validation ({'; '.join(validation.failures)}); "
-                              f"see {validation.notebook}")
-        print(f"    alias champion → {model_name} v{validation.version}  ({time.perf_counter() - t:.0f} s)")
+            if not args.smoke:
+                raise PacsaiError(f"the demo model failed validation ({'; '.join(validation.failures)}); "
+                                  f"see {validation.notebook}")
+            # a 2-epoch smoke model cannot pass the real gate; the smoke run still exercises the report with it
+            print(f"    smoke model not promoted ({len(validation.failures)} gate failures, as expected)")
+            report_model = result.model_uri
+        else:
+            print(f"    alias champion → {model_name} v{validation.version}")
+        print(f"    {stages['validation']:.0f} s")
     else:
         print(f"==> reusing {model_name} v{champion} (alias champion); --retrain trains again")
 
@@ -83,9 +93,10 @@ def run(args: argparse.Namespace) -> int:
                        progress=False)
     patient_id = seeded[0].patient_id
     params = validate_parameters(patient_id=patient_id, pacs_url=str(pacs.url), structures_from="model",
-                                 model_uri=f"models:/{model_name}@champion", smoke=args.smoke)
+                                 model_uri=report_model, smoke=args.smoke)
     report = run_report(params, push=True)
-    print(f"    {report.seconds:.0f} s")
+    stages["report"] = time.perf_counter() - t
+    print(f"    {stages['report']:.0f} s")
     print()
     print(f"Report:        {report.html}")
     print(f"               {report.pdf or '(no PDF: install chromium)'}")
@@ -96,5 +107,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"MLflow run:    {report.mlflow_run_id}  (store {tracking.tracking_uri()})")
     print("Open the MLflow UI:  .venv/bin/pacsai ui          → http://127.0.0.1:5000")
     print("Open JupyterLab:     .venv/bin/jupyter lab notebooks/01_explore_pacs.ipynb")
+    print("Stages:        " + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items()))
     print(f"Done in {time.perf_counter() - start:.0f} s. Research use only.")
     return 0

@@ -65,6 +65,10 @@ class PreprocessSpec:
         Voxels above this HU count as body when cropping.
     margin_mm
         Margin around the body box.
+    antialias
+        Smooth an image that is finer than the training grid before resampling it (Gaussian, σ = (factor − 1) / 2
+        voxels per axis), so a 0.98 mm CT's noise and edges reach the coarser grid as a scanner with that voxel
+        size would show them, instead of aliased samples.
     """
 
     spacing_mm: tuple[float, float, float] = (4.0, 4.0, 4.0)
@@ -72,6 +76,7 @@ class PreprocessSpec:
     structures: tuple[str, ...] = ()
     body_threshold_hu: float = -500.0
     margin_mm: float = 8.0
+    antialias: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "spacing_mm", tuple(float(s) for s in self.spacing_mm))
@@ -88,7 +93,7 @@ class PreprocessSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PreprocessSpec:
-        known = {"spacing_mm", "window", "structures", "body_threshold_hu", "margin_mm"}
+        known = {"spacing_mm", "window", "structures", "body_threshold_hu", "margin_mm", "antialias"}
         return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known})
 
     def key(self) -> str:
@@ -196,12 +201,31 @@ def preprocess_image(
         within the full training grid.
     """
     grid, shape = training_grid(volume, spec.spacing_mm)
-    hu = sample(np.asarray(volume.values, np.float32), affine_of(volume), grid, shape, order=1, cval=-1024.0)
+    source = np.asarray(volume.values, np.float32)
+    if spec.antialias:
+        source = antialiased(source, spacing_zyx=_spacing_zyx(affine_of(volume)), target_zyx=spec.spacing_mm[::-1])
+    hu = sample(source, affine_of(volume), grid, shape, order=1, cval=-1024.0)
     margin = [int(np.ceil(spec.margin_mm / s)) for s in spec.spacing_mm[::-1]]
     box = body_box(hu, threshold_hu=spec.body_threshold_hu, margin_vox=margin)
     lo, hi = spec.window
     image = ((np.clip(hu[box], lo, hi) - lo) / (hi - lo)).astype(np.float32)
     return make_volume(image, _shift(grid, box), name="image"), box
+
+
+def _spacing_zyx(affine: np.ndarray) -> tuple[float, float, float]:
+    sx, sy, sz = np.linalg.norm(np.asarray(affine, float)[:3, :3], axis=0)
+    return (float(sz), float(sy), float(sx))
+
+
+def antialiased(
+    hu: np.ndarray, *, spacing_zyx: Sequence[float], target_zyx: Sequence[float]
+) -> np.ndarray:
+    """Gaussian prefilter before downsampling from ``spacing_zyx`` to ``target_zyx`` (σ = (factor − 1) / 2 voxels
+    along each axis that gets coarser); the input itself where no axis does."""
+    sigma = [max(0.0, (t / s - 1.0) / 2.0) for s, t in zip(spacing_zyx, target_zyx)]
+    if max(sigma) < 0.1:
+        return hu
+    return ndimage.gaussian_filter(hu, sigma=sigma, truncate=3.0)
 
 
 def preprocess_case(

@@ -167,6 +167,7 @@ def preprocess_spec(cfg: Mapping[str, Any]) -> PreprocessSpec:
         structures=tuple(cfg["structures"]),
         body_threshold_hu=float(pp.get("body_threshold_hu", -500.0)),
         margin_mm=float(pp.get("margin_mm", 8.0)),
+        antialias=bool(pp.get("antialias", False)),
     )
 
 
