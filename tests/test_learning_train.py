@@ -467,3 +467,28 @@ def test_network_init_leaves_the_global_random_state_alone():
     net_b, *_ = build_training(cfg, Head("softmax", ("A",)), torch.device("cpu"))
     for a, b in zip(net_a.state_dict().values(), net_b.state_dict().values()):
         assert torch.equal(a, b)  # the same seed gives the same network
+
+
+def test_model_card_states_use_cohort_domain_metrics_rules_and_limits():
+    from pacsai.learning.card import model_card
+
+    card = model_card(
+        name="m",
+        version="4",
+        run_id="r1",
+        experiment={"name": "e", "structures": ["BODY", "GTV"], "preprocess": {"spacing_mm": [2.5, 2.5, 4.0]},
+                    "card": {"limitations": ["Only tested on phantoms."]}},
+        cohort={"train": 20, "val": 5, "test": 5, "series": 30, "sources": ["pacsai.synthetic"]},
+        domain={"n_cases": 20, "modality": "CT", "spacing_mm": {"min": [2.5, 2.5, 4.0], "max": [2.5, 2.5, 4.0]},
+                "hu": {"p50": [-120.0, -80.0]},
+                "structure_volumes_cc": {"GTV": {"min": 2.0, "max": 60.0, "median": 14.0, "n": 20}}},
+        metrics={"BODY": {"dice": 0.995, "hd95": 1.0}, "GTV": {"dice": 0.81, "hd95": 4.2}},
+        postprocess={"BODY": "largest connected component kept", "GTV": "components below 0.5 cc dropped"},
+        train_seconds=240.0,
+        best_epoch=29,
+    )
+    assert card.startswith("# Model card: m v4")
+    for text in ("## Intended use", "Research only", "20 training, 5 validation, 5 held out", "pacsai.synthetic",
+                 "| p50 | -120–-80 |", "| GTV | 2 | 14 | 60 |", "| GTV | 0.81 | 4.2 |",
+                 "| GTV | components below 0.5 cc dropped |", "- Only tested on phantoms.", "240 s"):
+        assert text in card, text
