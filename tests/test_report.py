@@ -193,6 +193,10 @@ def test_cohort_reports_one_failure_does_not_stop_the_rest(tmp_path):
     assert ok == {good.patient_id: True, ct_only.patient_id: False}
     assert "RTSTRUCT" in table.set_index("patient_id").loc[ct_only.patient_id, "error"]
     assert (tmp_path / "reports" / good.patient_id / "report.html").is_file()
+    # "ok" says a report was written; its QA gate says whether to trust it
+    metrics = json.loads((tmp_path / "reports" / good.patient_id / "metrics.json").read_text())
+    qa = dict(zip(table.patient_id, table.qa_status.fillna("")))
+    assert qa == {good.patient_id: metrics["qa"]["status"], ct_only.patient_id: ""}
 
 
 def test_report_from_pacs_structures_never_imports_torch(store, patient):

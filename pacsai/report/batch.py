@@ -9,6 +9,7 @@ only those patients are run again (``pacsai report --rerun-failed reports/cohort
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "cohort_summary.csv"
 FAILED_DIR = ".failed"
-COLUMNS = ("patient_id", "ok", "seconds", "out_dir", "error")
+COLUMNS = ("patient_id", "ok", "qa_status", "seconds", "out_dir", "error")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,9 @@ class CohortItem:
     seconds: float
     out_dir: str
     error: str = ""
+    #: The report's QA gate (PASS / REVIEW / FAIL); empty where no report was made. ``ok`` says the report was
+    #: written, not that its contents can be trusted.
+    qa_status: str = ""
 
 
 def _one(params: ReportParameters, out_root: str, push: bool, track: bool, push_anyway: bool = False) -> CohortItem:
@@ -50,10 +54,11 @@ def _one(params: ReportParameters, out_root: str, push: bool, track: bool, push_
     staging = final.with_name(f".{final.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        run_report(params, out_dir=staging, push=push, track=track, push_anyway=push_anyway)
+        result = run_report(params, out_dir=staging, push=push, track=track, push_anyway=push_anyway)
+        qa_status = str((json.loads(result.metrics.read_text()).get("qa") or {}).get("status", ""))
         _move_into_place(staging, final)
         shutil.rmtree(final.parent / FAILED_DIR / final.name, ignore_errors=True)  # an earlier failure, now fixed
-        return CohortItem(params.patient_id, True, time.perf_counter() - start, str(final))
+        return CohortItem(params.patient_id, True, time.perf_counter() - start, str(final), qa_status=qa_status)
     except Exception as err:  # one patient's failure is reported, never fatal for the cohort
         kept = _set_aside(staging, final)
         where = f" (partial outputs in {kept})" if kept else ""
@@ -147,6 +152,9 @@ def run_cohort(
                 collect(fut.result())
     table = pd.DataFrame([i.__dict__ for i in items], columns=list(COLUMNS))
     if previous is not None and not previous.empty:
+        previous = previous.copy()
+        if "qa_status" not in previous:  # a summary written before reports had a QA gate
+            previous["qa_status"] = ""
         kept = previous[~previous.patient_id.isin(table.patient_id)]
         table = pd.concat([kept.loc[:, list(COLUMNS)], table], ignore_index=True)
     table = table.sort_values("patient_id", kind="stable").reset_index(drop=True)
@@ -159,11 +167,14 @@ def run_cohort(
 def read_summary(path: Path) -> pd.DataFrame:
     """Read a ``cohort_summary.csv`` written by :func:`run_cohort`."""
     try:
-        table = pd.read_csv(path, dtype={"patient_id": str, "out_dir": str, "error": str}, keep_default_na=False)
+        table = pd.read_csv(path, dtype={"patient_id": str, "out_dir": str, "error": str, "qa_status": str},
+                            keep_default_na=False)
     except FileNotFoundError as err:
         raise ReportError(f"no cohort summary at {path}; give the {SUMMARY_FILE} a cohort run wrote") from err
     except (OSError, ValueError, pd.errors.ParserError) as err:
         raise ReportError(f"cannot read the cohort summary {path}: {err}") from err
+    if "qa_status" not in table.columns:  # written before reports had a QA gate
+        table["qa_status"] = ""
     missing = [c for c in COLUMNS if c not in table.columns]
     if missing:
         raise ReportError(f"{path} is not a cohort summary (no column {', '.join(missing)}); give the "
