@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 #: Bump when the generator's output changes: it enters every UID, so new content never reuses an old UID.
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 #: (z, y, x) voxels of the default planning CT.
 DEFAULT_SHAPE = (96, 256, 256)
 #: (x, y, z) mm.

@@ -141,8 +141,11 @@ def make_dose(
     hi = ct_origin + hi_idx * ct_spacing + np.array([6.0, 6.0, 0.0])
     step = DOSE_SPACING_MM
     origin = ct_origin + np.ceil((lo - ct_origin) / step) * step + np.array([0.5, 0.5, 0.5]) * ct_spacing
-    origin[2] = max(origin[2], ct_origin[2])
+    # Along z a TPS calculates over the whole CT: from the outer face of the first body slice to beyond the last
+    # one, so every slice centre of every structure lies inside the grid (a DVH never meets uncovered volume).
+    origin[2] = lo[2] - 0.5 * ct_spacing[2]
     shape_xyz = np.floor((hi - origin) / step).astype(int) + 1
+    shape_xyz[2] = int(np.ceil((hi[2] + 0.5 * ct_spacing[2] - origin[2]) / step)) + 1
     nx, ny, nz = (int(v) for v in shape_xyz)
     affine = np.diag([step, step, step, 1.0])
     affine[:3, 3] = origin
