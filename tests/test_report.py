@@ -151,6 +151,15 @@ def test_report_from_orthanc_with_structures_from_pacs(orthanc, clean_orthanc, p
 
     pacs = connect(orthanc.url, user=orthanc.user, password=orthanc.password)
     assert pacs.store(list(patient.datasets()), progress=False).ok
+    # pacsai's own earlier model RTSTRUCT (heart left empty) beside the planner's: never read as the planner's
+    import numpy as np
+
+    from pacsai.imaging.geometry import like
+
+    ours = {**patient.masks, "Heart": like(patient.masks["Heart"], np.zeros(patient.masks["Heart"].shape, bool),
+                                           name="Heart")}
+    assert pacs.store([_pacsai_rtstruct(patient, ours)], progress=False).ok
+    assert len(pacs.search_series(PatientID=patient.patient_id, Modality="RTSTRUCT")) == 3  # with the prior's
     params = validate_parameters(patient_id=patient.patient_id, pacs_url=orthanc.url)
     import os
 
@@ -164,6 +173,10 @@ def test_report_from_orthanc_with_structures_from_pacs(orthanc, clean_orthanc, p
     from pacsai import planning
 
     assert gtv["volume_cc"] == pytest.approx(planning.volume_cc(patient.masks["GTV"]), rel=0.03)
+    heart = next(r for r in metrics["structures"] if r["name"] == "Heart")
+    assert heart["state"] == "present" and heart["drawn_by"]["kind"] == "planner"
+    rt_inputs = {i["sop_instance_uids"][0] for i in metrics["provenance"]["inputs"] if i["modality"] == "RTSTRUCT"}
+    assert rt_inputs == {str(patient.rtstruct.SOPInstanceUID), str(patient.prior_rtstruct.SOPInstanceUID)}
     assert len(result.pushed["objects"]) == 2  # SEG + SR (no PDF asked for)
     assert orthanc.password not in (tmp_path / "out" / "report.ipynb").read_text()
     assert np.isfinite(metrics["dvh"]["PTV"]["mean_gy"])
