@@ -418,11 +418,14 @@ def _summarize(data: PatientData, params: ReportParameters, *, pacs_url: str) ->
     agreement: list[dict[str, Any]] = []
     constraints, coverage = main.constraints, main.coverage
     if from_model and data.reference is not None:
-        ref = _analyse(
-            data.reference.structures, drawn_by=data.reference.drawn_by, offered=data.reference.offered,
-            from_model=False, dose=data.dose, dose_note=data.dose_note, dose_reasons=header_reasons,
-            params=params, table=table,
-        )
+        with warnings.catch_warnings():
+            # the reference's own data notes (its dose sampling) are not notes on this report's contours
+            warnings.simplefilter("ignore", PacsaiWarning)
+            ref = _analyse(
+                data.reference.structures, drawn_by=data.reference.drawn_by, offered=data.reference.offered,
+                from_model=False, dose=data.dose, dose_note=data.dose_note, dose_reasons=header_reasons,
+                params=params, table=table,
+            )
         constraints, disagree_c = _compare_constraints(main.constraints, ref.constraints)
         coverage, disagree_v = _compare_coverage(main.coverage, ref.coverage)
         reasons += disagree_c + disagree_v
