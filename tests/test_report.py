@@ -494,6 +494,9 @@ def test_model_path_without_tumour_fails_and_pushes_nothing_of_the_model(smoke, 
     qa = read_qa(sr)
     assert qa["status"] == "FAIL" and qa["statements"][-1] == PUSHED_DESPITE_FAIL
     assert any(line.startswith("ERROR EMPTY_STRUCTURE: GTV is empty") for line in qa["statements"])
+    from pacsai.report.sr import read_drawn_by
+
+    assert set(read_drawn_by(sr).values()) == {f"model pacsai-thorax v{smoke['version']}"}
 
 
 def _seed_real(pacs, data: Path) -> dict[str, str]:

@@ -37,6 +37,7 @@ from pacsai.report.sr import (
     COMPREHENSIVE_3D_SR_STORAGE,
     PUSHED_DESPITE_FAIL,
     measurement_report,
+    read_drawn_by,
     read_measurements,
     read_qa,
 )
@@ -325,8 +326,12 @@ def test_measurement_report_carries_the_qa_gate(patient, seg, tmp_path):
     assert read_qa(forced)["statements"][-1] == PUSHED_DESPITE_FAIL == "pushed despite QA FAIL by user request"
     assert len({sr.SOPInstanceUID, forced.SOPInstanceUID,
                 measurement_report(seg, source_images=patient.ct, measurements=MEASUREMENTS).SOPInstanceUID}) == 3
+    authors = {"GTV": "model pacsai-thorax v3", "Heart": "RTSTRUCT 'Clinical plan' 2024-08-08"}
     passed = measurement_report(seg, source_images=patient.ct, measurements=MEASUREMENTS,
-                                qa={"status": "PASS", "reasons": []})
+                                qa={"status": "PASS", "reasons": []}, drawn_by=authors)
+    assert read_drawn_by(passed) == authors
+    assert_dciodvfy_clean(save(passed, tmp_path / "sr-authors.dcm"))
+    assert read_measurements(passed) == read_measurements(sr)
     assert read_qa(passed) == {"status": "PASS", "statements": []}
     assert read_qa(measurement_report(seg, source_images=patient.ct, measurements=MEASUREMENTS))["status"] is None
     with pytest.raises(ReportError, match="only a FAIL"):

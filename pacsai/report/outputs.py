@@ -76,6 +76,7 @@ def build_outputs(
     include_rtstruct: bool = True,
     qa: Mapping[str, Any] | None = None,
     pushed_despite_fail: bool = False,
+    drawn_by: Mapping[str, str] | None = None,
 ) -> list[Dataset]:
     """Build the DICOM objects a report sends back to the PACS.
 
@@ -103,6 +104,8 @@ def build_outputs(
         The report's QA gate (``PlanSummary.qa``): the SR carries it as a qualitative evaluation.
     pushed_despite_fail
         The gate failed and the user insisted (``--push-anyway``): the SR says so.
+    drawn_by
+        ``{structure: who drew it}`` for the SR (planner RTSTRUCT, model, margin).
 
     Returns
     -------
@@ -175,6 +178,7 @@ def build_outputs(
                 algorithm_version=algorithm_version,
                 qa=qa,
                 pushed_despite_fail=pushed_despite_fail,
+                drawn_by=drawn_by,
             )
         )
     elif measurements:

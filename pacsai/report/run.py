@@ -200,6 +200,7 @@ def push_results(
         include_rtstruct=from_model and not withhold,
         qa=qa or None,
         pushed_despite_fail=status == "FAIL" and push_anyway,
+        drawn_by={r["name"]: (r.get("drawn_by") or {}).get("label", "") for r in metrics["structures"]},
     )
     summary = push_outputs(pacs, datasets)
     result = {

@@ -53,6 +53,8 @@ QA_VALUES: Mapping[str, Code] = {
     "REVIEW": Code("QA-REVIEW", QA_SCHEME, "REVIEW: a person must review the reasons first"),
     "FAIL": Code("QA-FAIL", QA_SCHEME, "FAIL: the report's statements cannot be made from this input"),
 }
+#: Who drew a structure (TEXT in its volumetric group): a planner's RTSTRUCT, a model, or a margin.
+DRAWN_BY = Code("DRAWN-BY", QA_SCHEME, "Structure drawn by")
 #: The statement a report pushed despite a failed gate carries (``--push-anyway``).
 PUSHED_DESPITE_FAIL = "pushed despite QA FAIL by user request"
 
@@ -80,6 +82,7 @@ def measurement_report(
     manufacturer: str = "pacsai",
     qa: Mapping[str, Any] | None = None,
     pushed_despite_fail: bool = False,
+    drawn_by: Mapping[str, str] | None = None,
 ) -> Dataset:
     """A TID 1500 Comprehensive 3D SR with volume, dose and size per structure, referencing a BINARY SEG.
 
@@ -114,6 +117,9 @@ def measurement_report(
         error/review reason as text (read back with :func:`read_qa`).
     pushed_despite_fail
         The gate failed and the user stored the report anyway: the QA group says so (:data:`PUSHED_DESPITE_FAIL`).
+    drawn_by
+        ``{structure: "RTSTRUCT '<description>' <date>" | "model <name> v<version>" | ...}``: who drew each
+        structure, a TEXT item in its group (:data:`DRAWN_BY`; read back with :func:`read_drawn_by`).
 
     Returns
     -------
@@ -140,6 +146,8 @@ def measurement_report(
     version = algorithm_version or _pacsai_version()
     rows = {name: _values(name, values) for name, values in measurements.items()}
     qa_lines = _qa_lines(qa, pushed_despite_fail, charset=first.get("SpecificCharacterSet"))
+    authors = {name: _encodable(str(label), first.get("SpecificCharacterSet"))[:1024]
+               for name, label in (drawn_by or {}).items() if name in rows}
     missing = [name for name in rows if name not in segments]
     if missing:
         raise ReportError(
@@ -155,6 +163,7 @@ def measurement_report(
         version,
         str(procedure),
         qa_lines,
+        sorted(authors.items()),
         *uid_parts,
     )
     sop_instance_uid = derive_uid("pacsai-sr-instance", *parts)
@@ -183,18 +192,21 @@ def measurement_report(
             for key, (concept, unit) in MEASUREMENT_CODES.items()
             if values.get(key) is not None
         ]
-        groups.append(
-            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=derive_uid("pacsai-sr-tracking", seg.SOPInstanceUID, number, name),
-                    identifier=name[:64],
-                ),
-                referenced_segment=_referenced_segment(seg, number),
-                finding_type=_finding_type(seg, number),
-                algorithm_id=algorithm,
-                measurements=group_measurements,
-            )
+        group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=derive_uid("pacsai-sr-tracking", seg.SOPInstanceUID, number, name),
+                identifier=name[:64],
+            ),
+            referenced_segment=_referenced_segment(seg, number),
+            finding_type=_finding_type(seg, number),
+            algorithm_id=algorithm,
+            measurements=group_measurements,
         )
+        if authors.get(name):  # who drew the structure: a planner's RTSTRUCT, a model, or a margin
+            group[0].ContentSequence.append(
+                hd.sr.TextContentItem(name=DRAWN_BY, value=authors[name], relationship_type="CONTAINS")
+            )
+        groups.append(group)
     try:
         report = hd.sr.MeasurementReport(
             observation_context=hd.sr.ObservationContext(observer_device_context=observer),
@@ -297,6 +309,17 @@ def _encodable(text: str, charset: Any) -> str:
     except UnicodeEncodeError:
         plain = "".join(_PLAIN.get(c, c) for c in text)
         return plain.encode(codecs[0], errors="replace").decode(codecs[0])
+
+
+def read_drawn_by(sr: Any) -> dict[str, str]:
+    """Who drew each measured structure of a report SR: ``{structure: label}`` (see ``drawn_by``)."""
+    document = hd.sr.Comprehensive3DSR.from_dataset(sr, copy=True) if isinstance(sr, Dataset) else hd.sr.srread(sr)
+    out = {}
+    for group in document.content.get_volumetric_roi_measurement_groups():
+        for item in group[0].ContentSequence:
+            if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeValue == DRAWN_BY.value:
+                out[str(group.tracking_identifier)] = str(item.TextValue)
+    return out
 
 
 def _qa_lines(
@@ -440,6 +463,7 @@ __all__ = [
     "PUSHED_DESPITE_FAIL",
     "QA_TRACKING_ID",
     "measurement_report",
+    "read_drawn_by",
     "read_measurements",
     "read_qa",
 ]
