@@ -576,3 +576,54 @@ def test_model_verdicts_that_the_reference_contradicts_are_review_with_both_valu
     rows = {a["structure"]: a for a in s.agreement}
     assert rows["Heart"]["dice"] == pytest.approx(1.0) and rows["SpinalCord"]["dice"] == pytest.approx(0.0)
     assert s.reference["drawn_by"]["kind"] == "planner"
+
+
+def _spatial_registration(patient) -> "pydicom.Dataset":
+    """A DICOM Spatial Registration in the planning study: the prior's frame → the planning CT's (identity: the
+    generator draws both studies in the same patient coordinates)."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+
+    from pacsai.uids import derive_uid
+
+    first, prior = patient.ct[0], patient.prior_ct[0]
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.66.1"
+    ds.file_meta.MediaStorageSOPInstanceUID = derive_uid("test-reg", first.StudyInstanceUID)
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID
+    for keyword in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
+                    "StudyTime", "StudyID", "AccessionNumber"):
+        setattr(ds, keyword, first.get(keyword, ""))
+    ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber = "REG", derive_uid("test-reg-series", first.StudyInstanceUID), 5
+    ds.InstanceNumber, ds.ContentDate, ds.ContentTime = 1, first.StudyDate, first.StudyTime
+    ds.FrameOfReferenceUID = first.FrameOfReferenceUID
+    matrix = pydicom.Dataset()
+    matrix.FrameOfReferenceTransformationMatrixType = "RIGID"
+    matrix.FrameOfReferenceTransformationMatrix = [str(v) for v in np.eye(4).ravel()]
+    registration = pydicom.Dataset()
+    registration.MatrixSequence = [matrix]
+    item = pydicom.Dataset()
+    item.FrameOfReferenceUID = prior.FrameOfReferenceUID
+    item.MatrixRegistrationSequence = [registration]
+    ds.RegistrationSequence = [item]
+    return ds
+
+
+def test_a_spatial_registration_on_the_pacs_makes_the_response_final(tmp_path):
+    """With a DICOM REG linking the prior's frame to the planning CT's, lesions are followed by position: the
+    category is final and the gate PASSes (the same patient without the REG: provisional, REVIEW)."""
+    from pacsai.pacs import connect
+    from pacsai.report.summary import build_summary
+    from pacsai.synthetic import make_patient
+
+    patient = make_patient(15, shape=SHAPE, spacing=SPACING)
+    pacs = connect(f"file://{tmp_path / 'pacs'}", cache_dir=tmp_path / "cache")
+    assert pacs.store([*patient.datasets(), _spatial_registration(patient)], progress=False).ok
+    s = build_summary(validate_parameters(patient_id=patient.patient_id), pacs=pacs)
+    assert s.qa["status"] == "PASS", [r for r in s.qa["reasons"] if r["level"] != "note"]
+    assert s.response["final"] is True and s.response["frames"]["registration"] is True
+    assert s.response["category"] == patient.truth["expected_response"]
+    assert s.response["registration"].startswith("registration: DICOM REG ")
+    assert "REG" in {i["modality"] for i in s.provenance["inputs"]}

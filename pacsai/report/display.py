@@ -284,6 +284,8 @@ def response(s: PlanSummary) -> None:
           f"{(r.get('drawn_by_now') or {}).get('label', '?')}, prior {(r.get('drawn_by_prior') or {}).get('label', '?')}.")
     if r.get("category") == "NE" and r.get("note"):
         _note(str(r["note"]))
+    if r.get("registration"):
+        _note(str(r["registration"]))
     if "sld_prior_mm" in r:
         display(HTML(_table([{
             "Target lesion(s)": r.get("target"),

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import numpy as np
 import pydicom
 import xarray as xr
 
@@ -105,6 +106,10 @@ class PatientData:
     model_domain: dict[str, Any] = field(default_factory=dict)
     input_stats: dict[str, Any] = field(default_factory=dict)
     dose_header: dict[str, Any] = field(default_factory=dict)
+    #: 4×4 matrix mapping the prior's patient coordinates (LPS mm) into the current study's, from a DICOM
+    #: Spatial Registration on the PACS; None where the frames are the same or no registration links them.
+    registration: Any = None
+    registration_note: str = ""
 
     @property
     def inputs(self) -> list[SeriesRef]:
@@ -198,6 +203,14 @@ def gather(params: ReportParameters, *, pacs: Any) -> PatientData:
         prior, prior_note = model_prior, ""
         break
     uncertainty = dict(current.uncertainty)
+    registration, registration_note = None, ""
+    if prior is not None:
+        studies_to_search = [current.study_instance_uid, prior.study_instance_uid]
+        registration, registration_note, reg_ref = find_registration(
+            pacs, studies_to_search, prior=_frame(prior.image), current=_frame(current.image)
+        )
+        if reg_ref is not None:
+            current.inputs.append(reg_ref)
     return PatientData(
         patient_id=params.patient_id,
         current=current,
@@ -213,7 +226,51 @@ def gather(params: ReportParameters, *, pacs: Any) -> PatientData:
         model_domain=domain,
         input_stats=stats,
         dose_header=dose_header,
+        registration=registration,
+        registration_note=registration_note,
     )
+
+
+def _frame(image: xr.DataArray) -> str:
+    return str(image.attrs.get("frame_of_reference_uid") or "")
+
+
+def find_registration(
+    pacs: Any, study_uids: list[str], *, prior: str, current: str
+) -> tuple[np.ndarray | None, str, SeriesRef | None]:
+    """The rigid/affine matrix prior → current (LPS mm) from a DICOM Spatial Registration (REG) in the studies.
+
+    A REG maps each listed frame of reference into its own (``FrameOfReferenceUID`` of the REG): item frame F
+    with matrix M_F means x_REG = M_F · x_F (PS3.3 C.20.2). Prior and current frames both listed (or one of them
+    the REG's own frame, identity) give x_current = M_current⁻¹ · M_prior · x_prior.
+
+    Returns
+    -------
+    (matrix or None, note, the REG series read or None)
+        None with an empty note where the frames are equal or unknown; None with a note where no registration
+        links them.
+    """
+    if not prior or not current or prior == current:
+        return None, "", None
+    for study_uid in study_uids:
+        series = _series(pacs, study_uid)
+        for _, row in series[series.Modality == "REG"].iterrows():
+            paths, ref = _pull(pacs, study_uid, row)
+            for path in paths:
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
+                matrices = {str(ds.get("FrameOfReferenceUID", "")): np.eye(4)}
+                for item in ds.get("RegistrationSequence", []):
+                    try:
+                        values = item.MatrixRegistrationSequence[0].MatrixSequence[0]
+                        matrix = np.asarray(values.FrameOfReferenceTransformationMatrix, float).reshape(4, 4)
+                    except (AttributeError, IndexError, ValueError):
+                        continue
+                    matrices[str(item.get("FrameOfReferenceUID", ""))] = matrix
+                if prior in matrices and current in matrices:
+                    note = f"registration: DICOM REG {ds.SOPInstanceUID} (series {ref.series_instance_uid})"
+                    return np.linalg.inv(matrices[current]) @ matrices[prior], note, ref
+    return None, (f"no DICOM Spatial Registration links the prior's frame of reference {prior} to the current "
+                  f"{current}"), None
 
 
 def _studies_with_image(pacs: Any, patient_id: str) -> pd.DataFrame:

@@ -614,8 +614,10 @@ def _response(
     if now_who and prior_who and now_who.kind == prior_who.kind:
         reasons += gate.change_reasons(_volumes(now), _volumes(prior), source=source)
     result = planning.assess_response(
-        _contours(now, now_who), _contours(prior, prior_who), target=params.target
+        _contours(now, now_who), _contours(prior, prior_who), target=params.target,
+        registration=data.registration,
     ).to_dict()
+    result["registration"] = data.registration_note
     reasons += [Reason.from_dict(r) for r in result.get("reasons", [])]
     note = "" if result["category"] != "NE" else "; ".join(
         r["message"] for r in result.get("reasons", []) if r.get("level") == "error") or "not evaluable"
