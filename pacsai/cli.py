@@ -24,6 +24,7 @@ VERBS: dict[str, str] = {
     "train": "pacsai.learning.cli",
     "validate": "pacsai.learning.cli_validate",
     "report": "pacsai.report.cli",
+    "watch": "pacsai.watch.cli",
     "ui": "pacsai.tracking_cli",
     "demo": "pacsai.demo",
 }
