@@ -183,3 +183,30 @@ def test_written_by_pacsai_reads_the_header():
     assert not written_by_pacsai(header("pacsai", "pacsai.synthetic"))  # the synthetic planner stand-in
     assert not written_by_pacsai(header("Varian Medical Systems", "ARIA RadOnc"))
     assert not written_by_pacsai(pydicom.Dataset())
+
+
+def test_registration_matrix_composes_prior_to_current():
+    """REG frame R; prior frame P shifted +10 mm in x into R, current frame C shifted +3 mm in x into R:
+    a prior point at x = 0 is x = 10 in R and x = 7 in C."""
+    from pacsai.report.inputs import registration_matrix
+
+    def item(frame, dx):
+        matrix = pydicom.Dataset()
+        m = np.eye(4)
+        m[0, 3] = dx
+        matrix.FrameOfReferenceTransformationMatrix = [str(v) for v in m.ravel()]
+        registration = pydicom.Dataset()
+        registration.MatrixSequence = [matrix]
+        entry = pydicom.Dataset()
+        entry.FrameOfReferenceUID = frame
+        entry.MatrixRegistrationSequence = [registration]
+        return entry
+
+    reg = pydicom.Dataset()
+    reg.FrameOfReferenceUID = "1.2.3.R"
+    reg.RegistrationSequence = [item("1.2.3.P", 10.0), item("1.2.3.C", 3.0)]
+    matrix = registration_matrix(reg, prior="1.2.3.P", current="1.2.3.C")
+    assert matrix @ np.array([0.0, 5.0, 1.0, 1.0]) == pytest.approx([7.0, 5.0, 1.0, 1.0])
+    into_own = registration_matrix(reg, prior="1.2.3.P", current="1.2.3.R")  # the REG's own frame: identity
+    assert into_own @ np.array([0.0, 0.0, 0.0, 1.0]) == pytest.approx([10.0, 0.0, 0.0, 1.0])
+    assert registration_matrix(reg, prior="1.2.3.X", current="1.2.3.C") is None

@@ -258,19 +258,31 @@ def find_registration(
             paths, ref = _pull(pacs, study_uid, row)
             for path in paths:
                 ds = pydicom.dcmread(path, stop_before_pixels=True)
-                matrices = {str(ds.get("FrameOfReferenceUID", "")): np.eye(4)}
-                for item in ds.get("RegistrationSequence", []):
-                    try:
-                        values = item.MatrixRegistrationSequence[0].MatrixSequence[0]
-                        matrix = np.asarray(values.FrameOfReferenceTransformationMatrix, float).reshape(4, 4)
-                    except (AttributeError, IndexError, ValueError):
-                        continue
-                    matrices[str(item.get("FrameOfReferenceUID", ""))] = matrix
-                if prior in matrices and current in matrices:
+                matrix = registration_matrix(ds, prior=prior, current=current)
+                if matrix is not None:
                     note = f"registration: DICOM REG {ds.SOPInstanceUID} (series {ref.series_instance_uid})"
-                    return np.linalg.inv(matrices[current]) @ matrices[prior], note, ref
+                    return matrix, note, ref
     return None, (f"no DICOM Spatial Registration links the prior's frame of reference {prior} to the current "
                   f"{current}"), None
+
+
+def registration_matrix(reg: pydicom.Dataset, *, prior: str, current: str) -> np.ndarray | None:
+    """prior → current (4×4, LPS mm) from one Spatial Registration, or None when it does not list both frames.
+
+    Item frame F with matrix M_F maps F into the REG's own frame: x_REG = M_F · x_F (the REG's own frame is the
+    identity), so x_current = M_current⁻¹ · M_prior · x_prior.
+    """
+    matrices = {str(reg.get("FrameOfReferenceUID", "")): np.eye(4)}
+    for item in reg.get("RegistrationSequence", []):
+        try:
+            values = item.MatrixRegistrationSequence[0].MatrixSequence[0]
+            matrix = np.asarray(values.FrameOfReferenceTransformationMatrix, float).reshape(4, 4)
+        except (AttributeError, IndexError, ValueError):
+            continue  # a deformable or malformed item: not a matrix registration
+        matrices[str(item.get("FrameOfReferenceUID", ""))] = matrix
+    if prior not in matrices or current not in matrices:
+        return None
+    return np.linalg.inv(matrices[current]) @ matrices[prior]
 
 
 def _studies_with_image(pacs: Any, patient_id: str) -> pd.DataFrame:
