@@ -203,10 +203,10 @@ def test_registration_matrix_composes_prior_to_current():
         return entry
 
     reg = pydicom.Dataset()
-    reg.FrameOfReferenceUID = "1.2.3.R"
-    reg.RegistrationSequence = [item("1.2.3.P", 10.0), item("1.2.3.C", 3.0)]
-    matrix = registration_matrix(reg, prior="1.2.3.P", current="1.2.3.C")
+    reg.FrameOfReferenceUID = "1.2.3.100"
+    reg.RegistrationSequence = [item("1.2.3.200", 10.0), item("1.2.3.300", 3.0)]
+    matrix = registration_matrix(reg, prior="1.2.3.200", current="1.2.3.300")
     assert matrix @ np.array([0.0, 5.0, 1.0, 1.0]) == pytest.approx([7.0, 5.0, 1.0, 1.0])
-    into_own = registration_matrix(reg, prior="1.2.3.P", current="1.2.3.R")  # the REG's own frame: identity
+    into_own = registration_matrix(reg, prior="1.2.3.200", current="1.2.3.100")  # the REG's own frame: identity
     assert into_own @ np.array([0.0, 0.0, 0.0, 1.0]) == pytest.approx([10.0, 0.0, 0.0, 1.0])
-    assert registration_matrix(reg, prior="1.2.3.X", current="1.2.3.C") is None
+    assert registration_matrix(reg, prior="1.2.3.400", current="1.2.3.300") is None
