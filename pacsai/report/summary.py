@@ -132,7 +132,11 @@ def _constraint_line(c: Mapping[str, Any]) -> str:
     limit = f"{c.get('comparator', '')} {_num(c.get('limit'))} {unit}".strip()
     if c.get("status") in ("not evaluable", "unreliable"):
         reason = str(c.get("reason") or "").removeprefix("not evaluable — ")
-        return f"{c.get('structure')} {c.get('metric')} (limit {limit}): {reason}"
+        text = f"{c.get('structure')} {c.get('metric')} (limit {limit}): {reason}"
+        if c.get("reference_status") in ("pass", "fail"):  # what the planner's contours say instead
+            text += f" — on the reference contours: {c['reference_status'].upper()} " \
+                    f"{_num(c.get('reference_value'))} {unit}"
+        return text
     text = f"{c.get('structure')} {c.get('metric')} {_num(c.get('value'))} {unit} (limit {limit})"
     if c.get("status") == "review":
         text += f": model {c.get('model_status')}, reference {c.get('reference_status')} " \
