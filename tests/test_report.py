@@ -551,6 +551,7 @@ def test_model_verdicts_that_the_reference_contradicts_are_review_with_both_valu
     cord[:, ptv_centre[1] - 1 : ptv_centre[1] + 2, ptv_centre[2] - 1 : ptv_centre[2] + 2] = True  # through the PTV
     model_masks = dict(reference.structures)
     model_masks["SpinalCord"] = like(reference.structures["SpinalCord"], cord, name="SpinalCord")
+    model_masks["Esophagus"] = like(reference.structures["Esophagus"], np.zeros(cord.shape, bool), name="Esophagus")
     model = DrawnBy("model", "model hand-made v0")
     current = StudyData(study_instance_uid=reference.study_instance_uid, study_date=reference.study_date,
                         image=reference.image, structures=model_masks, structures_source=model.label,
@@ -568,10 +569,16 @@ def test_model_verdicts_that_the_reference_contradicts_are_review_with_both_valu
     assert cord_row["reference_status"] == "pass" and cord_row["reference_value"] < 50
     (disagree,) = [r for r in s.qa["reasons"] if r["code"] == "MODEL_REFERENCE_DISAGREE"]
     assert disagree["level"] == "review" and disagree["values"]["model"] == "fail"
-    assert disagree["values"]["reference"] == "pass" and s.qa["status"] == "REVIEW"
+    assert disagree["values"]["reference"] == "pass"
     same = [c for c in s.constraints if c["structure"] == "Heart"]
     assert all(c["status"] == c["reference_status"] and c["value"] == c["reference_value"] for c in same)
     assert s.headline()["constraints_review"][0].startswith("SpinalCord D0.03cc")
+    # the model found no oesophagus: not evaluable (FAIL of the gate), with what the planner's contours say
+    oesophagus = next(c for c in s.constraints if c["structure"] == "Esophagus")
+    assert oesophagus["status"] == "not evaluable" and oesophagus["reference_status"] in ("pass", "fail")
+    (line,) = [x for x in s.headline()["constraints_not_evaluable"] if x.startswith("Esophagus")]
+    assert f"on the reference contours: {oesophagus['reference_status'].upper()}" in line
+    assert s.qa["status"] == "FAIL"
     assert s.response["drawn_by_now"]["kind"] == "planner" and s.response["drawn_by_prior"]["kind"] == "planner"
     rows = {a["structure"]: a for a in s.agreement}
     assert rows["Heart"]["dice"] == pytest.approx(1.0) and rows["SpinalCord"]["dice"] == pytest.approx(0.0)
