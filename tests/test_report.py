@@ -417,15 +417,21 @@ def _without_tumour(patient):
     """The planning study with the tumour painted out of the CT (lung density there) and no GTV in the planner's
     RTSTRUCT: a model can find nothing, and the reference has nothing to compare."""
     masks = {k: v for k, v in patient.masks.items() if k != "GTV"}
-    gtv = np.asarray(patient.masks["GTV"].values, bool)
+    slices = _paint_out(patient.ct, patient.masks["GTV"])
+    return [*slices, _planner_rtstruct(patient, masks, description="Plan without GTV"), patient.rtdose]
+
+
+def _paint_out(ct, mask):
+    """CT slices with lung density (−850 HU) where ``mask`` is: the tumour removed from the image."""
+    inside = np.asarray(mask.values, bool)
     slices = []
-    for k, ds in enumerate(patient.ct):  # CT slices run inferior → superior, as the mask's z
+    for k, ds in enumerate(ct):  # CT slices run inferior → superior, as the mask's z
         ds = copy.deepcopy(ds)
         pixels = ds.pixel_array.copy()
-        pixels[gtv[k]] = int(round((-850.0 - float(ds.RescaleIntercept)) / float(ds.RescaleSlope)))
+        pixels[inside[k]] = int(round((-850.0 - float(ds.RescaleIntercept)) / float(ds.RescaleSlope)))
         ds.PixelData = pixels.tobytes()
         slices.append(ds)
-    return [*slices, _planner_rtstruct(patient, masks, description="Plan without GTV"), patient.rtdose]
+    return slices
 
 
 def test_model_path_without_tumour_fails_and_pushes_nothing_of_the_model(smoke, tmp_path, monkeypatch):
@@ -634,3 +640,27 @@ def test_a_spatial_registration_on_the_pacs_makes_the_response_final(tmp_path):
     assert s.response["category"] == patient.truth["expected_response"]
     assert s.response["registration"].startswith("registration: DICOM REG ")
     assert "REG" in {i["modality"] for i in s.provenance["inputs"]}
+
+
+def test_model_path_without_planner_contours_runs_the_model_on_the_prior_too(smoke, tmp_path, monkeypatch):
+    """No planner RTSTRUCT in either study: the model segments both (and the report says so); its empty GTV is
+    never a complete response but NE with an error."""
+    from pacsai.pacs import connect
+    from pacsai.report.summary import build_summary
+    from pacsai.synthetic import make_patient
+
+    monkeypatch.chdir(smoke["work"])
+    patient = make_patient(16, shape=SHAPE, spacing=SPACING, with_dose=False)
+    pacs = connect(f"file://{tmp_path / 'pacs'}", cache_dir=tmp_path / "cache")
+    images = [*_paint_out(patient.ct, patient.masks["GTV"]), *_paint_out(patient.prior_ct, patient.prior_masks["GTV"])]
+    assert pacs.store(images, progress=False).ok
+    s = build_summary(validate_parameters(patient_id=patient.patient_id, structures_from="model",
+                                          model_uri=smoke["model_uri"]), pacs=pacs)
+    label = f"model pacsai-thorax v{smoke['version']}"
+    assert s.response["source"] == f"{label} on both studies (the model was run on the prior study too)"
+    assert s.response["drawn_by_now"]["label"] == s.response["drawn_by_prior"]["label"] == label
+    assert not s.reference and s.agreement == []
+    assert s.states["GTV"]["state"] == "empty"  # no tumour in the images
+    assert s.response["category"] == "NE" and s.response["final"] is False
+    codes = {r["code"] for r in s.qa["reasons"] if r["level"] == "error"}
+    assert "EMPTY_MODEL_SEGMENTATION" in codes and "EMPTY_STRUCTURE" in codes and s.qa["status"] == "FAIL"
