@@ -105,6 +105,8 @@ class PatientData:
     #: What the model was trained on (``LoadedModel.domain``) and the input's statistics (pacsai.domain).
     model_domain: dict[str, Any] = field(default_factory=dict)
     input_stats: dict[str, Any] = field(default_factory=dict)
+    #: The prior image's statistics where the model segmented the prior too (its domain is checked as well).
+    prior_input_stats: dict[str, Any] = field(default_factory=dict)
     dose_header: dict[str, Any] = field(default_factory=dict)
     #: 4×4 matrix mapping the prior's patient coordinates (LPS mm) into the current study's, from a DICOM
     #: Spatial Registration on the PACS; None where the frames are the same or no registration links them.
@@ -173,6 +175,7 @@ def gather(params: ReportParameters, *, pacs: Any) -> PatientData:
 
     earlier = studies[studies.sort_key < current_row.sort_key]
     prior, prior_note, reference_prior, response_source = None, "no earlier study of this patient on the PACS", None, ""
+    prior_stats: dict[str, Any] = {}
     for _, row in earlier.iloc[::-1].iterrows():  # most recent first
         try:
             candidate = _read_study(pacs, row, structures_from="pacs" if not from_model else "reference")
@@ -195,6 +198,7 @@ def gather(params: ReportParameters, *, pacs: Any) -> PatientData:
         if reference_prior is None:
             # No planner contours on both studies: the model segments the prior too, so both come from it.
             _segment_into(model_prior, loaded, model_info)
+            prior_stats = _input_stats(model_prior)
             response_source = (f"model {model_info.get('name')} v{model_info.get('version')} on both studies "
                                "(the model was run on the prior study too)")
         else:
@@ -225,6 +229,7 @@ def gather(params: ReportParameters, *, pacs: Any) -> PatientData:
         reference_prior=reference_prior,
         model_domain=domain,
         input_stats=stats,
+        prior_input_stats=prior_stats,
         dose_header=dose_header,
         registration=registration,
         registration_note=registration_note,

@@ -514,7 +514,11 @@ def _domain_reasons(data: PatientData) -> list[Reason]:
         return [Reason("DOMAIN_UNKNOWN", "review", "pacsai.domain is not installed: the input was not compared "
                        "with the model's training domain")]
     stats = data.input_stats or {"modality": data.current.modality}
-    return check_input(data.model_domain, stats)
+    reasons = check_input(data.model_domain, stats)
+    if data.prior is not None and data.prior_input_stats:  # the model segmented the prior too: same check
+        reasons += [Reason(r.code, r.level, f"prior study: {r.message}", r.structure, r.values)
+                    for r in check_input(data.model_domain, data.prior_input_stats) if r.code != "DOMAIN_UNKNOWN"]
+    return reasons
 
 
 def _compare_constraints(
