@@ -199,3 +199,23 @@ def test_antialias_smooths_only_what_gets_coarser():
     assert 30.0 < float(smooth[:, 8:-8, 8:-8].std()) < 45.0
     # z is not coarser: slices stay independent (no mixing along z)
     assert np.corrcoef(smooth[0].ravel(), smooth[1].ravel())[0, 1] < 0.05
+
+
+def test_zoom_shows_the_anatomy_larger_or_smaller_with_labels_in_step():
+    """A 20 × 40 voxel block seen through a zoom of 0.75 covers 1/0.75² of the area (0.75: larger anatomy)."""
+    image = np.zeros((1, 4, 100, 160), np.float32)
+    label = np.zeros((1, 4, 100, 160), np.uint8)
+    image[0, :, 40:60, 60:100] = 1.0
+    label[0, :, 40:60, 60:100] = 1
+    case = Case("k", image, label, np.eye(4), "p", "s")
+    for f, area in ((0.75, 800 / 0.75**2), (1.25, 800 / 1.25**2)):
+        aug = Augment(p_scale=0, p_shift=0, zoom=(f, f * 1.0001), p_zoom=1.0)
+        sampler = PatchSampler([case], patch_size=(4, 96, 128), class_weights=[0, 1], rng=np.random.default_rng(1),
+                               augment=aug)
+        im, lb = sampler.draw()
+        assert im.shape == (1, 4, 96, 128) and lb.shape == (1, 4, 96, 128)
+        assert lb[0, 0].sum() == pytest.approx(area, rel=0.05)  # nearest: whole voxels
+        # the label follows the image: voxels inside the block are labelled, voxels outside are not
+        assert np.array_equal(im[0] > 0.5, lb[0] > 0.5)
+    with pytest.raises(Exception, match="unknown keys"):
+        Augment.from_dict({"rotate": 10})

@@ -142,11 +142,42 @@ def sample(
     lin = p @ m[:3, :3] @ p
     off = p @ m[:3, 3]
     if np.allclose(lin, np.diag(np.diag(lin)), atol=1e-9):
+        if order == 1 and np.issubdtype(np.asarray(array).dtype, np.floating):  # axis-aligned: trilinear is separable, three 1D passes (several times faster)
+            return _separable_linear(np.asarray(array), np.diag(lin), off, tuple(dst_shape), cval)
         lin = np.diag(lin)  # scipy's fast path for axis-aligned scaling
     padded = np.pad(np.asarray(array), 1, mode="edge")
     return ndimage.affine_transform(
         padded, lin, offset=off + 1.0, output_shape=tuple(dst_shape), order=order, cval=cval, mode="constant"
     )
+
+
+def _separable_linear(
+    array: np.ndarray, scale: np.ndarray, offset: np.ndarray, dst_shape: tuple[int, ...], cval: float
+) -> np.ndarray:
+    """:func:`sample` with ``order=1`` for a diagonal index map (source index = scale · index + offset), as three
+    1D linear interpolations; same edge rule (one voxel of edge value, then ``cval``)."""
+    out = array
+    invalid = np.zeros(dst_shape, dtype=bool)
+    for axis in (2, 1, 0):  # x first: the coarse source axes shrink the work of the later passes
+        n = out.shape[axis]
+        t = scale[axis] * np.arange(dst_shape[axis]) + offset[axis]
+        bad = (t < -1.0 - 1e-6) | (t > n + 1e-6)  # the padded source spans [-1, n]
+        tc = np.clip(t, 0.0, n - 1.0)  # within the pad the edge value is used
+        i0 = np.minimum(np.floor(tc).astype(np.intp), max(n - 2, 0))
+        w = (tc - i0).astype(out.dtype)
+        i1 = np.minimum(i0 + 1, n - 1)
+        shape = [1, 1, 1]
+        shape[axis] = -1
+        w = w.reshape(shape)
+        out = np.take(out, i0, axis=axis) * (1 - w) + np.take(out, i1, axis=axis) * w
+        if bad.any():
+            idx = [slice(None)] * 3
+            idx[axis] = bad
+            invalid[tuple(idx)] = True
+    out = out.astype(array.dtype, copy=False)
+    if invalid.any():
+        out[invalid] = cval
+    return out
 
 
 def training_grid(
@@ -414,9 +445,11 @@ def class_map(label: np.ndarray) -> np.ndarray:
 class Augment:
     """Intensity and resolution augmentation on windowed [0, 1] patches (no flips: left must stay left).
 
-    Each draw applies, with its probability: a scale of the intensities by U(1 ± ``scale``), a shift by
-    U(± ``shift``), Gaussian noise with a standard deviation up to ``noise`` (window units; 0.02 ≈ 30 HU) and an
-    in-plane Gaussian blur of up to ``blur`` voxels (a softer reconstruction kernel, partial volume).
+    Each draw applies, with its probability: an in-plane zoom (the patch is cut from a region ``f`` times its
+    size, ``f`` log-uniform in ``zoom`` = (low, high); f < 1 shows the anatomy larger, as in a bigger patient),
+    a scale of the intensities by U(1 ± ``scale``), a shift by U(± ``shift``), Gaussian noise with a standard
+    deviation up to ``noise`` (window units; 0.02 ≈ 30 HU) and an in-plane Gaussian blur of up to ``blur`` voxels
+    (a softer reconstruction kernel, partial volume).
     """
 
     scale: float = 0.1
@@ -427,11 +460,26 @@ class Augment:
     p_shift: float = 0.5
     p_noise: float = 0.0
     p_blur: float = 0.0
+    zoom: tuple[float, float] = (1.0, 1.0)
+    p_zoom: float = 0.0
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> Augment:
         known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: float(v) for k, v in (d or {}).items() if k in known})
+        unknown = sorted(set(d or {}) - known)
+        if unknown:
+            raise VolumeError(f"train.augment has unknown keys {unknown}; known: {sorted(known)}")
+        values: dict[str, Any] = {}
+        for k, v in (d or {}).items():
+            values[k] = (float(v[0]), float(v[1])) if k == "zoom" else float(v)
+        return cls(**values)
+
+    def zoom_factor(self, rng: np.random.Generator) -> float:
+        """Source voxels per patch voxel in-plane (1: no zoom)."""
+        lo, hi = self.zoom
+        if not self.p_zoom or hi <= lo or rng.random() >= self.p_zoom:
+            return 1.0
+        return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         out = image
@@ -521,13 +569,37 @@ class PatchSampler:
         flat = int(centres[k][int(self.rng.integers(len(centres[k])))])
         shape = self._images[c].shape[1:]
         centre = np.unravel_index(flat, shape)
-        start = [
-            int(np.clip(ci - p // 2, 0, s - p)) for ci, p, s in zip(centre, self.patch, shape)
-        ]
-        box = tuple(slice(s0, s0 + p) for s0, p in zip(start, self.patch))
-        image = self._images[c][(slice(None), *box)]
-        label = self._labels[c][(slice(None), *box)].astype(np.float32)
+        f = self.augment.zoom_factor(self.rng)
+        if f != 1.0:
+            image, label = self._zoomed(c, centre, f)
+        else:
+            start = [int(np.clip(ci - p // 2, 0, s - p)) for ci, p, s in zip(centre, self.patch, shape)]
+            box = tuple(slice(s0, s0 + p) for s0, p in zip(start, self.patch))
+            image = self._images[c][(slice(None), *box)]
+            label = self._labels[c][(slice(None), *box)].astype(np.float32)
         return self.augment(image, self.rng), label
+
+    def _zoomed(self, c: int, centre: Sequence[int], f: float) -> tuple[np.ndarray, np.ndarray]:
+        """The patch around ``centre`` cut from a region ``f`` times the patch in-plane, resampled to the patch
+        (image trilinear, air outside the case; labels nearest)."""
+        shape = self._images[c].shape[1:]
+        scale = np.array([1.0, f, f])
+        extent = np.array(self.patch) * scale
+        start = [
+            float(np.clip(ci - e / 2.0, min(0.0, s - e), max(0.0, s - e)))
+            for ci, e, s in zip(centre, extent, shape)
+        ]
+        offset = np.array(start) + (scale - 1.0) / 2.0  # voxel centres of the patch in source indices
+        image = _separable_linear(self._images[c][0], scale, offset, self.patch, 0.0)[None]
+        idx = [
+            np.clip(np.rint(offset[a] + scale[a] * np.arange(self.patch[a])).astype(np.intp), 0, shape[a] - 1)
+            for a in range(3)
+        ]
+        label = self._labels[c][:, idx[0]][:, :, idx[1]][:, :, :, idx[2]].astype(np.float32)
+        inside = [(offset[a] + scale[a] * np.arange(self.patch[a]) > -0.5)
+                  & (offset[a] + scale[a] * np.arange(self.patch[a]) < shape[a] - 0.5) for a in range(3)]
+        label *= (inside[0][:, None, None] & inside[1][None, :, None] & inside[2][None, None, :])[None]
+        return image.astype(np.float32), label
 
     def batch(self, size: int) -> tuple[np.ndarray, np.ndarray]:
         """``size`` patches stacked: (B, 1, *patch) and (B, C, *patch)."""

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 import xarray as xr
+from scipy import ndimage
 
 from pacsai.errors import TrackingError, VolumeError
 from pacsai.imaging.geometry import affine_of, like, voxel_volume_cc
@@ -201,19 +202,37 @@ def segment(
     uncertainty: dict[str, xr.DataArray] = {}
     for name in wanted:
         c = names.index(name)
-        prob = _to_input_grid(probs[c], src, dst, volume.shape)
+        # only where the structure can be: interpolated values below the threshold everywhere around stay below
+        # it, so the block holding the voxels ≥ threshold (plus one voxel) gives the same mask for less work
+        box = _support(probs[c] >= min(threshold, 0.5))
+        prob = _to_input_grid(probs[c], src, dst, volume.shape, box=box)
         mask = apply_rule(prob >= threshold, loaded.rule(name), voxel_cc=voxel_cc)
         masks[name] = like(volume, mask, name=name, source_model=loaded.uri)
         if spread is not None:
-            unc = _to_input_grid(spread[c], src, dst, volume.shape).astype(np.float32)
+            # the spread is kept where it is at least 1 % (0 farther away, where no prediction was in doubt)
+            ubox = _support(spread[c] >= 0.01)
+            unc = _to_input_grid(spread[c], src, dst, volume.shape, box=ubox).astype(np.float32)
             uncertainty[name] = like(volume, unc, name=f"{name}_uncertainty", source_model=loaded.uri)
     if return_uncertainty:
         return masks, uncertainty
     return masks
 
 
+def _support(region: np.ndarray) -> tuple[slice, slice, slice] | None:
+    """Bounding box of ``region`` plus one voxel (None: empty)."""
+    if not region.any():
+        return None
+    box = ndimage.find_objects(region.astype(np.int8))[0]
+    return tuple(slice(max(0, b.start - 1), min(n, b.stop + 1)) for b, n in zip(box, region.shape))  # type: ignore[return-value]
+
+
 def _to_input_grid(
-    prob: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray, dst_shape: tuple[int, ...]
+    prob: np.ndarray,
+    src_affine: np.ndarray,
+    dst_affine: np.ndarray,
+    dst_shape: tuple[int, ...],
+    *,
+    box: tuple[slice, slice, slice] | None | str = "all",
 ) -> np.ndarray:
     """Trilinear probability on the training grid → the input grid (0 outside the training crop).
 
@@ -221,6 +240,13 @@ def _to_input_grid(
     voxels outside the body box than inside.
     """
     out = np.zeros(dst_shape, dtype=np.float32)
+    if box is None:  # nothing of the structure on the training grid
+        return out
+    if box != "all":
+        shift = np.eye(4)
+        shift[:3, 3] = [box[2].start, box[1].start, box[0].start]  # type: ignore[index]
+        src_affine = np.asarray(src_affine) @ shift
+        prob = prob[box]  # type: ignore[index]
     nz, ny, nx = prob.shape
     corners = np.array([[i, j, k, 1.0] for i in (-1, nx) for j in (-1, ny) for k in (-1, nz)])
     to_dst = np.linalg.inv(dst_affine) @ src_affine
