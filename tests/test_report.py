@@ -22,7 +22,7 @@ SPACING = (3.2, 3.2, 4.0)  # 410 × 410 × 160 mm: the smallest thorax the gener
 def patient():
     from pacsai.synthetic import make_patient
 
-    return make_patient(7, shape=SHAPE, spacing=SPACING)
+    return make_patient(7, shape=SHAPE, spacing=SPACING, with_registration=False)  # frames unlinked on purpose
 
 
 @pytest.fixture(scope="module")
@@ -631,7 +631,7 @@ def test_a_spatial_registration_on_the_pacs_makes_the_response_final(tmp_path):
     from pacsai.report.summary import build_summary
     from pacsai.synthetic import make_patient
 
-    patient = make_patient(15, shape=SHAPE, spacing=SPACING)
+    patient = make_patient(15, shape=SHAPE, spacing=SPACING, with_registration=False)  # the test adds its own
     pacs = connect(f"file://{tmp_path / 'pacs'}", cache_dir=tmp_path / "cache")
     assert pacs.store([*patient.datasets(), _spatial_registration(patient)], progress=False).ok
     s = build_summary(validate_parameters(patient_id=patient.patient_id), pacs=pacs)

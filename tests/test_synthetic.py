@@ -235,8 +235,27 @@ def test_dciodvfy_clean_on_every_object_kind(small, tmp_path):
         small.rtdose,
         small.prior_ct[0],
         small.prior_rtstruct,
+        small.registration,
     ):
         assert_dciodvfy_clean(ds)
+
+
+def test_registration_maps_the_prior_anatomy_onto_the_planning_ct(small):
+    """The REG's prior → planning matrix (read as the report reads it) puts the prior's spinal cord onto the
+    planning CT's in the axial plane (the scans cover different lengths, so z centroids differ), and equals the
+    generator's own translation."""
+    from pacsai.planning import centroid
+    from pacsai.report.inputs import registration_matrix
+
+    reg = small.registration
+    assert reg.Modality == "REG" and reg.StudyInstanceUID == small.ct[0].StudyInstanceUID
+    matrix = registration_matrix(
+        reg, prior=str(small.prior_ct[0].FrameOfReferenceUID), current=str(small.ct[0].FrameOfReferenceUID)
+    )
+    np.testing.assert_allclose(matrix, small.truth["prior_to_current"], atol=1e-4)
+    moved = (matrix @ np.r_[centroid(small.prior_masks["SpinalCord"]), 1.0])[:3]
+    np.testing.assert_allclose(moved[:2], centroid(small.masks["SpinalCord"])[:2], atol=0.5)
+    assert make_patient(11, **SMALL, with_registration=False).registration is None
 
 
 # --- determinism and uniqueness ----------------------------------------------------------------------------
@@ -258,7 +277,7 @@ def test_different_seeds_never_share_ids(small):
     assert small.ct[0].PatientName == "SYNTHETIC^PATIENT11"
     # every object of one patient has its own SOP instance UID
     sops = [str(ds.SOPInstanceUID) for ds in small.datasets()]
-    assert len(sops) == len(set(sops)) == 2 * 40 + 4
+    assert len(sops) == len(set(sops)) == 2 * 40 + 5  # 2 CTs, RTSTRUCT ×2, RTPLAN, RTDOSE, REG
 
 
 def test_options_without_prior_and_dose(tiny):
@@ -293,7 +312,7 @@ def test_seed_pacs_is_idempotent_and_seeds_share_a_pacs(pacs):
         assert len(result.summary.stored) == result.objects == N_TINY + 3
     again = seed_pacs(pacs, patients=1, seed=41, progress=True, **TINY)  # now with the prior study
     assert len(again[0].summary.already_present) == N_TINY + 3
-    assert len(again[0].summary.stored) == N_TINY + 1
+    assert len(again[0].summary.stored) == N_TINY + 2  # the prior CT, its RTSTRUCT and the REG
     studies = pacs.search_studies()
     assert sorted(studies["PatientID"]) == ["SYN-00040", "SYN-00041", "SYN-00041"]
 

@@ -29,7 +29,15 @@ from pydicom.dataset import Dataset
 
 from pacsai.imaging.geometry import affine_from, make_volume
 from pacsai.synthetic import phantom
-from pacsai.synthetic.dicom import StudyInfo, ct_series, dose_grid_scaling, quantise_dose, rt_dose, rt_plan
+from pacsai.synthetic.dicom import (
+    StudyInfo,
+    ct_series,
+    dose_grid_scaling,
+    quantise_dose,
+    rt_dose,
+    rt_plan,
+    spatial_registration,
+)
 from pacsai.synthetic.dose import FRACTIONS, PRESCRIPTION_GY, PTV_MARGIN_MM, make_dose, ptv_distance
 from pacsai.uids import derive_uid
 
@@ -52,7 +60,7 @@ __all__ = [
 ]
 
 #: Bump when the generator's output changes: it enters every UID, so new content never reuses an old UID.
-GENERATOR_VERSION = "2"
+GENERATOR_VERSION = "3"
 #: (z, y, x) voxels of the default planning CT.
 DEFAULT_SHAPE = (96, 256, 256)
 #: (x, y, z) mm.
@@ -117,6 +125,7 @@ class SyntheticPatient:
     rtdose: Dataset | None = field(repr=False)
     prior_ct: list[Dataset] | None = field(repr=False)
     prior_rtstruct: Dataset | None = field(repr=False)
+    registration: Dataset | None = field(repr=False)
     image: xr.DataArray = field(repr=False)
     prior_image: xr.DataArray | None = field(repr=False)
     masks: dict[str, xr.DataArray] = field(repr=False)
@@ -125,7 +134,7 @@ class SyntheticPatient:
     truth: Mapping[str, Any] = field(default_factory=dict)
 
     def datasets(self) -> Iterator[Dataset]:
-        """Every DICOM object of the patient: planning CT, RTSTRUCT, RTPLAN, RTDOSE, prior CT, prior RTSTRUCT."""
+        """Every DICOM object of the patient: planning CT, RTSTRUCT, RTPLAN, RTDOSE, prior CT, prior RTSTRUCT, REG."""
         yield from self.ct
         yield self.rtstruct
         for ds in (self.rtplan, self.rtdose):
@@ -135,6 +144,8 @@ class SyntheticPatient:
             yield from self.prior_ct
         if self.prior_rtstruct is not None:
             yield self.prior_rtstruct
+        if self.registration is not None:
+            yield self.registration
 
 
 def patient_id_for(seed: int) -> str:
@@ -162,6 +173,7 @@ def make_patient(
     spacing: tuple[float, float, float] = DEFAULT_SPACING,
     with_prior: bool = True,
     with_dose: bool = True,
+    with_registration: bool = True,
 ) -> SyntheticPatient:
     """Generate one synthetic oncology patient, deterministically from ``seed``.
 
@@ -178,6 +190,9 @@ def make_patient(
         Also make the prior study (CT + RTSTRUCT, ~3 months earlier, the tumour smaller or larger).
     with_dose
         Also make the RT Plan and RT Dose (60 Gy in 30 fractions to the PTV = GTV + 10 mm).
+    with_registration
+        With a prior: also make the rigid DICOM Spatial Registration (REG) of the prior CT onto the planning CT,
+        in the planning study, as a TPS fusion leaves it (without it the two studies share no frame).
 
     Returns
     -------
@@ -308,7 +323,7 @@ def make_patient(
         "fractions": FRACTIONS if with_dose else None,
     }
 
-    prior_ct = prior_rtstruct = prior_image = prior_masks = None
+    prior_ct = prior_rtstruct = prior_image = prior_masks = registration = None
     if with_prior:
         prng = _rng(seed, "prior")
         scale, category = _prior_scale(tumour.radius, prng)
@@ -351,7 +366,21 @@ def make_patient(
             description="Thorax CT (synthetic)",
         )
         prior_rtstruct = _structure_set(prior_masks, prior_ct, seed=seed, variant=variant, label="SYN PRIOR")
-        truth.update(prior_date=pinfo.study_date, prior_tumour_scale=scale, expected_response=category)
+        # The anatomy sits at `origin` in the planning frame and at `prior_origin` in the prior's: a rigid
+        # translation maps one onto the other (up to the prior's breathing scale), as a TPS fusion would record.
+        prior_to_current = np.eye(4)
+        prior_to_current[:3, 3] = origin - prior_origin
+        if with_registration:
+            registration = spatial_registration(
+                prior_to_current,
+                info,
+                current_ct=ct,
+                prior_ct=prior_ct,
+                series_uid=uid("registration-series"),
+                instance_uid=uid("registration-instance"),
+            )
+        truth.update(prior_date=pinfo.study_date, prior_tumour_scale=scale, expected_response=category,
+                     prior_to_current=prior_to_current.tolist())
 
     return SyntheticPatient(
         seed=seed,
@@ -362,6 +391,7 @@ def make_patient(
         rtdose=rtdose,
         prior_ct=prior_ct,
         prior_rtstruct=prior_rtstruct,
+        registration=registration,
         image=image,
         prior_image=prior_image,
         masks=masks,

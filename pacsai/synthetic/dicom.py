@@ -410,3 +410,88 @@ def dose_grid_scaling(max_dose_gy: float) -> float:
 def quantise_dose(dose_gy: np.ndarray, scaling: float) -> np.ndarray:
     """The stored integers of ``dose_gy`` at ``scaling`` Gy per unit (what the RTDOSE holds)."""
     return np.rint(np.clip(dose_gy, 0.0, None) / scaling).astype(np.uint16)
+
+
+SPATIAL_REGISTRATION_STORAGE = UID("1.2.840.10008.5.1.4.1.1.66.1")
+
+
+def _image_refs(images: Sequence[Dataset]) -> list[Dataset]:
+    refs = []
+    for img in images:
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = img.SOPClassUID
+        ref.ReferencedSOPInstanceUID = img.SOPInstanceUID
+        refs.append(ref)
+    return refs
+
+
+def spatial_registration(
+    prior_to_current: np.ndarray,
+    info: StudyInfo,
+    *,
+    current_ct: Sequence[Dataset],
+    prior_ct: Sequence[Dataset],
+    series_uid: str,
+    instance_uid: str,
+    series_number: int = 5,
+) -> Dataset:
+    """A rigid DICOM Spatial Registration (REG) in the planning study: the prior CT's frame → the planning CT's.
+
+    The REG lives in the planning CT's frame of reference (its first item: identity). The second item holds the
+    prior frame and the 4×4 matrix M with x_current = M · x_prior (PS3.3 C.20.2: a matrix maps its item's frame
+    into the registration's own frame), as a TPS writes after a rigid fusion of the prior onto the planning CT.
+
+    Parameters
+    ----------
+    prior_to_current
+        4×4 rigid matrix, LPS mm.
+    info
+        The planning study (its frame of reference is the registration's).
+    current_ct, prior_ct
+        The registered image series (referenced per frame and in the Common Instance Reference module).
+    series_uid, instance_uid
+        UIDs of the new REG.
+    """
+    matrix = np.asarray(prior_to_current, dtype=float)
+    if matrix.shape != (4, 4) or not np.allclose(matrix[3], [0, 0, 0, 1]):
+        raise ValueError(f"prior_to_current must be a 4×4 affine matrix, got {matrix.tolist()}")
+    ds = Dataset()
+    ds.SOPClassUID = SPATIAL_REGISTRATION_STORAGE
+    ds.SOPInstanceUID = instance_uid
+    _common(ds, info, modality="REG", series_uid=series_uid, series_number=series_number,
+            series_description="Prior CT registered to the planning CT (rigid)")
+    ds.InstanceNumber = 1
+    ds.ContentDate = info.study_date
+    ds.ContentTime = info.study_time
+    ds.ContentLabel = "PRIOR_TO_PLAN"
+    ds.ContentDescription = "Prior CT onto the planning CT, rigid (synthetic)"
+    ds.Laterality = ""  # General Series type 2C: dciodvfy asks for it on a REG (no image to carry laterality)
+    ds.ContentCreatorName = ""
+    items = []
+    prior_frame = str(prior_ct[0].FrameOfReferenceUID)
+    for frame, images, m in ((info.frame_of_reference_uid, current_ct, np.eye(4)), (prior_frame, prior_ct, matrix)):
+        item = Dataset()
+        item.FrameOfReferenceUID = frame
+        item.ReferencedImageSequence = _image_refs(images)
+        values = Dataset()
+        values.FrameOfReferenceTransformationMatrix = format_ds_list(m.ravel())
+        values.FrameOfReferenceTransformationMatrixType = "RIGID"
+        reg = Dataset()
+        reg.RegistrationTypeCodeSequence = []
+        reg.MatrixSequence = [values]
+        item.MatrixRegistrationSequence = [reg]
+        items.append(item)
+    ds.RegistrationSequence = items
+    # Common Instance Reference: the planning CT in this study, the prior CT in the other one.
+    current_series = Dataset()
+    current_series.SeriesInstanceUID = current_ct[0].SeriesInstanceUID
+    current_series.ReferencedInstanceSequence = _image_refs(current_ct)
+    ds.ReferencedSeriesSequence = [current_series]
+    prior_series = Dataset()
+    prior_series.SeriesInstanceUID = prior_ct[0].SeriesInstanceUID
+    prior_series.ReferencedInstanceSequence = _image_refs(prior_ct)
+    other = Dataset()
+    other.StudyInstanceUID = prior_ct[0].StudyInstanceUID
+    other.ReferencedSeriesSequence = [prior_series]
+    ds.StudiesContainingOtherReferencedInstancesSequence = [other]
+    return finalize(ds)
