@@ -38,6 +38,7 @@ from pacsai.errors import ConfigError
 
 #: SeriesNumbers of the report's outputs (pacsai.report.outputs): SEG, RTSTRUCT, SR, PDF.
 OUTPUT_SERIES_NUMBERS = frozenset({900, 901, 902, 903})
+OUTPUT_MODALITIES = frozenset({"SEG", "RTSTRUCT", "SR", "DOC"})
 
 
 class Trigger(BaseModel):
@@ -175,13 +176,22 @@ class StudyFacts:
     others: tuple[tuple[str, frozenset[str]], ...] = ()
 
 
-def is_pacsai_output(series_number: Any, series_description: Any) -> bool:
-    """Whether a series is one of the report's own outputs (series 900-903, description starting "pacsai")."""
+def is_pacsai_output(series_number: Any, series_description: Any, modality: Any = None) -> bool:
+    """Whether a series is one of the report's own outputs: series 900-903 whose description starts "pacsai".
+
+    A back end that does not return SeriesDescription (the embedded store) is judged by number and modality
+    (SEG, RTSTRUCT, SR or DOC in 900-903); a planner's series numbered like that there would be missed as a change.
+    """
     try:
         number = int(series_number)
     except (TypeError, ValueError):
         return False
-    return number in OUTPUT_SERIES_NUMBERS and str(series_description or "").lower().startswith("pacsai")
+    if number not in OUTPUT_SERIES_NUMBERS:
+        return False
+    text = "" if series_description is None or (isinstance(series_description, float)) else str(series_description)
+    if text:
+        return text.lower().startswith("pacsai")
+    return str(modality or "").upper() in OUTPUT_MODALITIES
 
 
 def _why_not(trigger: Trigger, facts: StudyFacts) -> str | None:

@@ -307,7 +307,8 @@ def fingerprint(pacs: Pacs, study_uid: str, patient_id: str = "") -> Fingerprint
         return None
     ours = {
         str(r.SeriesInstanceUID) for r in series.itertuples(index=False)
-        if is_pacsai_output(getattr(r, "SeriesNumber", None), getattr(r, "SeriesDescription", None))
+        if is_pacsai_output(getattr(r, "SeriesNumber", None), getattr(r, "SeriesDescription", None),
+                            getattr(r, "Modality", None))
     }
     theirs = series[~series.SeriesInstanceUID.astype(str).isin(ours)]
     instances = pacs.search_instances(StudyInstanceUID=study_uid)
@@ -323,7 +324,7 @@ def fingerprint(pacs: Pacs, study_uid: str, patient_id: str = "") -> Fingerprint
     for r in everything.itertuples(index=False):
         uid = str(r.StudyInstanceUID)
         if uid == study_uid or is_pacsai_output(getattr(r, "SeriesNumber", None),
-                                                getattr(r, "SeriesDescription", None)):
+                                                getattr(r, "SeriesDescription", None), r.Modality):
             continue
         date, mods = others.setdefault(uid, (str(getattr(r, "StudyDate", "") or ""), set()))
         if r.Modality:

@@ -1,0 +1,419 @@
+"""``pacsai watch``: rules, state, and the service itself against a real Orthanc and the embedded store.
+
+The service runs as ``python -m pacsai watch`` in a subprocess (as in production, so that it can be killed);
+studies are synthetic patients pushed while it runs. Structures come from the PACS (fast, no torch) except in the
+champion test, where the model is the point. Short stability windows keep the tests short; they are real waits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from pacsai.errors import ConfigError
+from pacsai.watch.rules import StudyFacts, Trigger, WatchRules, is_pacsai_output, load_rules, match, parse_rules
+from pacsai.watch.state import open_state, redact
+
+SHAPE = (40, 128, 128)
+SPACING = (3.2, 3.2, 4.0)  # the smallest thorax the generator accepts: a report in seconds
+PDF_SERIES, SR_SERIES = 903, 902
+GAP_S = 10  # between the two halves of a study
+
+
+# ---------------------------------------------------------------------------------------------------- rules
+
+
+def test_rules_reject_an_unknown_key_by_name(tmp_path):
+    path = tmp_path / "rules.yaml"
+    path.write_text("triggers:\n  - modality: CT\n    wiht: [RTDOSE]\npussh: true\n")
+    with pytest.raises(ConfigError) as err:
+        load_rules(path)
+    assert "'triggers.0.wiht'" in str(err.value) and "'pussh'" in str(err.value) and str(path) in str(err.value)
+    path.write_text("report:\n  structures_from: model\n")
+    with pytest.raises(ConfigError, match="needs model"):
+        load_rules(path)
+    path.write_text("push: false\npush_anyway: true\n")
+    with pytest.raises(ConfigError, match="push_anyway"):
+        load_rules(path)
+    # the CLI says it in one line and exits 1, before touching any PACS
+    path.write_text("stable_secs: 3\n")
+    proc = subprocess.run([sys.executable, "-m", "pacsai", "watch", "--rules", str(path), "--pacs",
+                           f"file://{tmp_path / 'pacs'}"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 1 and "unknown key 'stable_secs'" in proc.stderr
+
+
+def test_rules_match_hand_built_studies():
+    rules = parse_rules({"triggers": [
+        {"name": "dose", "modality": "CT", "with": ["RTDOSE"]},
+        {"name": "prior", "modality": "CT", "prior": True},
+    ]})
+    ct_dose = StudyFacts(frozenset({"CT", "RTSTRUCT", "RTDOSE", "RTPLAN"}), "20240301", "Thorax")
+    assert match(rules, ct_dose) == ("dose", "")
+    earlier = StudyFacts(frozenset({"CT"}), "20240301", "", others=(("20231201", frozenset({"CT"})),))
+    assert match(rules, earlier) == ("prior", "")
+    later_only = StudyFacts(frozenset({"CT"}), "20240301", "", others=(("20240601", frozenset({"CT"})),))
+    trigger, why = match(rules, later_only)
+    assert trigger is None
+    assert why == ("dose: no RTDOSE series (modalities: CT); "
+                   "prior: no earlier study of the patient with a CT series")
+    mr = StudyFacts(frozenset({"MR"}), "20240301", "")
+    assert "no CT series (modalities: MR)" in match(rules, mr)[1]
+    only_desc = WatchRules(triggers=(Trigger(name="d", modality="CT", study_description="*thorax*"),))
+    assert match(only_desc, StudyFacts(frozenset({"CT"}), "", "RT Thorax plan"))[0] == "d"
+    assert "does not match" in match(only_desc, StudyFacts(frozenset({"CT"}), "", "Head"))[1]
+    assert is_pacsai_output(903, "pacsai planning report (research use only)")
+    assert not is_pacsai_output(903, "Planner's dose") and not is_pacsai_output(2, "pacsai x")
+    assert is_pacsai_output(902, None, "SR") and not is_pacsai_output(902, None, "CT")  # no description (embedded)
+    assert rules.retry.delay(1) == 30 and rules.retry.delay(3) == 120 and rules.retry.delay(20) == 900
+
+
+def test_state_waits_for_stability_recovers_and_locks(tmp_path):
+    state = open_state(tmp_path / "s.sqlite")
+    assert oct(os.stat(tmp_path / "s.sqlite").st_mode & 0o777) == "0o600"
+    state.lock()
+    state.noticed("1.2.3", key="s-a", patient_id="PAT", patient="p-x", instances=10, now=100.0)
+    assert state.ready(now=104.0, stable_seconds=5, limit=5) == []
+    assert [r.key for r in state.ready(now=105.0, stable_seconds=5, limit=5)] == ["s-a"]
+    state.noticed("1.2.3", key="s-a", patient_id="PAT", patient="p-x", instances=10, now=104.0)  # same count
+    assert state.get("1.2.3").last_change == 100.0
+    state.noticed("1.2.3", key="s-a", patient_id="PAT", patient="p-x", instances=12, now=104.0)  # more arrived
+    assert state.ready(now=105.0, stable_seconds=5, limit=5) == []
+    state.update("1.2.3", status="running")
+    assert state.recover() == 1 and state.get("1.2.3").status == "waiting"
+    with pytest.raises(ConfigError, match="another pacsai watch"):
+        open_state(tmp_path / "s.sqlite").lock()
+    state.bind_pacs("http://a/dicom-web")
+    with pytest.raises(ConfigError, match="belongs to the PACS"):
+        state.bind_pacs("http://b/dicom-web")
+    assert redact("no studies of patient 'PAT' in 1.2.3", {"PAT": "p-x", "1.2.3": "s-a"}) == \
+        "no studies of patient 'p-x' in s-a"
+    state.close()
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def _patient(seed: int):
+    from pacsai.synthetic import make_patient
+
+    return make_patient(seed, shape=SHAPE, spacing=SPACING)
+
+
+def _wait(what: str, condition: Callable[[], object], timeout: float, proc: subprocess.Popen | None = None,
+          log: Path | None = None) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"watch exited with {proc.returncode} while waiting for {what}:\n{_tail(log)}")
+        time.sleep(0.5)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}:\n{_tail(log)}")
+
+
+def _tail(log: Path | None) -> str:
+    return log.read_text(errors="replace")[-4000:] if log is not None and log.is_file() else ""
+
+
+def _rows(state: Path) -> dict[str, dict]:
+    if not state.is_file():
+        return {}
+    with sqlite3.connect(state) as conn:
+        conn.row_factory = sqlite3.Row
+        return {r["study_uid"]: dict(r) for r in conn.execute("SELECT * FROM studies")}
+
+
+def _outputs(pacs, study_uid: str) -> dict[int, int]:
+    """{SeriesNumber: instances} of pacsai's output series (900-903) in the study."""
+    series = pacs.search_series(StudyInstanceUID=study_uid)
+    return {int(r.SeriesNumber): int(r.NumberOfSeriesRelatedInstances) for r in series.itertuples()
+            if is_pacsai_output(r.SeriesNumber, getattr(r, "SeriesDescription", None), r.Modality)}
+
+
+def _write_rules(path: Path, **extra: object) -> Path:
+    rules = {"report": {"track": False}, "retry": {"max_attempts": 3, "backoff_seconds": 2}, **extra}
+    path.write_text(json.dumps(rules))  # JSON is YAML
+    return path
+
+
+class Watch:
+    """``pacsai watch`` in a subprocess, its log in a file."""
+
+    def __init__(self, tmp: Path, url: str, env: dict[str, str], *args: str, name: str = "watch") -> None:
+        self.tmp, self.url, self.env = tmp, url, env
+        self.state = tmp / "state.sqlite"
+        self.log = tmp / f"{name}.log"
+        self.args = ["--pacs", url, "--state", str(self.state), "--out", str(tmp / "reports"), "--poll-seconds",
+                     "0.5", "--health-seconds", "2", *args]
+        with open(self.log, "ab") as fh:
+            self.proc = subprocess.Popen([sys.executable, "-m", "pacsai", "watch", *self.args], cwd=tmp, env=env,
+                                         stdout=fh, stderr=subprocess.STDOUT)
+        _wait("the watch to start", lambda: "watching" in self.log.read_text(errors="replace"), 60, self.proc,
+              self.log)
+
+    def status(self) -> str:
+        proc = subprocess.run([sys.executable, "-m", "pacsai", "watch", *self.args, "--status"], cwd=self.tmp,
+                              env=self.env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    def wait_done(self, study_uid: str, timeout: float = 150) -> dict:
+        return _wait("a report", lambda: (_rows(self.state).get(study_uid) or {}).get("status") == "done"
+                     and _rows(self.state)[study_uid], timeout, self.proc, self.log)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return int(self.proc.returncode)
+
+
+def _env(server=None) -> dict[str, str]:
+    env = dict(os.environ)
+    if server is not None:
+        env.update(PACSAI_PACS_USER=server.user, PACSAI_PACS_PASSWORD=server.password)
+    return env
+
+
+def _no_identifiers(text: str, patients) -> None:
+    for p in patients:
+        for value in (p.patient_id, str(p.ct[0].PatientName), str(p.ct[0].StudyInstanceUID)):
+            assert value not in text, f"{value!r} in the watch's output"
+
+
+# ---------------------------------------------------------------------------------------------------- Orthanc
+
+
+def test_orthanc_new_study_two_halves_and_non_matching(clean_orthanc, tmp_path):
+    """A study pushed while watch runs gets its outputs; one pushed in two halves GAP_S apart is reported once,
+    after the second half (stable_seconds just above the gap: a real wait, kept short); the prior studies (no
+    RTDOSE) are ignored and --status says why."""
+    from pacsai.pacs import connect
+
+    server = clean_orthanc
+    pacs = connect(server.url, user=server.user, password=server.password, cache_dir=tmp_path / "c", retries=1)
+    whole, halves = _patient(31), _patient(32)
+    watch = Watch(tmp_path, server.url, _env(server), "--rules", str(_write_rules(tmp_path / "r.yaml")),
+                  "--workers", "2", "--stable-seconds", str(GAP_S + 3))
+    try:
+        assert "mode orthanc-changes" in watch.log.read_text()
+        assert pacs.store(list(whole.datasets()), progress=False).ok
+        first, second = halves.ct[: len(halves.ct) // 2], halves.ct[len(halves.ct) // 2:]
+        assert pacs.store(first, progress=False).ok
+        time.sleep(GAP_S)
+        rest = [*second, halves.rtstruct, halves.rtplan, halves.rtdose, *halves.prior_ct, halves.prior_rtstruct]
+        assert pacs.store(rest, progress=False).ok
+        second_half_at = time.time()
+        done_uid = str(whole.ct[0].StudyInstanceUID)
+        row = watch.wait_done(done_uid)
+        assert row["runs"] == 1 and row["attempts"] == 1 and row["qa_status"] in ("PASS", "REVIEW", "FAIL")
+        outputs = _outputs(pacs, done_uid)
+        assert outputs.get(PDF_SERIES) == 1 and all(n == 1 for n in outputs.values())
+        split_uid = str(halves.ct[0].StudyInstanceUID)
+        row = watch.wait_done(split_uid)
+        # one report, started after the second half arrived, on the whole study
+        assert row["runs"] == 1 and row["attempts"] == 1 and row["started"] > second_half_at
+        assert row["n_instances"] == len(halves.ct) + 3
+        time.sleep(4)  # its own outputs arrive as changes: they must not start another report
+        rows = _rows(watch.state)
+        assert rows[split_uid]["runs"] == 1 and rows[split_uid]["status"] == "done"
+        assert all(n == 1 for n in _outputs(pacs, split_uid).values())
+        prior_uid = str(whole.prior_ct[0].StudyInstanceUID)
+        assert rows[prior_uid]["status"] == "ignored"
+        status = watch.status()
+        key = rows[prior_uid]["key"]
+        assert f"{key}" in status and "ignored: no trigger matched: planning-ct-with-dose: no RTDOSE series " \
+            "(modalities: CT, RTSTRUCT)" in status
+        assert "latency (last change seen → outputs stored) over 2 report(s)" in status
+        _no_identifiers(status + watch.log.read_text(), [whole, halves])
+    finally:
+        assert watch.stop() == 0
+    assert not (tmp_path / "reports" / ".watch-staging").exists() or not any(
+        p.name.endswith(".partial") for p in (tmp_path / "reports" / ".watch-staging").iterdir())
+
+
+def test_orthanc_outage_watch_keeps_running_and_catches_up(tmp_path):
+    """Orthanc stops with a study still inside its stable window, and comes back: the watch stays up, reports
+    that study, and does not report the earlier one again."""
+    from pacsai.pacs import connect
+    from pacsai.pacs.orthanc import free_port, orthanc_available, start_orthanc
+
+    reason = orthanc_available()
+    if reason:
+        pytest.skip(reason)
+    port = free_port()
+    server = start_orthanc(tmp_path / "orthanc", port=port, user="pacsai", password="outage-pw")
+    pacs = connect(server.url, user=server.user, password=server.password, cache_dir=tmp_path / "c", retries=0)
+    before, during = _patient(33), _patient(34)
+    watch = Watch(tmp_path, server.url, _env(server), "--rules", str(_write_rules(tmp_path / "r.yaml")),
+                  "--stable-seconds", "4")
+    try:
+        assert pacs.store(list(before.datasets()), progress=False).ok
+        first = watch.wait_done(str(before.ct[0].StudyInstanceUID))
+        assert pacs.store(list(during.datasets()), progress=False).ok
+        server.stop()
+        time.sleep(8)
+        assert watch.proc.poll() is None
+        assert "PACS is unreachable" in watch.log.read_text() or "UNREACHABLE" in watch.log.read_text()
+        server = start_orthanc(tmp_path / "orthanc", port=port, user="pacsai", password="outage-pw")
+        watch.wait_done(str(during.ct[0].StudyInstanceUID))
+        time.sleep(3)
+        rows = _rows(watch.state)
+        assert rows[str(before.ct[0].StudyInstanceUID)]["runs"] == 1
+        assert rows[str(before.ct[0].StudyInstanceUID)]["finished"] == first["finished"]
+        assert rows[str(during.ct[0].StudyInstanceUID)]["runs"] == 1
+        for p in (before, during):
+            outputs = _outputs(pacs, str(p.ct[0].StudyInstanceUID))
+            assert outputs.get(PDF_SERIES) == 1 and all(n == 1 for n in outputs.values())
+    finally:
+        assert watch.stop() == 0
+        server.stop()
+
+
+def test_sigkill_mid_report_then_restart_reports_exactly_once(clean_orthanc, tmp_path):
+    from pacsai.pacs import connect
+
+    server = clean_orthanc
+    pacs = connect(server.url, user=server.user, password=server.password, cache_dir=tmp_path / "c", retries=1)
+    patient = _patient(35)
+    uid = str(patient.ct[0].StudyInstanceUID)
+    rules = str(_write_rules(tmp_path / "r.yaml"))
+    watch = Watch(tmp_path, server.url, _env(server), "--rules", rules, "--stable-seconds", "2")
+    assert pacs.store(list(patient.datasets()), progress=False).ok
+    _wait("the report to start", lambda: (_rows(watch.state).get(uid) or {}).get("status") == "running", 60,
+          watch.proc, watch.log)
+    time.sleep(4)  # inside the report: the kernel is running
+    jobs = subprocess.run(["pgrep", "-f", "pacsai.watch.job"], capture_output=True, text=True).stdout.split()
+    watch.proc.send_signal(signal.SIGKILL)
+    watch.proc.wait()
+    # the report process dies with the watch (no orphan pushing behind the next watch's back)
+    _wait("the orphaned report to end", lambda: not any(Path(f"/proc/{pid}").exists() and
+          "pacsai.watch.job" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace") for pid in jobs), 60)
+    assert _rows(watch.state)[uid]["status"] == "running"
+    again = Watch(tmp_path, server.url, _env(server), "--rules", rules, "--stable-seconds", "2", name="again")
+    try:
+        assert "interrupted by an earlier stop or crash will run again" in again.log.read_text()
+        row = again.wait_done(uid)
+        time.sleep(3)
+        row = _rows(again.state)[uid]
+        assert row["runs"] == 1 and row["attempts"] == 2 and row["status"] == "done"
+        outputs = _outputs(pacs, uid)
+        assert outputs.get(PDF_SERIES) == 1 and all(n == 1 for n in outputs.values())
+        reports = list((tmp_path / "reports").glob("*/*/metrics.json"))
+        assert len(reports) == 1
+    finally:
+        assert again.stop() == 0
+    assert not list((tmp_path / "reports").rglob("*.partial"))
+
+
+def test_sigterm_abandons_cleanly(clean_orthanc, tmp_path):
+    """Two SIGTERMs: the running report is abandoned, no staging folder is left, the study waits for next time."""
+    from pacsai.pacs import connect
+
+    server = clean_orthanc
+    pacs = connect(server.url, user=server.user, password=server.password, cache_dir=tmp_path / "c", retries=1)
+    patient = _patient(36)
+    uid = str(patient.ct[0].StudyInstanceUID)
+    watch = Watch(tmp_path, server.url, _env(server), "--rules", str(_write_rules(tmp_path / "r.yaml")),
+                  "--stable-seconds", "1")
+    assert pacs.store(list(patient.datasets()), progress=False).ok
+    _wait("the report to start", lambda: (_rows(watch.state).get(uid) or {}).get("status") == "running", 60,
+          watch.proc, watch.log)
+    time.sleep(2)
+    watch.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    watch.proc.send_signal(signal.SIGTERM)
+    assert watch.proc.wait(timeout=60) == 0
+    row = _rows(watch.state)[uid]
+    assert row["status"] == "waiting" and row["runs"] == 0 and "abandoned" in row["reason"]
+    assert not (tmp_path / "reports" / ".watch-staging").exists()
+    assert not list((tmp_path / "reports").rglob("metrics.json"))
+
+
+# ---------------------------------------------------------------------------------------------------- embedded
+
+
+def test_embedded_store_study_gets_its_outputs(tmp_path):
+    from pacsai.pacs import connect
+
+    url = f"file://{tmp_path / 'pacs'}"
+    pacs = connect(url, cache_dir=tmp_path / "c")
+    patient = _patient(37)
+    watch = Watch(tmp_path, url, _env(), "--rules", str(_write_rules(tmp_path / "r.yaml")), "--stable-seconds", "2")
+    try:
+        assert "mode embedded-index" in watch.log.read_text()
+        assert pacs.store(list(patient.datasets()), progress=False).ok
+        uid = str(patient.ct[0].StudyInstanceUID)
+        row = watch.wait_done(uid)
+        time.sleep(3)
+        assert _rows(watch.state)[uid]["runs"] == 1 and row["latency_s"] > 0
+        assert _outputs(pacs, uid).get(PDF_SERIES) == 1
+    finally:
+        assert watch.stop() == 0
+
+
+# ---------------------------------------------------------------------------------------------------- the model
+
+
+def test_promoting_a_new_champion_takes_effect_for_the_next_study(clean_orthanc, tmp_path, tmp_path_factory):
+    """Structures from models:/...@champion: the alias is resolved at each report, so the study after a promotion
+    is reported with the new version, and its SR says which (the provenance of every model-drawn structure)."""
+    import shutil
+
+    import pydicom
+
+    from pacsai import tracking
+    from pacsai.config import load_settings
+    from pacsai.pacs import connect
+    from pacsai.report.sr import read_drawn_by
+    from tests.test_learning_train import MODEL_NAME, smoke_model
+
+    info = smoke_model(tmp_path_factory)
+    # A private copy of the session's registry (artifacts stay where they are): promoting here changes no other test.
+    shutil.copy(Path(info["work"]) / "mlruns" / "mlflow.db", tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    settings = load_settings(mlflow_uri=uri)
+    first = tracking.resolve_model(f"models:/{MODEL_NAME}/{info['version']}", settings=settings)
+    second = tracking.register_model(first.source, MODEL_NAME, settings=settings)
+    tracking.set_alias(MODEL_NAME, first.version, settings=settings)
+    server = clean_orthanc
+    env = {**_env(server), "PACSAI_MLFLOW_URI": uri}
+    rules = _write_rules(tmp_path / "r.yaml", push_anyway=True,
+                         report={"track": False, "structures_from": "model",
+                                 "model": f"models:/{MODEL_NAME}@champion", "smoke": True})
+    pacs = connect(server.url, user=server.user, password=server.password, cache_dir=tmp_path / "c", retries=1)
+    watch = Watch(tmp_path, server.url, env, "--rules", str(rules), "--stable-seconds", "1")
+
+    def sr_labels(study_uid: str) -> set[str]:
+        series = pacs.search_series(StudyInstanceUID=study_uid, Modality="SR")
+        (sr_series,) = [s for s in series.itertuples() if int(s.SeriesNumber) == SR_SERIES]
+        (path,) = pacs.retrieve_series(study_uid, sr_series.SeriesInstanceUID, progress=False)
+        return set(read_drawn_by(pydicom.dcmread(path)).values())
+
+    try:
+        before, after = _patient(38), _patient(39)
+        assert pacs.store(list(before.datasets()), progress=False).ok
+        row = watch.wait_done(str(before.ct[0].StudyInstanceUID), timeout=240)
+        assert row["model"] == f"{MODEL_NAME} v{first.version}"
+        assert f"model {MODEL_NAME} v{first.version}" in sr_labels(str(before.ct[0].StudyInstanceUID))
+        tracking.set_alias(MODEL_NAME, second.version, settings=settings)  # promoted while the watch runs
+        assert pacs.store(list(after.datasets()), progress=False).ok
+        row = watch.wait_done(str(after.ct[0].StudyInstanceUID), timeout=240)
+        assert row["model"] == f"{MODEL_NAME} v{second.version}"
+        assert f"model {MODEL_NAME} v{second.version}" in sr_labels(str(after.ct[0].StudyInstanceUID))
+    finally:
+        assert watch.stop() == 0
