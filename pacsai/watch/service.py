@@ -269,7 +269,7 @@ class Watcher:
             record = json.loads(job.result_path.read_text())
         except (OSError, ValueError):
             record = {"ok": False, "error": f"the report process exited with code {code} without a result; see "
-                      f"{job.result_path.with_suffix('').with_suffix('.log')}"}
+                      f"{job.result_path.with_name(f'{job.key}.log')}"}
         now = time.time()
         if record.get("ok"):
             model = record.get("model") or {}
@@ -286,7 +286,10 @@ class Watcher:
             log.warning("%s: report done in %.1f s, QA %s, %d object(s) stored, %d already there%s (%s)",
                         job.key, now - job.started, record.get("qa_status"), record.get("stored", 0),
                         record.get("already_present", 0), f", model {label}" if label else "", shown)
-            job.result_path.unlink(missing_ok=True)
+            # The spec names the patient; the job's log is only worth keeping when the report failed.
+            for path in (job.result_path, job.result_path.with_name(f"{job.key}.job.json"),
+                         job.result_path.with_name(f"{job.key}.log")):
+                path.unlink(missing_ok=True)
             return
         error = redact(str(record.get("error", "")), {row.patient_id: row.patient, job.study_uid: job.key})
         if record.get("abandoned") or job.abandoned:
