@@ -30,6 +30,7 @@ BENCHMARKS: list[tuple[str, str, list[str]]] = [
     ("rtstruct", "rtstruct.py", ["--repeats", "1"]),
     ("dvh", "dvh.py", ["--repeats", "1"]),
     ("report", "report.py", ["--repeats", "1"]),
+    ("watch", "watch.py", ["--quick"]),
 ]
 
 
