@@ -228,39 +228,24 @@ def test_report_from_pacs_structures_never_imports_torch(store, patient):
 # ------------------------------------------------------------------------------------ the QA gate end to end
 
 
-def _plan_ready(patient):
-    """The patient's objects with the prior CT (and its RTSTRUCT) in the planning CT's frame of reference, as
-    after a registration, so that lesions can be followed by position (the generator gives each study its own)."""
-    first = patient.ct[0]
-    objects = [*patient.ct, patient.rtstruct, patient.rtplan, patient.rtdose]
-    for ds in [*patient.prior_ct, patient.prior_rtstruct]:
-        ds = copy.deepcopy(ds)
-        ds.FrameOfReferenceUID = first.FrameOfReferenceUID
-        for item in ds.get("ReferencedFrameOfReferenceSequence", []):
-            item.FrameOfReferenceUID = first.FrameOfReferenceUID
-        for item in ds.get("StructureSetROISequence", []):
-            item.ReferencedFrameOfReferenceUID = first.FrameOfReferenceUID
-        objects.append(ds)
-    return objects
-
-
 @pytest.fixture(scope="module")
 def ready(tmp_path_factory):
-    """SYN-00013 as a planning department holds it (see :func:`_plan_ready`)."""
+    """SYN-00013 as a planning department holds it: planning CT, planner RTSTRUCT, plan and plan dose, the prior
+    study with its RTSTRUCT, and the TPS fusion's Spatial Registration (prior → planning CT)."""
     from pacsai.pacs import connect
     from pacsai.synthetic import make_patient
 
     root = tmp_path_factory.mktemp("ready-store")
     patient = make_patient(13, shape=SHAPE, spacing=SPACING)
     pacs = connect(f"file://{root / 'pacs'}", cache_dir=root / "cache")
-    assert pacs.store(_plan_ready(patient), progress=False).ok
+    assert pacs.store(list(patient.datasets()), progress=False).ok
     return pacs, patient
 
 
 def test_reference_structures_from_the_pacs_pass_the_gate(ready):
     """A gate that flags good contours teaches users to ignore it: the planner's contours of a synthetic patient
-    (plan dose over the whole CT, prior with planner contours in the same frame) give PASS, with every required
-    structure present and drawn by the planner."""
+    (plan dose over the whole CT, prior with planner contours, registered) give PASS, with every required
+    structure present and drawn by the planner, and a final response category."""
     from pacsai.report.summary import build_summary
 
     pacs, patient = ready
@@ -278,7 +263,11 @@ def test_reference_structures_from_the_pacs_pass_the_gate(ready):
     assert {c["status"] for c in s.constraints} <= {"pass", "fail"}
     assert s.coverage["state"] == "evaluated" and s.coverage["ptv_v95_pct"] > 95
     assert s.response["source"].startswith("planner contours on both studies")
-    assert s.response["category"] == patient.truth["expected_response"] and s.response["final"]
+    assert s.response["category"] == patient.truth["expected_response"] and s.response["final"] is True
+    assert s.response["frames"]["registration"] is True
+    reg = str(patient.registration.SOPInstanceUID)
+    assert s.response["registration"].startswith(f"registration: DICOM REG {reg}")
+    assert reg in {i["sop_instance_uids"][0] for i in s.provenance["inputs"] if i["modality"] == "REG"}
     metrics = s.to_dict()
     assert metrics["qa"]["status"] == "PASS" and metrics["headline"]["qa_status"] == "PASS"
     assert all("state" in row and "drawn_by" in row for row in metrics["structures"])
@@ -589,57 +578,6 @@ def test_model_verdicts_that_the_reference_contradicts_are_review_with_both_valu
     rows = {a["structure"]: a for a in s.agreement}
     assert rows["Heart"]["dice"] == pytest.approx(1.0) and rows["SpinalCord"]["dice"] == pytest.approx(0.0)
     assert s.reference["drawn_by"]["kind"] == "planner"
-
-
-def _spatial_registration(patient) -> "pydicom.Dataset":
-    """A DICOM Spatial Registration in the planning study: the prior's frame → the planning CT's (identity: the
-    generator draws both studies in the same patient coordinates)."""
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-
-    from pacsai.uids import derive_uid
-
-    first, prior = patient.ct[0], patient.prior_ct[0]
-    ds = pydicom.Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.66.1"
-    ds.file_meta.MediaStorageSOPInstanceUID = derive_uid("test-reg", first.StudyInstanceUID)
-    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
-    ds.SOPClassUID, ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID
-    for keyword in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
-                    "StudyTime", "StudyID", "AccessionNumber"):
-        setattr(ds, keyword, first.get(keyword, ""))
-    ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber = "REG", derive_uid("test-reg-series", first.StudyInstanceUID), 5
-    ds.InstanceNumber, ds.ContentDate, ds.ContentTime = 1, first.StudyDate, first.StudyTime
-    ds.FrameOfReferenceUID = first.FrameOfReferenceUID
-    matrix = pydicom.Dataset()
-    matrix.FrameOfReferenceTransformationMatrixType = "RIGID"
-    matrix.FrameOfReferenceTransformationMatrix = [str(v) for v in np.eye(4).ravel()]
-    registration = pydicom.Dataset()
-    registration.MatrixSequence = [matrix]
-    item = pydicom.Dataset()
-    item.FrameOfReferenceUID = prior.FrameOfReferenceUID
-    item.MatrixRegistrationSequence = [registration]
-    ds.RegistrationSequence = [item]
-    return ds
-
-
-def test_a_spatial_registration_on_the_pacs_makes_the_response_final(tmp_path):
-    """With a DICOM REG linking the prior's frame to the planning CT's, lesions are followed by position: the
-    category is final and the gate PASSes (the same patient without the REG: provisional, REVIEW)."""
-    from pacsai.pacs import connect
-    from pacsai.report.summary import build_summary
-    from pacsai.synthetic import make_patient
-
-    patient = make_patient(15, shape=SHAPE, spacing=SPACING, with_registration=False)  # the test adds its own
-    pacs = connect(f"file://{tmp_path / 'pacs'}", cache_dir=tmp_path / "cache")
-    assert pacs.store([*patient.datasets(), _spatial_registration(patient)], progress=False).ok
-    s = build_summary(validate_parameters(patient_id=patient.patient_id), pacs=pacs)
-    assert s.qa["status"] == "PASS", [r for r in s.qa["reasons"] if r["level"] != "note"]
-    assert s.response["final"] is True and s.response["frames"]["registration"] is True
-    assert s.response["category"] == patient.truth["expected_response"]
-    assert s.response["registration"].startswith("registration: DICOM REG ")
-    assert "REG" in {i["modality"] for i in s.provenance["inputs"]}
 
 
 def test_model_path_without_planner_contours_runs_the_model_on_the_prior_too(smoke, tmp_path, monkeypatch):
