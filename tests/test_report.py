@@ -142,6 +142,9 @@ def test_report_cli_errors_are_one_line(tmp_path):
                      "--no-track"], tmp_path)
     assert proc.returncode == 1
     assert proc.stderr.strip().count("\n") == 0 and "error" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _run_cli(["report", "NOPE", "--pacs", f"file://{tmp_path / 'empty'}", "--push-anyway", "--no-track"],
+                    tmp_path)
+    assert proc.returncode == 1 and "--push-anyway only makes sense with --push" in proc.stderr
 
 
 @pytest.mark.slow
