@@ -605,3 +605,26 @@ def test_model_path_without_planner_contours_runs_the_model_on_the_prior_too(smo
     assert s.response["category"] == "NE" and s.response["final"] is False
     codes = {r["code"] for r in s.qa["reasons"] if r["level"] == "error"}
     assert "EMPTY_MODEL_SEGMENTATION" in codes and "EMPTY_STRUCTURE" in codes and s.qa["status"] == "FAIL"
+
+
+def test_a_fraction_dose_is_refused_by_name(tmp_path):
+    """An RTDOSE of one fraction (DoseSummationType FRACTION) is not the plan: FAIL with DOSE_NOT_PLAN_TOTAL
+    naming it, every constraint and the coverage not evaluable — never a PASS on 2 Gy."""
+    from pacsai.pacs import connect
+    from pacsai.report.summary import build_summary
+    from pacsai.synthetic import make_patient
+    from pacsai.uids import derive_uid
+
+    patient = make_patient(17, shape=SHAPE, spacing=SPACING, with_prior=False)
+    fraction = copy.deepcopy(patient.rtdose)
+    fraction.DoseSummationType = "FRACTION"
+    fraction.SOPInstanceUID = fraction.file_meta.MediaStorageSOPInstanceUID = derive_uid("fraction", 17)
+    pacs = connect(f"file://{tmp_path / 'pacs'}", cache_dir=tmp_path / "cache")
+    assert pacs.store([*patient.ct, patient.rtstruct, fraction], progress=False).ok
+    s = build_summary(validate_parameters(patient_id=patient.patient_id), pacs=pacs)
+    (reason,) = [r for r in s.qa["reasons"] if r["level"] == "error"]
+    assert s.qa["status"] == "FAIL" and reason["code"] == "DOSE_NOT_PLAN_TOTAL"
+    assert "FRACTION" in reason["message"] and str(fraction.SOPInstanceUID) in reason["message"]
+    assert s.constraints and {c["status"] for c in s.constraints} == {"not evaluable"}
+    assert s.coverage["state"] == "not evaluable" and s.dvh == {}
+    assert all(c["reason"].startswith("not evaluable — ") for c in s.constraints)

@@ -151,12 +151,17 @@ def test_uncertainty_of_an_empty_mask_is_never_zero():
 
 
 def test_dose_that_is_not_a_plan_total_is_an_error():
-    assert gate.dose_reasons({"DoseSummationType": "PLAN", "DoseType": "PHYSICAL"}) == []
-    assert gate.dose_reasons({"DoseSummationType": "MULTI_PLAN", "DoseType": "EFFECTIVE"}) == []
-    (reason,) = gate.dose_reasons({"DoseSummationType": "FRACTION", "DoseType": "PHYSICAL", "SOPInstanceUID": "1.2"})
-    assert (reason.code, reason.level) == ("DOSE_NOT_PLAN_TOTAL", "error") and "FRACTION" in reason.message
-    (reason,) = gate.dose_reasons({"DoseSummationType": "BEAM", "DoseType": "ERROR"})
-    assert "BEAM" in reason.message and "ERROR" in reason.message
+    dose = make_volume(np.full((4, 4, 4), 2.0, np.float32), affine_from((0, 0, 0), np.eye(3), SPACING), name="dose",
+                       attrs={"units": "Gy", "dose_type": "PHYSICAL", "dose_summation_type": "PLAN",
+                              "sop_instance_uid": "1.2.3.4"})
+    assert gate.plan_dose_reasons(dose) == []
+    dose.attrs["dose_summation_type"] = "MULTI_PLAN"
+    dose.attrs["dose_type"] = "EFFECTIVE"
+    assert gate.plan_dose_reasons(dose) == []
+    dose.attrs["dose_summation_type"] = "FRACTION"
+    (reason,) = gate.plan_dose_reasons(dose)
+    assert (reason.code, reason.level) == ("DOSE_NOT_PLAN_TOTAL", "error")
+    assert "FRACTION" in reason.message and "1.2.3.4" in reason.message
 
 
 def test_gate_status_and_order():

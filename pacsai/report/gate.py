@@ -186,27 +186,6 @@ def uncertainty_reasons(uncertainty: Mapping[str, Mapping[str, Any]], *, limit: 
     return reasons
 
 
-def dose_reasons(header: Mapping[str, Any]) -> list[Reason]:
-    """A dose that is not a total plan dose (DoseSummationType PLAN/MULTI_PLAN, DoseType PHYSICAL/EFFECTIVE)."""
-    summation = str(header.get("DoseSummationType", "")).upper()
-    dose_type = str(header.get("DoseType", "")).upper()
-    if not header:
-        return []
-    problems = []
-    if summation not in ("PLAN", "MULTI_PLAN"):
-        problems.append(f"DoseSummationType {summation or 'empty'} (needs PLAN or MULTI_PLAN)")
-    if dose_type not in ("PHYSICAL", "EFFECTIVE"):
-        problems.append(f"DoseType {dose_type or 'empty'} (needs PHYSICAL or EFFECTIVE)")
-    if not problems:
-        return []
-    return [Reason(
-        "DOSE_NOT_PLAN_TOTAL", "error",
-        f"RTDOSE {header.get('SOPInstanceUID', '')} is not a total plan dose: {'; '.join(problems)}; "
-        "constraints, DVH verdicts and coverage are not evaluable on it",
-        values={"DoseSummationType": summation, "DoseType": dose_type},
-    )]
-
-
 def plan_dose_reasons(dose: xr.DataArray) -> list[Reason]:
     """The plan-dose check of :func:`pacsai.imaging.dose.check_plan_dose` as a gate reason (error)."""
     from pacsai.imaging.dose import NotPlanDoseError, check_plan_dose
@@ -315,7 +294,6 @@ __all__ = [
     "apply_states",
     "change_reasons",
     "component_volumes_cc",
-    "dose_reasons",
     "plan_dose_reasons",
     "uncovered_reasons",
     "fragmentation_reasons",
