@@ -14,6 +14,24 @@ structures of the constraint set (with the parts of derived ones such as Lungs-G
 
 Who decides what "required" means: the target (margins, coverage, response) and each constraint's structure are
 required — empty or missing → error; not requested → review (a constraint that cannot be checked here).
+
+Reasons made here (the report adds pacsai.domain's DOMAIN_* / VOLUME_OUT_OF_RANGE and the response's own):
+
+=========================  ======  =====================================================================
+code                       level   when
+=========================  ======  =====================================================================
+EMPTY_STRUCTURE            error   a required structure is empty (note for one nobody needs)
+MISSING_STRUCTURE          error   a required structure is not in the planner's structure set
+STRUCTURE_NOT_SEGMENTED    review  a required structure the model does not segment
+FRAGMENTED                 review  a one-piece organ in more than one piece of ≥ 1 cm³ (model contours)
+IMPLAUSIBLE_CHANGE         review  |ΔV| since the prior beyond the organ's tolerance (same source only)
+HIGH_UNCERTAINTY           review  mean TTA σ over the candidate region > 0.1 (pacsai.report.uncertainty)
+DOSE_NOT_PLAN_TOTAL        error   the RTDOSE is not a total plan dose (PLAN/MULTI_PLAN, PHYSICAL/EFFECTIVE)
+DOSE_UNCOVERED             review  a constraint structure (or the PTV) > 1 % or 0.5 cm³ outside the dose grid
+MODEL_REFERENCE_DISAGREE   review  a constraint or coverage verdict differs on the planner's contours
+TOUCHES_EDGE, NO_BODY,     note    a structure at the image edge, no BODY to clip the CTV, a data note
+DATA_NOTE
+=========================  ======  =====================================================================
 """
 
 from __future__ import annotations
