@@ -198,57 +198,51 @@ def _no_identifiers(text: str, patients) -> None:
 # ---------------------------------------------------------------------------------------------------- Orthanc
 
 
-def test_orthanc_new_study_two_halves_and_non_matching(clean_orthanc, tmp_path):
-    """A study pushed while watch runs gets its outputs; one pushed in two halves GAP_S apart is reported once,
-    after the second half (stable_seconds just above the gap: a real wait, kept short); the prior studies (no
-    RTDOSE) are ignored and --status says why."""
+def test_orthanc_study_in_two_halves_and_non_matching(clean_orthanc, tmp_path):
+    """A study pushed in two halves GAP_S apart while watch runs gets its outputs, from one report started after
+    the second half (stable_seconds just above the gap: a real wait, kept short); its own outputs arriving start
+    no other report; the prior study (no RTDOSE) is ignored and --status says why."""
     from pacsai.pacs import connect
 
     server = clean_orthanc
     pacs = connect(server.url, user=server.user, password=server.password, cache_dir=tmp_path / "c", retries=1)
-    whole, halves = _patient(31), _patient(32)
+    patient = _patient(32)
     watch = Watch(tmp_path, server.url, _env(server), "--rules", str(_write_rules(tmp_path / "r.yaml")),
                   "--workers", "2", "--stable-seconds", str(GAP_S + 3))
     try:
         assert "mode orthanc-changes" in watch.log.read_text()
-        assert pacs.store(list(whole.datasets()), progress=False).ok
-        first, second = halves.ct[: len(halves.ct) // 2], halves.ct[len(halves.ct) // 2:]
+        first, second = patient.ct[: len(patient.ct) // 2], patient.ct[len(patient.ct) // 2:]
         assert pacs.store(first, progress=False).ok
         time.sleep(GAP_S)
-        rest = [*second, halves.rtstruct, halves.rtplan, halves.rtdose, *halves.prior_ct, halves.prior_rtstruct]
+        rest = [*second, patient.rtstruct, patient.rtplan, patient.rtdose, *patient.prior_ct, patient.prior_rtstruct]
         assert pacs.store(rest, progress=False).ok
         second_half_at = time.time()
-        done_uid = str(whole.ct[0].StudyInstanceUID)
-        row = watch.wait_done(done_uid)
-        assert row["runs"] == 1 and row["attempts"] == 1 and row["qa_status"] in ("PASS", "REVIEW", "FAIL")
-        outputs = _outputs(pacs, done_uid)
-        assert outputs.get(PDF_SERIES) == 1 and all(n == 1 for n in outputs.values())
-        split_uid = str(halves.ct[0].StudyInstanceUID)
-        row = watch.wait_done(split_uid)
+        uid = str(patient.ct[0].StudyInstanceUID)
+        row = watch.wait_done(uid)
         # one report, started after the second half arrived, on the whole study
         assert row["runs"] == 1 and row["attempts"] == 1 and row["started"] > second_half_at
-        assert row["n_instances"] == len(halves.ct) + 3
-        time.sleep(4)  # its own outputs arrive as changes: they must not start another report
+        assert row["n_instances"] == len(patient.ct) + 3 and row["qa_status"] in ("PASS", "REVIEW", "FAIL")
+        time.sleep(GAP_S + 5)  # its own outputs arrive as changes and become stable: no other report
         rows = _rows(watch.state)
-        assert rows[split_uid]["runs"] == 1 and rows[split_uid]["status"] == "done"
-        assert all(n == 1 for n in _outputs(pacs, split_uid).values())
-        prior_uid = str(whole.prior_ct[0].StudyInstanceUID)
-        assert rows[prior_uid]["status"] == "ignored"
+        assert rows[uid]["runs"] == 1 and rows[uid]["status"] == "done"
+        outputs = _outputs(pacs, uid)
+        assert outputs.get(PDF_SERIES) == 1 and all(n == 1 for n in outputs.values())
+        prior_uid = str(patient.prior_ct[0].StudyInstanceUID)
+        assert rows[prior_uid]["status"] == "ignored" and rows[prior_uid]["runs"] == 0
         status = watch.status()
-        key = rows[prior_uid]["key"]
-        assert f"{key}" in status and "ignored: no trigger matched: planning-ct-with-dose: no RTDOSE series " \
-            "(modalities: CT, RTSTRUCT)" in status
-        assert "latency (last change seen → outputs stored) over 2 report(s)" in status
-        _no_identifiers(status + watch.log.read_text(), [whole, halves])
+        assert f"{rows[prior_uid]['key']}  patient {rows[prior_uid]['patient']}  ignored: no trigger matched: " \
+            "planning-ct-with-dose: no RTDOSE series (modalities: CT, RTSTRUCT)" in status
+        assert f"{rows[uid]['key']}  patient {rows[uid]['patient']}  done" in status
+        assert "latency (last change seen → outputs stored) over 1 report(s)" in status
+        _no_identifiers(status + watch.log.read_text(), [patient])
     finally:
         assert watch.stop() == 0
-    assert not (tmp_path / "reports" / ".watch-staging").exists() or not any(
-        p.name.endswith(".partial") for p in (tmp_path / "reports" / ".watch-staging").iterdir())
+    assert not list((tmp_path / "reports").rglob("*.partial"))
 
 
 def test_orthanc_outage_watch_keeps_running_and_catches_up(tmp_path):
     """Orthanc stops with a study still inside its stable window, and comes back: the watch stays up, reports
-    that study, and does not report the earlier one again."""
+    that study once, and the study it had already handled (ignored) is not looked at again."""
     from pacsai.pacs import connect
     from pacsai.pacs.orthanc import free_port, orthanc_available, start_orthanc
 
@@ -258,27 +252,29 @@ def test_orthanc_outage_watch_keeps_running_and_catches_up(tmp_path):
     port = free_port()
     server = start_orthanc(tmp_path / "orthanc", port=port, user="pacsai", password="outage-pw")
     pacs = connect(server.url, user=server.user, password=server.password, cache_dir=tmp_path / "c", retries=0)
-    before, during = _patient(33), _patient(34)
+    patient = _patient(33)
+    prior_uid, uid = str(patient.prior_ct[0].StudyInstanceUID), str(patient.ct[0].StudyInstanceUID)
     watch = Watch(tmp_path, server.url, _env(server), "--rules", str(_write_rules(tmp_path / "r.yaml")),
                   "--stable-seconds", "4")
     try:
-        assert pacs.store(list(before.datasets()), progress=False).ok
-        first = watch.wait_done(str(before.ct[0].StudyInstanceUID))
-        assert pacs.store(list(during.datasets()), progress=False).ok
+        assert pacs.store([*patient.prior_ct, patient.prior_rtstruct], progress=False).ok
+        _wait("the prior study to be ignored", lambda: (_rows(watch.state).get(prior_uid) or {}).get("status")
+              == "ignored", 60, watch.proc, watch.log)
+        handled = _rows(watch.state)[prior_uid]
+        assert pacs.store([*patient.ct, patient.rtstruct, patient.rtplan, patient.rtdose], progress=False).ok
         server.stop()
         time.sleep(8)
         assert watch.proc.poll() is None
-        assert "PACS is unreachable" in watch.log.read_text() or "UNREACHABLE" in watch.log.read_text()
+        assert "the PACS is unreachable" in watch.log.read_text()
         server = start_orthanc(tmp_path / "orthanc", port=port, user="pacsai", password="outage-pw")
-        watch.wait_done(str(during.ct[0].StudyInstanceUID))
-        time.sleep(3)
+        watch.wait_done(uid)
+        time.sleep(5)
         rows = _rows(watch.state)
-        assert rows[str(before.ct[0].StudyInstanceUID)]["runs"] == 1
-        assert rows[str(before.ct[0].StudyInstanceUID)]["finished"] == first["finished"]
-        assert rows[str(during.ct[0].StudyInstanceUID)]["runs"] == 1
-        for p in (before, during):
-            outputs = _outputs(pacs, str(p.ct[0].StudyInstanceUID))
-            assert outputs.get(PDF_SERIES) == 1 and all(n == 1 for n in outputs.values())
+        assert "the PACS answers again" in watch.log.read_text()
+        assert rows[uid]["runs"] == 1 and rows[uid]["status"] == "done"
+        assert rows[prior_uid] == handled  # its changes were not read again after the restart
+        outputs = _outputs(pacs, uid)
+        assert outputs.get(PDF_SERIES) == 1 and all(n == 1 for n in outputs.values())
     finally:
         assert watch.stop() == 0
         server.stop()

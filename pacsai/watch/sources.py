@@ -3,7 +3,7 @@
 :func:`probe` picks the best mode the PACS offers:
 
 ``orthanc-changes``
-    Orthanc's REST ``/changes`` feed (``NewInstance``, ``NewSeries``, ``NewStudy``, ``StableStudy``...), read
+    Orthanc's REST ``/changes`` feed (``NewInstance``, ``NewSeries``, ``NewStudy``), read
     from a cursor persisted in the state file, so a restart (of the watch or of Orthanc, whose sequence numbers
     survive in its index) resumes where it stopped: nothing missed, nothing seen twice. Low latency: a change is
     seen within one poll interval, and stability is the watch's own ``stable_seconds``, not Orthanc's
@@ -39,9 +39,9 @@ log = logging.getLogger(__name__)
 
 ORTHANC_CURSOR = "orthanc_changes_cursor"
 QIDO_INITIALISED = "qido_initialised"
-#: Orthanc change types that mean "this study got new content".
-STUDY_CHANGES = frozenset({"NewInstance", "NewSeries", "NewStudy", "StableSeries", "StableStudy",
-                           "UpdatedAttachment", "NewChildInstance"})
+#: Orthanc change types that mean "this study got new content". Not StableStudy/StableSeries: they only say that
+#: Orthanc's StableAge (60 s by default) passed, and the watch keeps its own, shorter, stability rule.
+STUDY_CHANGES = frozenset({"NewInstance", "NewSeries", "NewStudy"})
 
 
 @dataclass(frozen=True)
