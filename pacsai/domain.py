@@ -176,7 +176,8 @@ def check_input(domain: Mapping[str, Any], stats: Mapping[str, Any]) -> list[Rea
 
     Errors (the model's output means nothing here): another modality; another body region. Reviews: voxels
     coarser than any training image, a field of view or body size outside the training range (×/÷
-    :data:`SIZE_TOLERANCE`), HU quantiles more than :data:`HU_TOLERANCE` HU outside theirs, tissue fractions more
+    :data:`SIZE_TOLERANCE`; along z only a scan shorter than the shortest training scan ÷ the tolerance),
+    HU quantiles more than :data:`HU_TOLERANCE` HU outside theirs, tissue fractions more
     than :data:`FRACTION_TOLERANCE` outside theirs. An empty ``domain`` (a model trained before pacsai recorded
     one) is itself a review: nothing can be compared.
     """
@@ -231,6 +232,16 @@ def check_input(domain: Mapping[str, Any], stats: Mapping[str, Any]) -> list[Rea
                 f"({_fmt(rng['min'])} – {_fmt(rng['max'])} mm)",
                 values={key: list(value), "trained_min": rng["min"], "trained_max": rng["max"]},
             ))
+    # A longer scan is fine (the organs are all in it); a much shorter one cuts them: a 3-slice CT holds slivers
+    # of organs the model learnt whole, so their volumes and doses mean nothing.
+    fov, fov_range = stats.get("fov_mm") or [], (domain.get("fov_mm") or {}).get("min")
+    if len(fov) == 3 and fov_range and fov[2] < fov_range[2] / SIZE_TOLERANCE:
+        reasons.append(Reason(
+            "DOMAIN_SCAN_LENGTH", "review",
+            f"the scan covers {fov[2]:.3g} mm cranio-caudally; the shortest training scan covered "
+            f"{fov_range[2]:.3g} mm: organs are cut, their volumes and doses are partial",
+            values={"scan_length_mm": fov[2], "trained_min_mm": fov_range[2]},
+        ))
     hu, trained_hu = stats.get("hu") or {}, domain.get("hu") or {}
     off = {q: v for q, v in hu.items() if q in ("p05", "p50", "p95") and trained_hu.get(q)
            and not trained_hu[q][0] - HU_TOLERANCE <= v <= trained_hu[q][1] + HU_TOLERANCE}

@@ -215,3 +215,21 @@ def test_registration_matrix_composes_prior_to_current():
     into_own = registration_matrix(reg, prior="1.2.3.200", current="1.2.3.100")  # the REG's own frame: identity
     assert into_own @ np.array([0.0, 0.0, 0.0, 1.0]) == pytest.approx([10.0, 0.0, 0.0, 1.0])
     assert registration_matrix(reg, prior="1.2.3.400", current="1.2.3.300") is None
+
+
+def test_a_scan_much_shorter_than_the_training_scans_is_a_review():
+    """Training scans 80 mm long; a 3-slice (12 mm) slab of the same anatomy cuts every organ → review; a longer
+    scan (160 mm) holds them all → nothing."""
+    from pacsai.domain import check_input, image_stats, training_domain
+
+    def phantom(slices):
+        hu = np.full((slices, 100, 100), -1000.0, np.float32)
+        hu[:, 20:80, 10:90] = 0.0
+        hu[:, 30:70, 20:45] = hu[:, 30:70, 55:80] = -800.0
+        return make_volume(hu, affine_from((0, 0, 0), np.eye(3), (2.0, 2.0, 4.0)))
+
+    domain = training_domain([image_stats(phantom(20))], [{}])
+    assert check_input(domain, image_stats(phantom(40))) == []
+    (reason,) = check_input(domain, image_stats(phantom(3)))
+    assert (reason.code, reason.level) == ("DOMAIN_SCAN_LENGTH", "review")
+    assert reason.values == {"scan_length_mm": 12.0, "trained_min_mm": 80.0}
