@@ -413,3 +413,35 @@ def test_promoting_a_new_champion_takes_effect_for_the_next_study(clean_orthanc,
         assert f"model {MODEL_NAME} v{second.version}" in sr_labels(str(after.ct[0].StudyInstanceUID))
     finally:
         assert watch.stop() == 0
+
+
+def test_failing_report_is_retried_with_backoff_then_given_up_with_its_reason(tmp_path):
+    """A model that cannot be resolved: each attempt fails fast; after max_attempts the study is given up, the
+    reason kept (without identifiers) and shown by --status; the watch keeps running."""
+    from pacsai.pacs import connect
+
+    url = f"file://{tmp_path / 'pacs'}"
+    pacs = connect(url, cache_dir=tmp_path / "c")
+    patient = _patient(40)
+    uid = str(patient.ct[0].StudyInstanceUID)
+    rules = _write_rules(tmp_path / "r.yaml", retry={"max_attempts": 2, "backoff_seconds": 3},
+                         report={"track": False, "structures_from": "model", "model": "models:/no-such-model@champion"})
+    env = {**_env(), "PACSAI_MLFLOW_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    watch = Watch(tmp_path, url, env, "--rules", str(rules), "--stable-seconds", "1")
+    try:
+        assert pacs.store([*patient.ct, patient.rtstruct, patient.rtplan, patient.rtdose], progress=False).ok
+        _wait("the first failure", lambda: (_rows(watch.state).get(uid) or {}).get("status") == "retry", 120,
+              watch.proc, watch.log)
+        failed_at = _rows(watch.state)[uid]
+        assert failed_at["attempts"] == 1 and failed_at["next_attempt"] >= failed_at["started"] + 3
+        row = _wait("giving up", lambda: (_rows(watch.state).get(uid) or {}).get("status") == "gave_up"
+                    and _rows(watch.state)[uid], 120, watch.proc, watch.log)
+        assert row["attempts"] == 2 and row["runs"] == 0 and row["started"] >= failed_at["next_attempt"] - 0.5
+        assert "no-such-model" in row["reason"] and patient.patient_id not in row["reason"]
+        status = watch.status()
+        assert f"{row['key']}  patient {row['patient']}  GAVE UP after 2 attempt(s): " in status
+        assert "no-such-model" in status
+        assert watch.proc.poll() is None
+        assert _outputs(pacs, uid) == {}
+    finally:
+        assert watch.stop() == 0
