@@ -100,3 +100,9 @@ show.agreement(summary)
 # %%
 show.qa(summary)
 show.provenance(summary)
+
+# %% [markdown]
+# ## Model card
+
+# %%
+show.model_card(summary)

@@ -351,7 +351,8 @@ def provenance(s: PlanSummary) -> None:
         {"": "structures", "value": p["structures_source"]},
         {"": "planning image", "value": p.get("image_modality", "")},
         {"": "training domain checked", "value": p.get("model_domain_checked", False) if model else "no model"},
-        {"": "model", "value": (f"{model.get('name')} v{model.get('version')} (MLflow run {model.get('run_id')})"
+        {"": "model", "value": (f"{model.get('name')} v{model.get('version')} (MLflow run {model.get('run_id')}; "
+                                "model card at the end)"
                                 if model else "none (structures from the PACS)")},
         {"": "parameters", "value": ", ".join(f"{k}={v}" for k, v in p["parameters"].items())},
     ]
@@ -363,6 +364,17 @@ def provenance(s: PlanSummary) -> None:
               for i in p["inputs"]]
     display(HTML(_table(inputs)))
     _note(p["definitions"] + ". " + pacsai.RESEARCH_USE_ONLY)
+
+
+def model_card(s: PlanSummary) -> None:
+    """The model's card (intended use, training cohort, held-out metrics, limitations), as logged with it."""
+    card = str((s.provenance.get("model") or {}).get("card") or "")
+    if not card:
+        _note("No model card (structures from the PACS, or a model logged without one).")
+        return
+    from IPython.display import Markdown
+
+    display(Markdown(card))
 
 
 def _close(fig: Any) -> None:

@@ -409,19 +409,16 @@ def _load_model(uri: str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     from pacsai.learning.infer import load_model  # torch only on this path
 
     loaded = load_model(uri)
-    name = getattr(loaded, "name", None)
-    version = getattr(loaded, "version", None)
-    run_id = getattr(loaded, "run_id", None)
-    if name is None or version is None:
-        from pacsai.tracking import resolve_model
-
-        ref = resolve_model(uri)
-        name, version, run_id = ref.name, ref.version, ref.run_id
+    name, version, run_id = loaded.name, loaded.version, loaded.run_id
+    if not name or not version:  # a runs:/ URI: no registry entry, the run names the model
+        name, version = name or uri, version or "unregistered"
     info = {"uri": uri, "name": name, "version": str(version), "run_id": run_id,
-            "structures": list(getattr(loaded.spec, "structures", ()))}
-    if getattr(loaded, "postprocess", None):
-        info["postprocess"] = loaded.postprocess
-    return loaded, info, dict(getattr(loaded, "domain", None) or {})
+            "structures": list(loaded.spec.structures)}
+    if loaded.postprocess:
+        info["postprocess"] = dict(loaded.postprocess)
+    if loaded.card:
+        info["card"] = loaded.card  # the model card (markdown): shown at the end of the report
+    return loaded, info, dict(loaded.domain or {})
 
 
 def _input_stats(study: StudyData) -> dict[str, Any]:
