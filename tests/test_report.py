@@ -450,6 +450,9 @@ def test_model_path_without_tumour_fails_and_pushes_nothing_of_the_model(smoke, 
     errors = {(r["code"], r["structure"]) for r in metrics["qa"]["reasons"] if r["level"] == "error"}
     assert ("EMPTY_STRUCTURE", "GTV") in errors
     assert metrics["structure_states"]["GTV"]["drawn_by"]["kind"] == "model"
+    gtv = next(r for r in metrics["structures"] if r["name"] == "GTV")
+    assert gtv["state"] == "empty" and "uncertainty" in gtv  # an empty mask is never "certain"
+    assert gtv["uncertainty"] is None or gtv["uncertainty"] >= 0.05
     assert metrics["headline"]["coverage"]["state"] == "not evaluable"
     html = (tmp_path / "out" / "report.html").read_text()
     assert html.index("QA: FAIL") < html.index("Key images")  # the gate comes first

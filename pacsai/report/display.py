@@ -187,6 +187,7 @@ def structures(s: PlanSummary) -> None:
             "Centroid LPS (mm)": r["centroid_lps"],
             "State": r.get("state"),
             "Drawn by": r.get("source"),
+            **({"Uncertainty (TTA σ)": r.get("uncertainty")} if "uncertainty" in r else {}),
         }
         for r in s.structures
     ]

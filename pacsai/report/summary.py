@@ -407,6 +407,11 @@ def _summarize(data: PatientData, params: ReportParameters, *, pacs_url: str) ->
         params=params, table=table,
     )
     reasons += main.reasons
+    for row in main.structures:  # model uncertainty per structure (None: not measurable, never a false 0)
+        u = data.uncertainty.get(row["name"])
+        if u is not None:
+            row["uncertainty"] = u.get("mean_sigma")
+            row["uncertainty_region_cc"] = u.get("region_cc")
     if from_model:
         source_masks = {k: v for k, v in main.masks.items() if k not in DERIVED}
         reasons += gate.fragmentation_reasons(source_masks)
