@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import statistics
@@ -153,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         except subprocess.TimeoutExpired:
             os.killpg(watch.pid, signal.SIGKILL)
         server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     load_end = load_average()
     everything = [r["latency_s"] for phase in results.values() for r in phase]
     per_phase = {k: {"p50_s": _percentile([r["latency_s"] for r in v], 50),

@@ -293,12 +293,15 @@ def test_sigkill_mid_report_then_restart_reports_exactly_once(clean_orthanc, tmp
     _wait("the report to start", lambda: (_rows(watch.state).get(uid) or {}).get("status") == "running", 60,
           watch.proc, watch.log)
     time.sleep(4)  # inside the report: the kernel is running
-    jobs = subprocess.run(["pgrep", "-f", "pacsai.watch.job"], capture_output=True, text=True).stdout.split()
+    import psutil
+
+    jobs = psutil.Process(watch.proc.pid).children()
+    assert jobs, "no report process under the watch"
     watch.proc.send_signal(signal.SIGKILL)
     watch.proc.wait()
     # the report process dies with the watch (no orphan pushing behind the next watch's back)
-    _wait("the orphaned report to end", lambda: not any(Path(f"/proc/{pid}").exists() and
-          "pacsai.watch.job" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace") for pid in jobs), 60)
+    _wait("the orphaned report to end", lambda: not any(
+        j.is_running() and j.status() != psutil.STATUS_ZOMBIE for j in jobs), 60)
     assert _rows(watch.state)[uid]["status"] == "running"
     again = Watch(tmp_path, server.url, _env(server), "--rules", rules, "--stable-seconds", "2", name="again")
     try:

@@ -42,11 +42,67 @@ log = logging.getLogger("pacsai.watch")
 STAGING_DIR = ".watch-staging"
 
 
+class _Child:
+    """A forked report process: the part of ``subprocess.Popen`` the loop uses."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while self.poll() is None:
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"report process {self.pid}", timeout)
+            time.sleep(0.1)
+        return int(self.returncode or 0)
+
+
+def _fork_job(spec_path: Path, result_path: Path, log_path: Path) -> _Child:
+    """Fork a report process (module docstring of :mod:`pacsai.watch.job`); its output goes to ``log_path``."""
+    from pacsai.watch import job
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return _Child(pid)
+    code = 1
+    try:  # the child: never returns into the watch's loop
+        job.prepare_child()
+        fd = os.open(str(log_path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        logging.getLogger("pacsai.watch").handlers.clear()
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s",
+                            stream=sys.stderr, force=True)
+        code = job.execute(spec_path, result_path)
+    except BaseException:  # noqa: BLE001 (the child must end here, whatever happened)
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 @dataclass
 class _Running:
     study_uid: str
     key: str
-    process: subprocess.Popen
+    process: _Child
     result_path: Path
     started: float
     fingerprint: tuple[int, str]
@@ -107,6 +163,9 @@ class Watcher:
     # -- the loop ----------------------------------------------------------------------------------------------
     def run(self) -> int:
         """Watch until stopped (or, with ``once``, until everything noticed now is handled); returns 0."""
+        # Imported once here, so that every forked report starts with them loaded (seconds per report).
+        import pacsai.report.run  # noqa: F401
+        import pacsai.report.params  # noqa: F401
         recovered = self.state.recover()
         if recovered:
             log.warning("%d report(s) interrupted by an earlier stop or crash will run again", recovered)
@@ -240,12 +299,7 @@ class Watcher:
         fd = os.open(str(spec_path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it names the patient
         with os.fdopen(fd, "w") as fh:
             json.dump(spec, fh)
-        log_path = work / f"{row.key}.log"
-        with open(log_path, "wb") as job_log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "pacsai.watch.job", str(spec_path), str(result_path)],
-                stdout=job_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-            )
+        process = _fork_job(spec_path, result_path, work / f"{row.key}.log")
         now = time.time()
         self.state.update(row.study_uid, status="running", started=now, attempts=attempts + 1, trigger=trigger,
                           n_instances=fp[0], sop_hash=fp[1], patient_id=patient_id)
