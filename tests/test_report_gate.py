@@ -137,9 +137,14 @@ def test_uncertainty_of_an_empty_mask_is_never_zero():
     hesitant[10:20, 10:20, 10:20] = 0.2  # the model hesitated here but drew nothing
     u = summarize_uncertainty(empty, hesitant)
     assert u["mean_sigma"] == pytest.approx(0.2) and u["hesitant_cc"] == pytest.approx(10.0)
-    reasons = gate.uncertainty_reasons({"GTV": u})
+    # gated against what the model showed on held-out cases: 0.2 > 1.5 × 0.08 → review; 0.2 < 1.5 × 0.2 → nothing
+    reasons = gate.uncertainty_reasons({"GTV": u}, calibration={"GTV": {"max": 0.08}})
     assert [(r.code, r.level) for r in reasons] == [("HIGH_UNCERTAINTY", "review")]
-    assert "drew nothing" in reasons[0].message
+    assert "drew nothing" in reasons[0].message and reasons[0].values["limit"] == pytest.approx(0.12)
+    assert gate.uncertainty_reasons({"GTV": u}, calibration={"GTV": {"max": 0.2}}) == []
+    # no calibration: shown as a note, not gated (a flip-TTA spread is high on every asymmetric organ)
+    (note,) = gate.uncertainty_reasons({"GTV": u})
+    assert (note.code, note.level) == ("UNCERTAINTY_UNCALIBRATED", "note")
     # a confident, present mask: σ 0.01 inside, a 0.06 rim of 1 000 voxels → mean over both
     mask = box((10, 10, 10), (20, 20, 20))
     sigma = np.where(mask, 0.01, 0.0).astype(np.float32)

@@ -415,7 +415,7 @@ def _summarize(data: PatientData, params: ReportParameters, *, pacs_url: str) ->
     if from_model:
         source_masks = {k: v for k, v in main.masks.items() if k not in DERIVED}
         reasons += gate.fragmentation_reasons(source_masks)
-        reasons += gate.uncertainty_reasons(data.uncertainty)
+        reasons += gate.uncertainty_reasons(data.uncertainty, calibration=data.model_domain.get("uncertainty"))
         if data.model_domain:
             from pacsai.domain import check_volumes, structure_volumes
 

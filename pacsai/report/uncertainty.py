@@ -9,6 +9,11 @@ augmented predictions disagree, σ ≥ :data:`HESITANT_SIGMA` (0.05: the passes 
 The figure is the mean σ over that region. A present structure is measured over its mask and its hesitant rim; an
 empty one over the voxels where the model hesitated to draw it. An empty mask with no hesitant voxel at all has no
 region: its uncertainty is ``None`` (not measurable), never 0, and the gate reports the empty structure itself.
+
+The figure is gated relative to the same model's held-out cases (``domain["uncertainty"][structure]["max"]``,
+:func:`pacsai.report.gate.uncertainty_reasons`): the spread of flip TTA depends on the model as much as on the
+case (a network not trained flip-invariant spreads on every asymmetric organ), so an absolute limit would flag
+good contours.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from pacsai.imaging.geometry import voxel_volume_cc
 
 #: σ at or above which the augmented predictions are taken to disagree (probability units).
 HESITANT_SIGMA = 0.05
-#: Mean σ over the candidate region above which a contour needs review.
+#: Floor of the review limit on the mean σ over the candidate region; the limit itself is relative to what the
+#: model showed on held-out cases (pacsai.report.gate.uncertainty_reasons).
 HIGH_UNCERTAINTY = 0.1
 
 
