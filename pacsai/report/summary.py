@@ -141,6 +141,8 @@ def _constraint_line(c: Mapping[str, Any]) -> str:
     if c.get("status") == "review":
         text += f": model {c.get('model_status')}, reference {c.get('reference_status')} " \
                 f"({_num(c.get('reference_value'))} {unit})"
+    elif c.get("reference_status") == c.get("status"):
+        text += f"; the reference contours agree ({_num(c.get('reference_value'))} {unit})"
     return text
 
 
