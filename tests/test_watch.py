@@ -448,3 +448,30 @@ def test_failing_report_is_retried_with_backoff_then_given_up_with_its_reason(tm
         assert _outputs(pacs, uid) == {}
     finally:
         assert watch.stop() == 0
+
+
+def test_qido_polling_with_a_baseline(clean_orthanc, tmp_path):
+    """QIDO polling (any DICOMweb PACS; here Orthanc with qido_filters, which selects that mode): a study in the
+    PACS before the first start is recorded, not reported; a study pushed while watch runs is reported."""
+    from pacsai.pacs import connect
+
+    server = clean_orthanc
+    pacs = connect(server.url, user=server.user, password=server.password, cache_dir=tmp_path / "c", retries=1)
+    patient = _patient(41)
+    assert pacs.store([*patient.prior_ct, patient.prior_rtstruct], progress=False).ok
+    rules = _write_rules(tmp_path / "r.yaml", qido_filters={"PatientID": patient.patient_id})
+    watch = Watch(tmp_path, server.url, _env(server), "--rules", str(rules), "--stable-seconds", "2")
+    try:
+        assert "mode qido-poll" in watch.log.read_text()
+        assert pacs.store([*patient.ct, patient.rtstruct, patient.rtplan, patient.rtdose], progress=False).ok
+        uid = str(patient.ct[0].StudyInstanceUID)
+        row = watch.wait_done(uid)
+        assert row["runs"] == 1 and row["n_instances"] == len(patient.ct) + 3
+        time.sleep(4)  # its own outputs raise the study's instance count: seen, fingerprinted, not reported again
+        rows = _rows(watch.state)
+        assert rows[uid]["runs"] == 1 and rows[uid]["status"] == "done"
+        prior = rows[str(patient.prior_ct[0].StudyInstanceUID)]
+        assert prior["status"] == "ignored" and "before the first start" in prior["reason"]
+        assert _outputs(pacs, uid).get(PDF_SERIES) == 1
+    finally:
+        assert watch.stop() == 0
