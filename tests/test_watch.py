@@ -214,6 +214,7 @@ def test_orthanc_study_in_two_halves_and_non_matching(clean_orthanc, tmp_path):
         first, second = patient.ct[: len(patient.ct) // 2], patient.ct[len(patient.ct) // 2:]
         assert pacs.store(first, progress=False).ok
         time.sleep(GAP_S)
+        assert "health: mode orthanc-changes, PACS ok" in watch.log.read_text()  # every --health-seconds
         rest = [*second, patient.rtstruct, patient.rtplan, patient.rtdose, *patient.prior_ct, patient.prior_rtstruct]
         assert pacs.store(rest, progress=False).ok
         second_half_at = time.time()
@@ -306,10 +307,13 @@ def test_sigkill_mid_report_then_restart_reports_exactly_once(clean_orthanc, tmp
     again = Watch(tmp_path, server.url, _env(server), "--rules", rules, "--stable-seconds", "2", name="again")
     try:
         assert "interrupted by an earlier stop or crash will run again" in again.log.read_text()
-        row = again.wait_done(uid)
-        time.sleep(3)
+        _wait("the report to run again", lambda: _rows(again.state)[uid]["status"] == "running", 60, again.proc,
+              again.log)
+        # one SIGTERM: the running report finishes, then the watch exits 0
+        again.proc.send_signal(signal.SIGTERM)
+        assert again.proc.wait(timeout=150) == 0
         row = _rows(again.state)[uid]
-        assert row["runs"] == 1 and row["attempts"] == 2 and row["status"] == "done"
+        assert row["runs"] == 1 and row["attempts"] == 2 and row["status"] in ("done", "waiting")
         outputs = _outputs(pacs, uid)
         assert outputs.get(PDF_SERIES) == 1 and all(n == 1 for n in outputs.values())
         reports = list((tmp_path / "reports").glob("*/*/metrics.json"))
@@ -475,3 +479,26 @@ def test_qido_polling_with_a_baseline(clean_orthanc, tmp_path):
         assert _outputs(pacs, uid).get(PDF_SERIES) == 1
     finally:
         assert watch.stop() == 0
+
+
+def test_once_with_backfill_reports_what_is_there_and_exits(tmp_path):
+    """``--once`` with ``backfill: true`` (cron): the studies already in the store are reported, then it exits 0;
+    a second ``--once`` finds nothing new and reports nothing again."""
+    from pacsai.pacs import connect
+
+    url = f"file://{tmp_path / 'pacs'}"
+    pacs = connect(url, cache_dir=tmp_path / "c")
+    patient = _patient(42)
+    assert pacs.store(list(patient.datasets()), progress=False).ok
+    rules = _write_rules(tmp_path / "r.yaml", backfill=True)
+    args = ["-m", "pacsai", "watch", "--pacs", url, "--rules", str(rules), "--once", "--stable-seconds", "0",
+            "--state", str(tmp_path / "state.sqlite"), "--out", str(tmp_path / "reports")]
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, *args], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                              timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _rows(tmp_path / "state.sqlite")
+    uid = str(patient.ct[0].StudyInstanceUID)
+    assert rows[uid]["status"] == "done" and rows[uid]["runs"] == 1
+    assert rows[str(patient.prior_ct[0].StudyInstanceUID)]["status"] == "ignored"
+    assert _outputs(pacs, uid).get(PDF_SERIES) == 1
