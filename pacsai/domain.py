@@ -288,8 +288,41 @@ def check_volumes(domain: Mapping[str, Any], volumes_cc: Mapping[str, float]) ->
     return reasons
 
 
+def uncertainty_domain(cases: Sequence[Mapping[str, Mapping[str, Any]]]) -> dict[str, dict[str, float]]:
+    """The model's own uncertainty on held-out cases, per structure: what the report's gate compares with.
+
+    Parameters
+    ----------
+    cases
+        One mapping per held-out case: ``{structure: pacsai.report.uncertainty.summarize_uncertainty(mask, σ)}``
+        (the same figure the report computes). Store the result as ``domain["uncertainty"]``.
+
+    Returns
+    -------
+    dict
+        ``{structure: {"median": float, "max": float, "n": int}}`` of the measurable figures (empty regions
+        skipped); the gate reviews a structure whose uncertainty exceeds 1.5 × ``max``.
+    """
+    out: dict[str, dict[str, float]] = {}
+    names = sorted({name for case in cases for name in case})
+    for name in names:
+        values = [float(case[name]["mean_sigma"]) for case in cases
+                  if name in case and case[name].get("mean_sigma") is not None]
+        if values:
+            out[name] = {"median": round(float(np.median(values)), 4), "max": round(max(values), 4),
+                         "n": len(values)}
+    return out
+
+
 def _fmt(values: Sequence[float]) -> str:
     return " × ".join(f"{float(v):.3g}" for v in values)
 
 
-__all__ = ["check_input", "check_volumes", "image_stats", "structure_volumes", "training_domain"]
+__all__ = [
+    "check_input",
+    "check_volumes",
+    "image_stats",
+    "structure_volumes",
+    "training_domain",
+    "uncertainty_domain",
+]

@@ -238,3 +238,17 @@ def test_a_scan_much_shorter_than_the_training_scans_is_a_review():
     (reason,) = check_input(domain, image_stats(phantom(3)))
     assert (reason.code, reason.level) == ("DOMAIN_SCAN_LENGTH", "review")
     assert reason.values == {"scan_length_mm": 12.0, "trained_min_mm": 80.0}
+
+
+def test_uncertainty_domain_is_what_the_gate_compares_with():
+    """Held-out σ per structure → median/max; the gate then reviews only a case beyond 1.5 × the max."""
+    from pacsai.domain import uncertainty_domain
+
+    cases = [{"SpinalCord": {"mean_sigma": 0.40}, "GTV": {"mean_sigma": None}},
+             {"SpinalCord": {"mean_sigma": 0.46}, "GTV": {"mean_sigma": 0.2}}]
+    domain = uncertainty_domain(cases)
+    assert domain == {"GTV": {"median": 0.2, "max": 0.2, "n": 1},
+                      "SpinalCord": {"median": 0.43, "max": 0.46, "n": 2}}
+    assert gate.uncertainty_reasons({"SpinalCord": {"mean_sigma": 0.45}}, calibration=domain) == []
+    (reason,) = gate.uncertainty_reasons({"GTV": {"mean_sigma": 0.35}}, calibration=domain)
+    assert reason.code == "HIGH_UNCERTAINTY" and reason.values["held_out_max"] == 0.2
