@@ -65,8 +65,12 @@ class _Child:
         return int(self.returncode or 0)
 
 
-def _fork_job(spec_path: Path, result_path: Path, log_path: Path) -> _Child:
-    """Fork a report process (module docstring of :mod:`pacsai.watch.job`); its output goes to ``log_path``."""
+def _fork_job(spec_path: Path, result_path: Path, log_path: Path, *, close: tuple[int, ...] = ()) -> _Child:
+    """Fork a report process (module docstring of :mod:`pacsai.watch.job`); its output goes to ``log_path``.
+
+    ``close``: the watch's descriptors the report must not keep open (the state file's lock: a report outliving a
+    killed watch for a moment must not keep the next watch from starting).
+    """
     from pacsai.watch import job
 
     sys.stdout.flush()
@@ -76,6 +80,8 @@ def _fork_job(spec_path: Path, result_path: Path, log_path: Path) -> _Child:
         return _Child(pid)
     code = 1
     try:  # the child: never returns into the watch's loop
+        for fd in close:
+            os.close(fd)
         job.prepare_child()
         fd = os.open(str(log_path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.dup2(fd, 1)
@@ -299,7 +305,7 @@ class Watcher:
         fd = os.open(str(spec_path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it names the patient
         with os.fdopen(fd, "w") as fh:
             json.dump(spec, fh)
-        process = _fork_job(spec_path, result_path, work / f"{row.key}.log")
+        process = _fork_job(spec_path, result_path, work / f"{row.key}.log", close=self.state.lock_fds)
         now = time.time()
         self.state.update(row.study_uid, status="running", started=now, attempts=attempts + 1, trigger=trigger,
                           n_instances=fp[0], sop_hash=fp[1], patient_id=patient_id)

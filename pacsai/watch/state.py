@@ -122,6 +122,11 @@ class WatchState:
             ) from err
         self._lock_fd = fd
 
+    @property
+    def lock_fds(self) -> tuple[int, ...]:
+        """The descriptor holding the watch lock (none before :meth:`lock`)."""
+        return () if self._lock_fd is None else (self._lock_fd,)
+
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         self._conn.execute("BEGIN IMMEDIATE")
