@@ -68,7 +68,7 @@ def image_stats(
     -------
     dict
         ``modality``; ``spacing_mm`` and ``fov_mm`` (x, y, z); ``shape_zyx``; ``body_extent_mm`` (x, y, z) of the
-        body's bounding box; ``hu`` quantiles inside the body; ``tissue_fractions`` of the body (air, lung, fat,
+        body (in-plane: 1st–99th percentile of its voxels, so a couch does not count; z: its slices); ``hu`` quantiles inside the body; ``tissue_fractions`` of the body (air, lung, fat,
         soft, bone); ``thoracic_share``: the share of body slices that hold aerated lung
         (≥ :data:`THORACIC_SLICE_LUNG` of their body area).
     """
@@ -87,10 +87,13 @@ def image_stats(
     if not body.any():
         out.update(body_extent_mm=[0.0, 0.0, 0.0], hu={}, tissue_fractions={}, thoracic_share=0.0)
         return out
-    zz, yy, xx = (np.flatnonzero(body.any(axis=a)) for a in ((1, 2), (0, 2), (0, 1)))
+    zz = np.flatnonzero(body.any(axis=(1, 2)))
+    # In-plane size from the 1st–99th percentile of the body's voxel columns/rows: a couch or a thin strap that
+    # touches the patient joins the body component but holds too few voxels to move the percentiles.
+    counts_x, counts_y = body.sum(axis=(0, 1)), body.sum(axis=(0, 2))
     extent = [
-        (xx[-1] - xx[0] + 1) * step * spacing[0],
-        (yy[-1] - yy[0] + 1) * step * spacing[1],
+        _spread(counts_x) * step * spacing[0],
+        _spread(counts_y) * step * spacing[1],
         (zz[-1] - zz[0] + 1) * spacing[2],
     ]
     inside = hu[body]
@@ -107,6 +110,12 @@ def image_stats(
         thoracic_share=round(share, 4),
     )
     return out
+
+
+def _spread(counts: np.ndarray) -> int:
+    """Number of positions between the 1st and the 99th percentile of a voxel-count profile (inclusive)."""
+    cdf = np.cumsum(counts) / counts.sum()
+    return int(np.searchsorted(cdf, 0.99) - np.searchsorted(cdf, 0.01) + 1)
 
 
 def structure_volumes(masks: Mapping[str, xr.DataArray]) -> dict[str, float]:

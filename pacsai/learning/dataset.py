@@ -46,7 +46,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # bump when the preprocessing code changes what it writes
+CACHE_VERSION = 3  # bump when the preprocessing code changes what it writes
 
 
 @dataclass(frozen=True)
