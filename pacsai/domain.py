@@ -68,8 +68,9 @@ def image_stats(
     -------
     dict
         ``modality``; ``spacing_mm`` and ``fov_mm`` (x, y, z); ``shape_zyx``; ``body_extent_mm`` (x, y, z) of the
-        body (in-plane: 1st–99th percentile of its voxels, so a couch does not count; z: its slices); ``hu`` quantiles inside the body; ``tissue_fractions`` of the body (air, lung, fat,
-        soft, bone); ``thoracic_share``: the share of body slices that hold aerated lung
+        body (in-plane from the 1st–99th percentile of its voxels, so a couch does not count; z: its slices);
+        ``hu`` quantiles inside the body; ``tissue_fractions`` of the body (air, lung, fat, soft, bone);
+        ``thoracic_share``: the share of body slices that hold aerated lung
         (≥ :data:`THORACIC_SLICE_LUNG` of their body area).
     """
     spacing = np.asarray(spacing_of(volume), float)  # (x, y, z)
