@@ -216,7 +216,7 @@ def test_cohort_reports_one_failure_does_not_stop_the_rest(tmp_path):
 
 
 def test_report_from_pacs_structures_never_imports_torch(store, patient):
-    """DESIGN.md: a report whose structures come from the PACS does not import torch/monai."""
+    """A report whose structures come from the PACS does not import torch/monai."""
     _, root = store
     code = (
         "import sys; from pacsai.pacs import connect; from pacsai.report.params import validate_parameters; "

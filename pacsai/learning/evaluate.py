@@ -1,6 +1,7 @@
 """Contour agreement in mm on the true grid, and what a contour difference does to the plan's dose numbers.
 
-Definitions (DESIGN.md, "Contour agreement"): Dice = 2|A∩B| / (|A| + |B|). The surface of a mask is its voxels
+Definitions (docs/clinical_definitions.md, "Contour agreement"): Dice = 2|A∩B| / (|A| + |B|).
+The surface of a mask is its voxels
 with at least one face-neighbour outside it (6-connectivity; the volume's edge counts as outside). Surface
 distances are Euclidean distances in mm between voxel centres, from each surface voxel of A to the nearest
 surface voxel of B and back, by an exact Euclidean distance transform with the grid's spacing (so anisotropic

@@ -1,8 +1,8 @@
 """Treatment-planning analytics (pure numpy/scipy/xarray; never imports torch).
 
 Structures (volumes, diameters, margins GTV→CTV→PTV, PRVs, distances, overlaps), DVHs and plan quality indices,
-dose constraints as data, BED/EQD2 and response against a prior study. Definitions: DESIGN.md "Clinical
-definitions"; each function's docstring cites the one it implements.
+dose constraints as data, BED/EQD2 and response against a prior study. Definitions:
+docs/clinical_definitions.md; each function's docstring cites the one it implements.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ V20 ≤ 30–35 %: limit 35, goal 30). The unit must match the metric.
 Names are matched tolerantly: case, spaces, ``_``, ``-`` and ``+`` are ignored, and each structure lists its
 aliases.
 
-What a row may state (DESIGN.md "Constraints"): a value and PASS/FAIL only on a total plan dose, on a
+What a row may state (docs/clinical_definitions.md "Constraints"): a value and PASS/FAIL only on a total plan dose, on a
 structure that is present, non-empty and covered by the dose grid, at conventional fractionation or converted
 to EQD2 with the organ's α/β. Otherwise the row's ``status`` says why not, and it counts as not passed
 (``passed`` is False):

@@ -1,6 +1,6 @@
 """Dose-volume histograms, DVH metrics and plan quality indices.
 
-Definitions (DESIGN.md, "Clinical definitions"; ICRU 83 for the notation):
+Definitions (docs/clinical_definitions.md; ICRU 83 for the notation):
 
 * cumulative DVH: V(D) = volume of the structure receiving a dose ≥ D;
 * Dmean, Dmin, Dmax over the structure (Gy); D0.03cc is reported as the near-maximum;
@@ -418,7 +418,7 @@ def dvh(
     resolution: float = 1e-4,
     outside: Outside = "exclude",
 ) -> DVH:
-    """Cumulative DVH of a structure (DESIGN.md "DVH").
+    """Cumulative DVH of a structure (docs/clinical_definitions.md "DVH").
 
     Parameters
     ----------
@@ -519,7 +519,8 @@ def dvh(
 # --------------------------------------------------------------------------------------------- plan quality
 @dataclass(frozen=True)
 class PlanQuality:
-    """Target coverage, homogeneity and conformity of a plan (DESIGN.md; ICRU 83, RTOG, Paddick 2000/2006).
+    """Target coverage, homogeneity and conformity of a plan (docs/clinical_definitions.md; ICRU 83, RTOG,
+    Paddick 2000/2006).
 
     Attributes
     ----------

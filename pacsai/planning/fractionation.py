@@ -1,4 +1,4 @@
-"""Linear-quadratic fractionation: BED and EQD2 (DESIGN.md "Fractionation").
+"""Linear-quadratic fractionation: BED and EQD2 (docs/clinical_definitions.md "Fractionation").
 
 BED = n·d·(1 + d/(α/β)); EQD2 = BED / (1 + 2/(α/β)), with n fractions of d Gy. Typical α/β: 10 Gy for tumours
 and acute effects, 3 Gy for late effects (2 Gy for spinal cord/brain is also used). No repopulation or

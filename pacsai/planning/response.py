@@ -1,7 +1,7 @@
 """Response against the most recent prior study: RECIST 1.1 from masks, like with like, and ΔV% per structure.
 
 RECIST 1.1 as written (Eisenhauer et al. Eur J Cancer 2009;45:228–247), with the choices masks force stated
-here (DESIGN.md "Response"):
+here (docs/clinical_definitions.md "Response"):
 
 * **Like with like.** Prior and current contours must come from the same source (both ``"reference"`` —
   e.g. the planner's RTSTRUCTs — or both ``"model"``), and be trustworthy; otherwise the category is NE with
@@ -187,7 +187,8 @@ def _reason(
 
 # --------------------------------------------------------------------------------------------- rules
 def recist_category(sld_prior_mm: float, sld_now_mm: float, *, new_lesion: bool = False) -> str:
-    """RECIST 1.1 category of the target lesions from the sums of longest diameters (DESIGN.md "Response").
+    """RECIST 1.1 category of the target lesions from the sums of longest diameters
+    (docs/clinical_definitions.md "Response").
 
     Parameters
     ----------

@@ -5,7 +5,7 @@ and ``attrs["affine"]``. Distances are in mm in the patient (LPS) frame and come
 grids are exact; oblique grids are exact wherever the grid axes are orthogonal (EDT-based operations need that,
 and a sheared grid raises :class:`~pacsai.errors.PlanningError`).
 
-Definitions (DESIGN.md, "Clinical definitions"):
+Definitions (docs/clinical_definitions.md):
 
 * **Volume** (cm³) = voxel count × voxel volume, on the mask's own grid (for an RTSTRUCT, the grid it was
   rasterised on — state it in the report).
@@ -171,7 +171,7 @@ def _padded(box: tuple[slice, ...], pad: Sequence[int], shape: Sequence[int]) ->
 
 # --------------------------------------------------------------------------------------------- size/shape
 def volume_cc(mask: xr.DataArray) -> float:
-    """Volume of a structure in cm³ = voxel count × voxel volume (DESIGN.md "Volumes").
+    """Volume of a structure in cm³ = voxel count × voxel volume (docs/clinical_definitions.md "Volumes").
 
     Parameters
     ----------
@@ -247,7 +247,7 @@ def _max_pairwise(points: np.ndarray) -> float:
 
 
 def longest_diameter(mask: xr.DataArray) -> float:
-    """Longest 3D diameter (mm): the maximum distance between surface points (DESIGN.md).
+    """Longest 3D diameter (mm): the maximum distance between surface points (docs/clinical_definitions.md).
 
     The mask is taken as the union of its voxel *cells*, so the candidate points are the voxel corners (of the
     first and last voxel of every grid row, which span the same convex hull as all of them), mapped to LPS mm

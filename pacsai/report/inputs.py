@@ -6,7 +6,8 @@ drew it (:class:`DrawnBy`): the planner's RTSTRUCT (its SeriesDescription and da
 objects are recognised in the retrieved header (:func:`written_by_pacsai`), because QIDO's series search does not
 return the Manufacturer.
 
-Response compares like with like (DESIGN.md "Response"): on the model path the prior study gets the same source as
+Response compares like with like (docs/clinical_definitions.md "Response"):
+on the model path the prior study gets the same source as
 the current one — the planner's contours of both studies where both exist, otherwise the model run on the prior
 too (and the report says which).
 """

@@ -6,7 +6,7 @@ segments) and UIDs derived from everything that shapes it (:func:`output_uid_par
 name/version/run id, the report parameters; plus each object's own content: masks, measurements, the PDF).
 Re-running the same report therefore gives the same UIDs and adds nothing to the PACS, while any change gives new
 UIDs, hence new instances, never a silent discard (Orthanc keeps the old object when a different one arrives under
-a known SOP Instance UID; ``../shared/DICOM-NOTES.md``).
+a known SOP Instance UID; ``docs/dicom_notes.md``).
 
 Series numbers: SEG 900, RTSTRUCT 901, SR 902, PDF 903.
 """
@@ -145,7 +145,7 @@ def build_outputs(
         seg = write_seg(
             masks,
             source=sources,
-            segment_type="BINARY",  # the SR can only reference BINARY segments (DICOM-NOTES.md)
+            segment_type="BINARY",  # the SR can only reference BINARY segments (docs/dicom_notes.md)
             algorithm_name=algorithm_name,
             algorithm_version=algorithm_version,
             series_description="pacsai structures (research use only)",

@@ -1,7 +1,7 @@
 """The report as a DICOM Encapsulated PDF (SOP class 1.2.840.10008.5.1.4.1.1.104.1) in the patient's study.
 
 Neither pydicom nor highdicom writes this IOD, so it is built here from the modules dciodvfy demands
-(``../shared/DICOM-NOTES.md``): Patient, General Study (type 2 attributes present even when empty), Encapsulated
+(``docs/dicom_notes.md``): Patient, General Study (type 2 attributes present even when empty), Encapsulated
 Document Series (Modality ``DOC``), General Equipment, SC Equipment (ConversionType ``WSD``: a workstation made
 it), Encapsulated Document and SOP Common.
 

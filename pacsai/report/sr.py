@@ -1,7 +1,7 @@
 """Planning measurements as a TID 1500 Measurement Report (highdicom Comprehensive 3D SR, …88.34).
 
 One *Volumetric ROI Measurements* group per structure, each pointing at its segment in a **BINARY** DICOM SEG
-(dciodvfy flags ``ReferencedSegmentNumber`` when the SEG is LABELMAP; ``../shared/DICOM-NOTES.md``). The codes
+(dciodvfy flags ``ReferencedSegmentNumber`` when the SEG is LABELMAP; ``docs/dicom_notes.md``). The codes
 are the ones that validate here: Volume (SCT 118565006, ``cm3``), Mean / Maximum Absorbed Radiation Dose (DCM
 128533 / 128531, ``Gy``), Long axis (SCT 103339001, ``mm``); procedure reported LN 25045-6 (CT) or 25056-3 (MR).
 

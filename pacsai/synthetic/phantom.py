@@ -5,7 +5,8 @@ axes along LPS), so the same patient can be rendered on any grid: the planning C
 table position and a slight set-up shift, or a coarse test grid. The HU of every voxel is painted from the masks,
 so the masks are the ground truth of the image by construction. numpy/scipy only.
 
-Conventions (DESIGN.md, :mod:`pacsai.imaging.geometry`): arrays are ``(z, y, x)``; +x is the patient's left,
+Conventions (docs/clinical_definitions.md, :mod:`pacsai.imaging.geometry`):
+arrays are ``(z, y, x)``; +x is the patient's left,
 +y posterior, +z superior (HFS, ImageOrientationPatient ``[1, 0, 0, 0, 1, 0]``).
 """
 
