@@ -304,7 +304,7 @@ def uncertainty_domain(cases: Sequence[Mapping[str, Mapping[str, Any]]]) -> dict
     Parameters
     ----------
     cases
-        One mapping per held-out case: ``{structure: pacsai.report.uncertainty.summarize_uncertainty(mask, σ)}``
+        One mapping per held-out case: ``{structure: summarize_uncertainty(mask, σ)}``
         (the same figure the report computes). Store the result as ``domain["uncertainty"]``.
 
     Returns
@@ -324,15 +324,53 @@ def uncertainty_domain(cases: Sequence[Mapping[str, Mapping[str, Any]]]) -> dict
     return out
 
 
+#: σ at or above which the augmented predictions are taken to disagree (probability units).
+HESITANT_SIGMA = 0.05
+
+
+def summarize_uncertainty(mask: xr.DataArray, sigma: Any) -> dict[str, Any]:
+    """The uncertainty of one structure over its candidate region (see the module docstring).
+
+    Parameters
+    ----------
+    mask
+        The structure's boolean mask.
+    sigma
+        Its TTA standard-deviation map on the same grid (DataArray or array).
+
+    Returns
+    -------
+    dict
+        ``mean_sigma`` (float, or None when the region is empty), ``region_cc`` (cm³ of the candidate region),
+        ``hesitant_cc`` (cm³ outside the mask where σ ≥ the threshold), ``empty_mask`` (bool), ``method``.
+    """
+    inside = np.asarray(mask.values, dtype=bool)
+    values = np.asarray(sigma.values if hasattr(sigma, "values") else sigma, dtype=np.float32)
+    if values.shape != inside.shape:
+        raise ValueError(f"uncertainty map {values.shape} is not on the grid of the mask {inside.shape}")
+    hesitant = values >= HESITANT_SIGMA
+    region = inside | hesitant
+    voxel_cc = voxel_volume_cc(mask)
+    return {
+        "mean_sigma": float(values[region].mean()) if region.any() else None,
+        "region_cc": float(region.sum() * voxel_cc),
+        "hesitant_cc": float((hesitant & ~inside).sum() * voxel_cc),
+        "empty_mask": not bool(inside.any()),
+        "method": f"mean TTA σ over the mask ∪ {{σ ≥ {HESITANT_SIGMA}}}",
+    }
+
+
 def _fmt(values: Sequence[float]) -> str:
     return " × ".join(f"{float(v):.3g}" for v in values)
 
 
 __all__ = [
+    "HESITANT_SIGMA",
     "check_input",
     "check_volumes",
     "image_stats",
     "structure_volumes",
+    "summarize_uncertainty",
     "training_domain",
     "uncertainty_domain",
 ]

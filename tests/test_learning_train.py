@@ -158,6 +158,9 @@ def test_model_is_registered_with_metadata_and_signature(trained):
     # everything segment() and the QA gate need travels with the model
     assert meta["domain"]["n_cases"] == 1 and meta["domain"]["modality"] == "CT"
     assert set(meta["domain"]["structure_volumes_cc"]) == set(STRUCTURES)
+    # the held-out TTA uncertainty the gate compares a report's with (measured, never a made-up 0)
+    unc = meta["domain"]["uncertainty"]
+    assert unc and all(0.0 < v["median"] <= v["max"] and v["n"] >= 1 for v in unc.values())
     assert meta["experiment"]["name"] == "demo-thorax" and "thresholds" in meta["experiment"]["validation"]
     assert meta["postprocess"]["BODY"] == {"fill_holes": True, "largest_component": True, "min_component_cc": 0.0}
     assert meta["network"]["architecture"] == "UNet"

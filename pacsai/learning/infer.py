@@ -28,7 +28,7 @@ from pacsai.errors import TrackingError, VolumeError
 from pacsai.imaging.geometry import affine_of, like, voxel_volume_cc
 from pacsai.learning.dataset import PreprocessSpec, match_structures, preprocess_image, sample
 from pacsai.learning.postprocess import Rule, apply_rule
-from pacsai.learning.train import Head, predict_probabilities
+from pacsai.learning.train import Head, predict_probabilities, tta_probabilities
 
 logger = logging.getLogger(__name__)
 
@@ -177,25 +177,12 @@ def segment(
     image, _ = preprocess_image(volume, loaded.spec)
     device = _device(loaded.net)
     x = image.values[None]
-    probs = predict_probabilities(
-        loaded.net, x, patch_size=loaded.patch_size, device=device, overlap=loaded.overlap, head=loaded.head
-    )
+    kwargs = {"patch_size": loaded.patch_size, "device": device, "overlap": loaded.overlap, "head": loaded.head}
     spread = None
     if return_uncertainty:
-        stack = [probs]
-        for axis in (1, 2):  # (C, z, y, x): flip z, then y
-            flipped = np.flip(x, axis=axis).copy()
-            p = predict_probabilities(
-                loaded.net,
-                flipped,
-                patch_size=loaded.patch_size,
-                device=device,
-                overlap=loaded.overlap,
-                head=loaded.head,
-            )
-            stack.append(np.flip(p, axis=axis))
-        spread = np.std(np.stack(stack), axis=0)
-        probs = np.mean(np.stack(stack), axis=0)
+        probs, spread = tta_probabilities(loaded.net, x, **kwargs)
+    else:
+        probs = predict_probabilities(loaded.net, x, **kwargs)
     src, dst = affine_of(image), affine_of(volume)
     voxel_cc = float(voxel_volume_cc(volume))
     masks: dict[str, xr.DataArray] = {}

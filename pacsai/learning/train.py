@@ -336,6 +336,30 @@ def predict_probabilities(
     return head.probabilities(logits.float())[0].cpu().numpy()
 
 
+def tta_probabilities(
+    net: torch.nn.Module,
+    image: np.ndarray,
+    *,
+    patch_size: Sequence[int],
+    device: torch.device,
+    overlap: float = 0.25,
+    head: Head | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Test-time augmentation: (mean, standard deviation) of the probabilities (C, z, y, x) over the plain
+    prediction and flips along z and y (no left-right flip: the model knows left from right).
+
+    One definition for the report (:func:`pacsai.learning.infer.segment`) and for the held-out uncertainty the
+    model records at training time, so the gate compares like with like.
+    """
+    stack = [predict_probabilities(net, image, patch_size=patch_size, device=device, overlap=overlap, head=head)]
+    for axis in (1, 2):  # (1, z, y, x) image, (C, z, y, x) probabilities: flip z, then y
+        flipped = np.flip(image, axis=axis).copy()
+        p = predict_probabilities(net, flipped, patch_size=patch_size, device=device, overlap=overlap, head=head)
+        stack.append(np.flip(p, axis=axis))
+    arr = np.stack(stack)
+    return arr.mean(axis=0), arr.std(axis=0)
+
+
 def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     # AMP only on CUDA: CPU autocast (bfloat16) is slower than float32 on most CPUs and changes results
     if device.type == "cuda":
@@ -538,6 +562,38 @@ def load_checkpoint(path: str | Path, device: torch.device) -> dict[str, Any]:
         raise ConfigError(
             f"checkpoint {path} cannot be read safely ({err}); only checkpoints written by pacsai are accepted"
         ) from err
+
+
+def held_out_uncertainty(
+    net: torch.nn.Module,
+    cases: Sequence[Case],
+    *,
+    spec: PreprocessSpec,
+    head: Head,
+    rules: Mapping[str, Rule],
+    patch_size: Sequence[int],
+    overlap: float,
+    device: torch.device,
+) -> dict[str, dict[str, float]]:
+    """The model's TTA uncertainty per structure on held-out cases (:func:`pacsai.domain.uncertainty_domain`):
+    what the report's gate calls high for this model (a fixed limit would flag every good asymmetric organ of a
+    network not trained flip-invariant)."""
+    from pacsai.domain import summarize_uncertainty, uncertainty_domain
+    from pacsai.imaging.geometry import make_volume
+
+    net.eval()
+    voxel_cc = float(np.prod(spec.spacing_mm)) / 1000.0
+    per_case = []
+    for case in cases:
+        mean, std = tta_probabilities(
+            net, case.image, patch_size=patch_size, device=device, overlap=overlap, head=head
+        )
+        masks = apply_rules({s: mean[k] >= 0.5 for k, s in enumerate(spec.structures)}, rules, voxel_cc=voxel_cc)
+        per_case.append({
+            s: summarize_uncertainty(make_volume(np.asarray(masks[s]), case.affine), std[k])
+            for k, s in enumerate(spec.structures)
+        })
+    return uncertainty_domain(per_case)
 
 
 def evaluate_cases(
@@ -835,6 +891,16 @@ def register(
     )
     domain = training_domain(
         [c.stats for c in data.train_cases], [c.volumes_cc for c in data.train_cases], body_region="thorax"
+    )
+    domain["uncertainty"] = held_out_uncertainty(
+        net,
+        data.val_cases,
+        spec=data.spec,
+        head=head,
+        rules=rules,
+        patch_size=tcfg["patch_size"],
+        overlap=float(tcfg["overlap"]),
+        device=device,
     )
     mlflow.log_dict(domain, "domain.json")
     name = str(cfg["model"]["name"])

@@ -18,50 +18,12 @@ good contours.
 
 from __future__ import annotations
 
-from typing import Any
+# The figure itself lives with the training domain: training records it on held-out cases with the same code.
+from pacsai.domain import HESITANT_SIGMA, summarize_uncertainty
 
-import numpy as np
-import xarray as xr
-
-from pacsai.imaging.geometry import voxel_volume_cc
-
-#: σ at or above which the augmented predictions are taken to disagree (probability units).
-HESITANT_SIGMA = 0.05
 #: Floor of the review limit on the mean σ over the candidate region; the limit itself is relative to what the
 #: model showed on held-out cases (pacsai.report.gate.uncertainty_reasons).
 HIGH_UNCERTAINTY = 0.1
-
-
-def summarize_uncertainty(mask: xr.DataArray, sigma: Any) -> dict[str, Any]:
-    """The uncertainty of one structure over its candidate region (see the module docstring).
-
-    Parameters
-    ----------
-    mask
-        The structure's boolean mask.
-    sigma
-        Its TTA standard-deviation map on the same grid (DataArray or array).
-
-    Returns
-    -------
-    dict
-        ``mean_sigma`` (float, or None when the region is empty), ``region_cc`` (cm³ of the candidate region),
-        ``hesitant_cc`` (cm³ outside the mask where σ ≥ the threshold), ``empty_mask`` (bool), ``method``.
-    """
-    inside = np.asarray(mask.values, dtype=bool)
-    values = np.asarray(sigma.values if hasattr(sigma, "values") else sigma, dtype=np.float32)
-    if values.shape != inside.shape:
-        raise ValueError(f"uncertainty map {values.shape} is not on the grid of the mask {inside.shape}")
-    hesitant = values >= HESITANT_SIGMA
-    region = inside | hesitant
-    voxel_cc = voxel_volume_cc(mask)
-    return {
-        "mean_sigma": float(values[region].mean()) if region.any() else None,
-        "region_cc": float(region.sum() * voxel_cc),
-        "hesitant_cc": float((hesitant & ~inside).sum() * voxel_cc),
-        "empty_mask": not bool(inside.any()),
-        "method": f"mean TTA σ over the mask ∪ {{σ ≥ {HESITANT_SIGMA}}}",
-    }
 
 
 __all__ = ["HESITANT_SIGMA", "HIGH_UNCERTAINTY", "summarize_uncertainty"]
