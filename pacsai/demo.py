@@ -7,6 +7,7 @@ not trained again (``--retrain`` forces it), and re-pushing the same report adds
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -101,9 +102,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"Report:        {report.html}")
     print(f"               {report.pdf or '(no PDF: install chromium)'}")
     print(f"Metrics:       {report.metrics}")
+    qa = json.loads(Path(report.metrics).read_text()).get("qa") or {}
+    reasons = [r for r in qa.get("reasons", []) if r.get("level") != "note"]
+    print(f"QA gate:       {qa.get('status', '?')}" + "".join(f"\n               - {r['message']}" for r in reasons))
     if report.pushed:
         print(f"Back in PACS:  {len(report.pushed['objects'])} objects in {pacs.url} "
               f"({len(report.pushed['stored'])} new)")
+        if report.pushed.get("withheld"):
+            print(f"               withheld: {', '.join(report.pushed['withheld'])} "
+                  f"({report.pushed.get('withheld_reason', '')})")
     print(f"MLflow run:    {report.mlflow_run_id}  (store {tracking.tracking_uri()})")
     print("Open the MLflow UI:  .venv/bin/pacsai ui          → http://127.0.0.1:5000")
     print("Open JupyterLab:     .venv/bin/jupyter lab notebooks/01_explore_pacs.ipynb")

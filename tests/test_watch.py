@@ -26,7 +26,7 @@ from pacsai.watch.state import open_state, redact
 SHAPE = (40, 128, 128)
 SPACING = (3.2, 3.2, 4.0)  # the smallest thorax the generator accepts: a report in seconds
 PDF_SERIES, SR_SERIES = 903, 902
-GAP_S = 10  # between the two halves of a study
+GAP_S = 20  # between the two halves of a study (as the issue asks)
 
 
 # ---------------------------------------------------------------------------------------------------- rules
@@ -264,7 +264,7 @@ def test_orthanc_outage_watch_keeps_running_and_catches_up(tmp_path):
         handled = _rows(watch.state)[prior_uid]
         assert pacs.store([*patient.ct, patient.rtstruct, patient.rtplan, patient.rtdose], progress=False).ok
         server.stop()
-        time.sleep(8)
+        time.sleep(30)  # a 30 s outage, as the issue asks
         assert watch.proc.poll() is None
         assert "the PACS is unreachable" in watch.log.read_text()
         server = start_orthanc(tmp_path / "orthanc", port=port, user="pacsai", password="outage-pw")
