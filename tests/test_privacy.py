@@ -235,9 +235,9 @@ def side_store(tmp_path_factory) -> Path:
 
 
 def _track_again(world: World, tmp_path: Path, monkeypatch, **env: str):
-    """The report's MLflow logging (pacsai.report.run._track) once more, into ``tmp_path``/mlruns, with ``env``."""
+    """The report's MLflow logging (pacsai.report.track.track_report) once more, into ``tmp_path``/mlruns, with ``env``."""
     from pacsai.report.params import validate_parameters
-    from pacsai.report.run import _track
+    from pacsai.report.track import track_report as _track
 
     for k, v in {"PACSAI_MLFLOW_URI": f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}", **env}.items():
         monkeypatch.setenv(k, v)

@@ -14,10 +14,11 @@ import numpy as np
 
 from pacsai.pacs.credentials import credentials_out_of_url
 
-from pacsai.errors import PacsaiError, ReportError
+from pacsai.errors import ReportError
 from pacsai.report import render
 from pacsai.report.params import ReportParameters
 from pacsai.report.summary import MASKS_FILE, METRICS_FILE
+from pacsai.report.track import track_report
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def _run_report(
     pushed: dict[str, Any] = {}
     if push:
         pushed = push_results(params, staging, metrics, pdf_path, push_anyway=push_anyway)
-    run_id = _track(params, staging, metrics, pdf_path) if track else None
+    run_id = track_report(params, staging, metrics, pdf_path) if track else None
     return ReportResult(
         patient_id=params.patient_id,
         out_dir=staging,
@@ -215,53 +216,3 @@ def push_results(
     if summary.failed:
         raise ReportError(f"pushing the report's DICOM objects failed for: {summary.failed}")
     return result
-
-
-def _track(params: ReportParameters, folder: Path, metrics: dict[str, Any], pdf_path: Path | None) -> str | None:
-    """Log a ``pacsai.kind=report`` run: parameters, key metrics, a pseudonymised metrics.json.
-
-    The HTML/PDF name the patient, so they are logged only when the user allows identifiers (PACSAI_LOG_PHI).
-    """
-    import mlflow
-
-    from pacsai import tracking
-    from pacsai.config import load_settings
-
-    settings = load_settings()
-    try:
-        key = tracking.pseudonym_key(settings=settings)
-        label = params.patient_id if settings.log_phi else tracking.pseudonymize(params.patient_id, key)
-        logged = json.loads(json.dumps(metrics).replace(json.dumps(params.patient_id)[1:-1], label))
-        run_params = {k: v for k, v in params.model_dump(mode="json").items() if k not in ("patient_id", "pacs_url")}
-        run_params["patient"] = label
-        model = (metrics.get("provenance") or {}).get("model") or {}
-        tags = {"pacsai.patient": label, "pacsai.qa_status": str((metrics.get("qa") or {}).get("status"))}
-        if model:
-            tags.update({"pacsai.model_name": str(model.get("name")), "pacsai.model_version": str(model.get("version")),
-                         "pacsai.model_run_id": str(model.get("run_id"))})
-        with tracking.start_run("report", experiment="pacsai-reports", params=run_params, tags=tags,
-                                settings=settings) as ctx:
-            values = {}
-            for name, row in (metrics.get("dvh") or {}).items():
-                safe = "".join(c if c.isalnum() else "_" for c in name)
-                for k in ("mean_gy", "max_gy", "d95_gy"):
-                    if isinstance(row.get(k), (int, float)):
-                        values[f"{safe}_{k}"] = float(row[k])
-            for row in metrics.get("structures") or []:
-                if row.get("volume_cc") is None:
-                    continue
-                safe = "".join(c if c.isalnum() else "_" for c in row["name"])
-                values[f"{safe}_volume_cc"] = float(row["volume_cc"])
-            values["qa_fail"] = float((metrics.get("qa") or {}).get("status") == "FAIL")
-            values["qa_review"] = float((metrics.get("qa") or {}).get("status") == "REVIEW")
-            if values:
-                mlflow.log_metrics(values)
-            mlflow.log_dict(logged, "report/metrics.json")
-            if settings.log_phi:
-                for path in (folder / "report.html", pdf_path):
-                    if path is not None and path.is_file():
-                        mlflow.log_artifact(str(path), artifact_path="report")
-            return ctx.run_id
-    except PacsaiError as err:
-        log.warning("report not tracked in MLflow: %s", err)
-        return None
