@@ -26,18 +26,20 @@ _LAZY = {
     "resample": ("pacsai.imaging", "resample"),
 }
 
+
 if TYPE_CHECKING:  # pragma: no cover
-    from pacsai.config import Settings, load_settings
-    from pacsai.imaging import (
-        read_dose,
-        read_rtstruct,
-        read_seg,
-        read_series,
-        resample,
-        write_rtstruct,
-        write_seg,
-    )
-    from pacsai.pacs import Pacs, connect
+    # Re-exported for type checkers (``import x as x``); at run time :func:`__getattr__` imports them lazily.
+    from pacsai.config import Settings as Settings
+    from pacsai.config import load_settings as load_settings
+    from pacsai.imaging import read_dose as read_dose
+    from pacsai.imaging import read_rtstruct as read_rtstruct
+    from pacsai.imaging import read_seg as read_seg
+    from pacsai.imaging import read_series as read_series
+    from pacsai.imaging import resample as resample
+    from pacsai.imaging import write_rtstruct as write_rtstruct
+    from pacsai.imaging import write_seg as write_seg
+    from pacsai.pacs import Pacs as Pacs
+    from pacsai.pacs import connect as connect
 
 
 def __getattr__(name: str) -> Any:

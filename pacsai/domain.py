@@ -83,7 +83,7 @@ def image_stats(
         "modality": str(modality).upper(),
         "spacing_mm": [round(float(s), 4) for s in spacing],
         "shape_zyx": [int(nz), int(ny), int(nx)],
-        "fov_mm": [round(float(n * s), 1) for n, s in zip((nx, ny, nz), spacing)],
+        "fov_mm": [round(float(n * s), 1) for n, s in zip((nx, ny, nz), spacing, strict=True)],
     }
     if not body.any():
         out.update(body_extent_mm=[0.0, 0.0, 0.0], hu={}, tissue_fractions={}, thoracic_share=0.0)
@@ -106,7 +106,7 @@ def image_stats(
     share = float(np.mean(lung.sum(axis=(1, 2))[slices] / area[slices] >= THORACIC_SLICE_LUNG))
     out.update(
         body_extent_mm=[round(float(e), 1) for e in extent],
-        hu={f"p{q:02d}": round(float(v), 1) for q, v in zip(QUANTILES, qs)},
+        hu={f"p{q:02d}": round(float(v), 1) for q, v in zip(QUANTILES, qs, strict=True)},
         tissue_fractions={k: round(v, 4) for k, v in fractions.items()},
         thoracic_share=round(share, 4),
     )
@@ -219,7 +219,7 @@ def check_input(domain: Mapping[str, Any], stats: Mapping[str, Any]) -> list[Rea
     spacing = stats.get("spacing_mm") or []
     trained_spacing = (domain.get("spacing_mm") or {}).get("max")
     if spacing and trained_spacing:
-        coarse = [a for a, s, t in zip("xyz", spacing, trained_spacing) if s > t * SIZE_TOLERANCE]
+        coarse = [a for a, s, t in zip("xyz", spacing, trained_spacing, strict=True) if s > t * SIZE_TOLERANCE]
         if coarse:
             reasons.append(Reason(
                 "DOMAIN_SPACING", "review",
@@ -232,7 +232,7 @@ def check_input(domain: Mapping[str, Any], stats: Mapping[str, Any]) -> list[Rea
         if not value or not rng:
             continue
         out = [
-            a for a, v, lo, hi in zip("xyz", value, rng["min"], rng["max"])
+            a for a, v, lo, hi in zip("xyz", value, rng["min"], rng["max"], strict=True)
             if a != "z" and (v < lo / SIZE_TOLERANCE or v > hi * SIZE_TOLERANCE)  # z: any scan length is fine
         ]
         if out:
@@ -259,7 +259,8 @@ def check_input(domain: Mapping[str, Any], stats: Mapping[str, Any]) -> list[Rea
         reasons.append(Reason(
             "DOMAIN_HU", "review",
             "HU distribution inside the body unlike the training images: "
-            + ", ".join(f"{q} {v:.0f} HU (training {trained_hu[q][0]:.0f}…{trained_hu[q][1]:.0f})" for q, v in off.items()),
+            + ", ".join(f"{q} {v:.0f} HU (training {trained_hu[q][0]:.0f}…{trained_hu[q][1]:.0f})"
+                        for q, v in off.items()),
             values={"hu": dict(off), "trained": {q: trained_hu[q] for q in off}},
         ))
     fr, trained_fr = stats.get("tissue_fractions") or {}, domain.get("tissue_fractions") or {}

@@ -281,8 +281,9 @@ def response(s: PlanSummary) -> None:
         return
     display(HTML(f"<p><b>Response category (RECIST 1.1): {html.escape(str(r['category']))}</b> "
                  f"against the prior study of {_date(str(r.get('prior_study_date', '')))}</p>"))
-    _note(f"Contours compared: {r.get('source') or 'planner contours on both studies'} — now "
-          f"{(r.get('drawn_by_now') or {}).get('label', '?')}, prior {(r.get('drawn_by_prior') or {}).get('label', '?')}.")
+    now = (r.get("drawn_by_now") or {}).get("label", "?")
+    prior = (r.get("drawn_by_prior") or {}).get("label", "?")
+    _note(f"Contours compared: {r.get('source') or 'planner contours on both studies'} — now {now}, prior {prior}.")
     if r.get("category") == "NE" and r.get("note"):
         _note(str(r["note"]))
     if r.get("registration"):
@@ -360,8 +361,7 @@ def provenance(s: PlanSummary) -> None:
     display(HTML(_table(rows)))
     inputs = [{"Modality": i["modality"], "Series": i["series_instance_uid"],
                "Instances": len(i["sop_instance_uids"]),
-               "SOP instance UIDs": " ".join(i["sop_instance_uids"][:3])
-               + (f" … (+{len(i['sop_instance_uids']) - 3}; all in metrics.json)" if len(i["sop_instance_uids"]) > 3 else "")}
+               "SOP instance UIDs": _first_uids(i["sop_instance_uids"])}
               for i in p["inputs"]]
     display(HTML(_table(inputs)))
     _note(p["definitions"] + ". " + pacsai.RESEARCH_USE_ONLY)
@@ -382,3 +382,9 @@ def _close(fig: Any) -> None:
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+
+
+def _first_uids(uids: list[str], shown: int = 3) -> str:
+    """The first ``shown`` UIDs and how many more there are (metrics.json lists them all)."""
+    more = f" … (+{len(uids) - shown}; all in metrics.json)" if len(uids) > shown else ""
+    return " ".join(uids[:shown]) + more

@@ -18,7 +18,7 @@ import logging
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import highdicom as hd
 from pydicom.dataset import Dataset
@@ -187,11 +187,12 @@ def measurement_report(
         groups.append(_qa_group(qa_lines, algorithm, seg))
     for name, values in rows.items():
         number = segments[name]
-        group_measurements = [
-            hd.sr.Measurement(name=concept, value=values[key], unit=unit, algorithm_id=algorithm)
-            for key, (concept, unit) in MEASUREMENT_CODES.items()
-            if values.get(key) is not None
-        ]
+        group_measurements = []
+        for key, (concept, unit) in MEASUREMENT_CODES.items():
+            value = values.get(key)
+            if value is not None:
+                group_measurements.append(
+                    hd.sr.Measurement(name=concept, value=float(value), unit=unit, algorithm_id=algorithm))
         group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(
                 uid=derive_uid("pacsai-sr-tracking", seg.SOPInstanceUID, number, name),
@@ -242,6 +243,13 @@ def measurement_report(
     return dicomwrite.finalize(sr)
 
 
+def _report(sr: Any) -> hd.sr.MeasurementReport:
+    """The TID 1500 content of an SR given as a path or a dataset."""
+    document = hd.sr.Comprehensive3DSR.from_dataset(sr, copy=True) if isinstance(sr, Dataset) else hd.sr.srread(sr)
+    # highdicom types ``.content`` as a plain ContentSequence; for a TID 1500 document it is the report.
+    return cast(hd.sr.MeasurementReport, document.content)
+
+
 def read_measurements(sr: Any) -> dict[str, dict[str, tuple[float, str]]]:
     """The measurements of a TID 1500 report, by tracking identifier (structure name).
 
@@ -255,12 +263,8 @@ def read_measurements(sr: Any) -> dict[str, dict[str, tuple[float, str]]]:
     dict
         ``{structure: {key: (value, UCUM unit)}}`` with the keys of :data:`MEASUREMENT_CODES`.
     """
-    if isinstance(sr, Dataset):
-        document = hd.sr.Comprehensive3DSR.from_dataset(sr, copy=True)
-    else:
-        document = hd.sr.srread(sr)
     result: dict[str, dict[str, tuple[float, str]]] = {}
-    for group in document.content.get_volumetric_roi_measurement_groups():
+    for group in _report(sr).get_volumetric_roi_measurement_groups():
         entry: dict[str, tuple[float, str]] = {}
         for key, (concept, _unit) in MEASUREMENT_CODES.items():
             found = group.get_measurements(name=concept)
@@ -276,8 +280,7 @@ def read_qa(sr: Any) -> dict[str, Any]:
     ``statements`` are the group's TEXT items in order: each reason as ``"LEVEL CODE: message"`` and, where the
     report was pushed despite a FAIL, :data:`PUSHED_DESPITE_FAIL`.
     """
-    document = hd.sr.Comprehensive3DSR.from_dataset(sr, copy=True) if isinstance(sr, Dataset) else hd.sr.srread(sr)
-    for group in document.content.get_image_measurement_groups():  # TID 1501: groups without an ROI
+    for group in _report(sr).get_image_measurement_groups():  # TID 1501: groups without an ROI
         if str(group.tracking_identifier) != QA_TRACKING_ID:
             continue
         status, statements = None, []
@@ -313,9 +316,8 @@ def _encodable(text: str, charset: Any) -> str:
 
 def read_drawn_by(sr: Any) -> dict[str, str]:
     """Who drew each measured structure of a report SR: ``{structure: label}`` (see ``drawn_by``)."""
-    document = hd.sr.Comprehensive3DSR.from_dataset(sr, copy=True) if isinstance(sr, Dataset) else hd.sr.srread(sr)
     out = {}
-    for group in document.content.get_volumetric_roi_measurement_groups():
+    for group in _report(sr).get_volumetric_roi_measurement_groups():
         for item in group[0].ContentSequence:
             if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeValue == DRAWN_BY.value:
                 out[str(group.tracking_identifier)] = str(item.TextValue)
@@ -353,7 +355,8 @@ def _qa_group(lines: tuple[str, tuple[str, ...]], algorithm: Any, seg: Dataset) 
     )
     container = group[0]
     for text in texts:
-        container.ContentSequence.append(hd.sr.TextContentItem(name=QA_REASON, value=text, relationship_type="CONTAINS"))
+        item = hd.sr.TextContentItem(name=QA_REASON, value=text, relationship_type="CONTAINS")
+        container.ContentSequence.append(item)
     return group
 
 

@@ -120,7 +120,7 @@ class PlanSummary:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / METRICS_FILE
         _atomic(path, json.dumps(self.to_dict(), indent=2, sort_keys=False).encode())
-        arrays = {name: np.asarray(m.values, dtype=bool) for name, m in self.masks.items()}
+        arrays: dict[str, Any] = {name: np.asarray(m.values, dtype=bool) for name, m in self.masks.items()}
         tmp = folder / f".{MASKS_FILE}.tmp.npz"
         np.savez_compressed(tmp, **arrays)
         os.replace(tmp, folder / MASKS_FILE)
@@ -300,7 +300,8 @@ def _analyse(
             "matched": name if target is not None else None, "required": False,
             "needed_for": "coverage, constraints of the target", "drawn_by": derived_by.to_dict(),
         }
-    structures = [_structure_row(name, m, info=states.get(name) or _state_of(states, name)) for name, m in masks.items()]
+    structures = [_structure_row(name, m, info=states.get(name) or _state_of(states, name))
+                  for name, m in masks.items()]
     structures += [_absent_row(name, info) for name, info in states.items()
                    if info["matched"] is None and name not in DERIVED]
     for row in structures:
@@ -320,6 +321,42 @@ def _analyse(
                 if n not in DERIVED and n not in (target, body) and bool(np.asarray(m.values).any())}
         geometry = [r.to_dict() for r in planning.target_relations(oars, masks["PTV"], target_name="PTV")]
 
+    dose_part = _dose_analysis(dose, masks, body=body, table=table, params=params, states=states,
+                               target_info=target_info, dose_note=dose_note, dose_reasons=dose_reasons)
+    reasons += dose_part.reasons
+    return Analysis(masks=masks, states=states, structures=structures, margins=margins, geometry=geometry,
+                    dvhs=dose_part.dvhs, dvh_rows=dose_part.dvh_rows, curves=dose_part.curves,
+                    plan_quality=dose_part.plan_quality, constraints=dose_part.constraints,
+                    coverage=dose_part.coverage, dvh_note=dose_part.dvh_note, reasons=reasons)
+
+
+@dataclass
+class _DosePart:
+    """What the plan dose adds to an analysis (all empty without a usable dose)."""
+
+    dvhs: dict[str, Any]
+    dvh_rows: dict[str, dict[str, float]]
+    curves: dict[str, tuple[np.ndarray, np.ndarray]]
+    plan_quality: dict[str, Any]
+    constraints: list[dict[str, Any]]
+    coverage: dict[str, Any]
+    dvh_note: str
+    reasons: list[Reason]
+
+
+def _dose_analysis(
+    dose: xr.DataArray | None,
+    masks: Mapping[str, xr.DataArray],
+    *,
+    body: str | None,
+    table: Any,
+    params: ReportParameters,
+    states: Mapping[str, Any],
+    target_info: Mapping[str, Any],
+    dose_note: str,
+    dose_reasons: Sequence[Reason],
+) -> _DosePart:
+    reasons: list[Reason] = []
     dvhs: dict[str, Any] = {}
     dvh_rows: dict[str, dict[str, float]] = {}
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -361,9 +398,8 @@ def _analyse(
             why = "; ".join(r.message for r in dose_reasons)
             coverage = {"state": "not evaluable", "note": why}
             dvh_note = why
-    return Analysis(masks=masks, states=states, structures=structures, margins=margins, geometry=geometry,
-                    dvhs=dvhs, dvh_rows=dvh_rows, curves=curves, plan_quality=plan_quality, constraints=constraints,
-                    coverage=coverage, dvh_note=dvh_note, reasons=reasons)
+    return _DosePart(dvhs=dvhs, dvh_rows=dvh_rows, curves=curves, plan_quality=plan_quality,
+                     constraints=constraints, coverage=coverage, dvh_note=dvh_note, reasons=reasons)
 
 
 def _state_of(states: Mapping[str, Mapping[str, Any]], key: str) -> Mapping[str, Any]:
@@ -541,7 +577,8 @@ def _compare_constraints(
         row["reference_status"] = ref.get("status")
         row["model_status"] = row.get("status")
         row["model_value"] = row.get("value")
-        if row["status"] in ("pass", "fail") and ref.get("status") in ("pass", "fail") and row["status"] != ref["status"]:
+        evaluable = row["status"] in ("pass", "fail") and ref.get("status") in ("pass", "fail")
+        if evaluable and row["status"] != ref["status"]:
             row["status"] = "review"
             row["reason"] = (f"model and reference disagree: model {row['model_status'].upper()} "
                              f"{_num(row['model_value'])} {row.get('unit', '')}, reference "

@@ -56,11 +56,11 @@ class _Child:
                 self.returncode = os.waitstatus_to_exitcode(status)
         return self.returncode
 
-    def wait(self, timeout: float) -> int:
-        deadline = time.monotonic() + timeout
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
         while self.poll() is None:
-            if time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(f"report process {self.pid}", timeout)
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"report process {self.pid}", float(timeout or 0))
             time.sleep(0.1)
         return int(self.returncode or 0)
 
@@ -170,8 +170,8 @@ class Watcher:
     def run(self) -> int:
         """Watch until stopped (or, with ``once``, until everything noticed now is handled); returns 0."""
         # Imported once here, so that every forked report starts with them loaded (seconds per report).
-        import pacsai.report.run  # noqa: F401
         import pacsai.report.params  # noqa: F401
+        import pacsai.report.run  # noqa: F401
         recovered = self.state.recover()
         if recovered:
             log.warning("%d report(s) interrupted by an earlier stop or crash will run again", recovered)
