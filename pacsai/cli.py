@@ -42,13 +42,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         if only is not None and verb != only:
             sub.add_parser(verb, help=f"(see: pacsai {verb} --help)")
             continue
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            if err.name and module.startswith(err.name):
-                continue  # verb not built yet in this version
-            raise
-        mod.register(sub)
+        # A verb whose module fails to import is a broken install: fail loudly (main names the module and the
+        # missing package) instead of dropping the verb from the listing.
+        importlib.import_module(module).register(sub)
     return parser
 
 
@@ -65,7 +61,13 @@ def _configure_logging(verbosity: int) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verb = next((a for a in argv if not a.startswith("-")), None)
-    parser = build_parser(only=verb if verb in VERBS else None)
+    try:
+        parser = build_parser(only=verb if verb in VERBS else None)
+    except ImportError as err:
+        missing = getattr(err, "name", None) or str(err)
+        print(f"pacsai: error: a command could not be loaded: {err} (missing {missing!r}); reinstall with "
+              "`make setup` (or `pip install -e '.[learning,viewer]'`)", file=sys.stderr)
+        return 3
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

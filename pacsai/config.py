@@ -64,7 +64,7 @@ class Settings(BaseSettings):
 
 
 def load_settings(experiment: str | Path | None = None, **overrides: Any) -> Settings:
-    """Load settings: defaults < experiment YAML (its ``pacs:``/``settings:`` keys) < environment < ``overrides``.
+    """Load settings: defaults < experiment YAML (its ``settings:`` mapping) < environment < ``overrides``.
 
     Parameters
     ----------
@@ -85,6 +85,10 @@ def load_settings(experiment: str | Path | None = None, **overrides: Any) -> Set
             raise ConfigError(f"experiment file {path} is not valid YAML: {err}") from err
         if not isinstance(doc, dict):
             raise ConfigError(f"experiment file {path} must hold a mapping at the top level")
+        if "pacs" in doc:
+            # An earlier layout documented a ``pacs:`` block that nothing read: refuse it rather than ignore it.
+            raise ConfigError(f"experiment file {path}: the top-level `pacs:` block is not read; put the PACS URL "
+                              "under `settings: {pacs_url: ...}` (or set PACSAI_PACS_URL)")
         values.update(doc.get("settings") or {})
         values["experiment"] = doc
     try:

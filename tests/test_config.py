@@ -67,3 +67,11 @@ def test_import_is_light():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+def test_a_pacs_block_in_the_experiment_is_refused_not_ignored(tmp_path):
+    """Regression (#14): config documented ``pacs:`` keys that nothing read; now they are an error naming the fix."""
+    exp = tmp_path / "e.yaml"
+    exp.write_text("pacs:\n  url: http://ignored:8042/dicom-web\n")
+    with pytest.raises(ConfigError, match=r"settings: \{pacs_url"):
+        load_settings(exp)
