@@ -14,6 +14,7 @@ from pathlib import Path
 DEMO_EXPERIMENT = "experiments/demo.yaml"
 # The report patient is seeded after training, from seeds the training cohort never saw, with a prior study.
 REPORT_SEED = 900
+SUMMARY_FILE = "reports/demo_summary.json"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,6 +23,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pacs", default=None, help="PACS to use (default: the embedded store ./pacs)")
     p.add_argument("--retrain", action="store_true", help="train even when a champion model exists")
     p.add_argument("--smoke", action="store_true", help="tiny sizes (tests and CI)")
+    p.add_argument("--started-at", type=float, default=None,
+                   help="epoch seconds when `make demo` began, so the summary counts the set-up too")
+    p.add_argument("--summary", type=Path, default=Path(SUMMARY_FILE),
+                   help=f"where to write the run's figures as JSON (default {SUMMARY_FILE}); "
+                   "`python scripts/readme_figures.py --demo FILE` puts them in the README")
     p.set_defaults(func=run)
 
 
@@ -42,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from pacsai.synthetic import seed_pacs
 
     start = time.perf_counter()
+    held_out: dict[str, float] = {}
     experiment = args.experiment or project_root() / DEMO_EXPERIMENT
     cfg = yaml.safe_load(Path(experiment).read_text())
     syn = dict(cfg.get("synthetic") or {})
@@ -72,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         t = _step(f"validating {result.model_uri} by papermill (thresholds: the experiment's validation block)")
         validation = run_validation(result.model_uri, smoke=args.smoke, pacs_url=str(pacs.url))
         stages["validation"] = time.perf_counter() - t
+        held_out = {k: float(v) for k, v in validation.metrics.items() if k.startswith(("dice_", "hd95_"))}
         for metric in ("dice", "hd95"):
             values = ", ".join(f"{k.removeprefix(metric + '_')} {v:.3g}"
                                for k, v in sorted(validation.metrics.items()) if k.startswith(metric + "_"))
@@ -115,5 +123,47 @@ def run(args: argparse.Namespace) -> int:
     print("Open the MLflow UI:  .venv/bin/pacsai ui          → http://127.0.0.1:5000")
     print("Open JupyterLab:     .venv/bin/jupyter lab notebooks/01_explore_pacs.ipynb")
     print("Stages:        " + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items()))
-    print(f"Done in {time.perf_counter() - start:.0f} s. Research use only.")
+    total = time.perf_counter() - start
+    print(f"Done in {total:.0f} s. Research use only.")
+    if args.started_at is not None:
+        stages = {"setup": max(0.0, time.time() - total - args.started_at), **stages}
+    _write_summary(args.summary, stages=stages, held_out=held_out, qa=str(qa.get("status", "?")),
+                   model=report_model, smoke=args.smoke, experiment=Path(experiment),
+                   structures=list(cfg.get("structures") or []))
     return 0
+
+
+def _write_summary(path: Path, *, stages: dict[str, float], held_out: dict[str, float], qa: str, model: str,
+                   smoke: bool, experiment: Path, structures: list[str]) -> None:
+    """The run's own figures (stages, held-out metrics, QA status), stamped with the commit and machine.
+
+    The README's demo figures are generated from this file (scripts/readme_figures.py), never typed by hand.
+    No patient identifier goes in: the figures are about the model and the machine.
+    """
+    import datetime as dt
+    import os
+    import platform
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                                timeout=10, cwd=Path(experiment).resolve().parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    doc = {
+        "date": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z"),
+        "git": commit,
+        "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "system": platform.system()},
+        "smoke": smoke,
+        "stages_s": {k: round(v, 1) for k, v in stages.items()},
+        "total_s": round(sum(stages.values()), 1),
+        "structures": structures,
+        "held_out": {k: round(v, 4) for k, v in sorted(held_out.items())},
+        "qa_status": qa,
+        "model": model,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.replace(path)
+    print(f"Figures:       {path}")

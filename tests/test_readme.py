@@ -1,0 +1,54 @@
+"""The README's figures come from results files, stamped with the commit, never typed by hand (issue #14)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_demo_figures_in_the_readme_are_generated_from_the_demo_summary():
+    figures = _load(REPO / "scripts" / "readme_figures.py", "readme_figures")
+    doc = json.loads(figures.DEMO_RESULT.read_text())
+    assert doc["git"] and not doc["smoke"], "the demo result must come from a full `make demo` run at a commit"
+    assert "setup" in doc["stages_s"], "the demo result must count the set-up (run it as `make demo`)"
+    text = figures.README.read_text()
+    i, j = figures.section(text)
+    assert text[i:j].strip() == figures.render_demo(doc).strip(), (
+        "README demo figures differ from benchmarks/results/demo.json: run `python scripts/readme_figures.py`")
+
+
+def test_bench_table_in_the_readme_is_generated_from_the_results():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        common = _load(REPO / "benchmarks" / "common.py", "bench_common")
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    text = common.README.read_text()
+    start, end = text.index(common.TABLE_START) + len(common.TABLE_START), text.index(common.TABLE_END)
+    assert text[start:end].strip() == common.results_table(common.load_results(common.RESULTS_DIR)).strip(), (
+        "README bench table differs from benchmarks/results/*.json: run `make bench` (or its README step)")
+
+
+def test_render_demo_states_scope_commit_and_metrics():
+    figures = _load(REPO / "scripts" / "readme_figures.py", "readme_figures")
+    doc = {"date": "2026-12-03T10:00:00Z", "git": "abc1234", "machine": {"cores": 2}, "smoke": False,
+           "stages_s": {"setup": 130.0, "seeding": 28.0, "training": 175.0}, "total_s": 333.0,
+           "structures": ["BODY", "GTV"], "held_out": {"dice_BODY": 0.9991, "dice_GTV": 0.8461, "hd95_GTV": 3.6},
+           "qa_status": "PASS", "model": "models:/m@champion"}
+    out = figures.render_demo(doc)
+    assert "set-up included: **5 min 33 s** on 2 cores" in out
+    assert "set-up 2 min 10 s" in out and "git abc1234" in out
+    assert "| Dice | 0.999 | 0.846 |" in out and "| HD95 (mm) | — | 3.6 |" in out
