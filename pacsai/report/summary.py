@@ -402,6 +402,13 @@ def _dose_analysis(
                      constraints=constraints, coverage=coverage, dvh_note=dvh_note, reasons=reasons)
 
 
+def _grid_note(from_model: bool) -> str:
+    """How the structures reached the planning grid: a model segments on it, an RTSTRUCT is rasterised onto it."""
+    how = ("the model's masks were resampled back to it" if from_model
+           else "the RTSTRUCT's contours were rasterised onto it")
+    return f"volumes from voxel counts on the planning image grid; {how}"
+
+
 def _state_of(states: Mapping[str, Mapping[str, Any]], key: str) -> Mapping[str, Any]:
     return next((info for info in states.values() if info.get("matched") == key), {"state": gate.PRESENT})
 
@@ -515,7 +522,7 @@ def _summarize(data: PatientData, params: ReportParameters, *, pacs_url: str) ->
         "grid": {
             "shape_zyx": list(image.shape),
             "spacing_mm": list(image.attrs["spacing"]),
-            "note": "volumes from voxel counts on the planning image grid; RTSTRUCT rasterised there",
+            "note": _grid_note(params.structures_from == "model"),
         },
         "definitions": "docs/clinical_definitions.md: ICRU 50/62/83 margins and HI, RTOG/Paddick CI, "
         "QUANTEC constraints, RECIST 1.1 response, the QA gate",
