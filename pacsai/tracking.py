@@ -7,9 +7,25 @@ Store
     a tracking server. Telemetry is switched off (``MLFLOW_ENABLE_TELEMETRY=false``, ``DO_NOT_TRACK=1``) before
     mlflow is first imported through this module.
 
+Experiments
+    Every experiment pacsai creates or serves carries ``mlflow.experimentKind=custom_model_development``: the MLflow 3
+    UI then opens it in the classic machine-learning view (runs, metrics, registered models) instead of the GenAI
+    view (traces), which it picks for experiments without that tag.
+
 Runs
     :func:`start_run` tags every run with ``pacsai.kind`` (training / validation / report), ``pacsai.git_sha``,
-    ``pacsai.cohort_hash`` and ``pacsai.version`` and logs the cohort's UID manifest (``inputs/manifest.json``).
+    ``pacsai.cohort_hash`` and ``pacsai.version``, names it by kind, experiment and time
+    (:func:`default_run_name`: ``train demo-thorax 2026-12-01 14:03``, ``validate pacsai-thorax v3``,
+    ``report p-0123...``), sets its source (:func:`run_source`: the CLI verb or the notebook, never
+    ``ipykernel_launcher.py``) and logs the cohort: its manifest (``inputs/manifest.json``) and an MLflow dataset
+    (``cohort``, digest = the cohort's content hash) in the run's Datasets.
+
+No UIDs, no dates
+    What :func:`start_run` logs (parameters, tags, run name, manifest, dataset) holds no DICOM UID and no calendar
+    date unless ``Settings.log_phi`` is true: UIDs become keyed hashes (:func:`pacsai.privacy.hash_uid`), dates days
+    relative to the patient's first study (:func:`pacsai.privacy.scrub`). Whatever else a caller logs goes through
+    :meth:`RunContext.scrub`. The one exception is ``inputs/cohort.parquet`` of a training run: the validation
+    notebook re-pulls the held-out patients from the PACS by those UIDs.
 
 Pseudonyms
     No patient name or ID goes into MLflow unless ``Settings.log_phi`` is true. Patients are named by
@@ -22,6 +38,7 @@ Pseudonyms
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import hashlib
 import hmac
 import json
@@ -29,6 +46,7 @@ import logging
 import os
 import secrets
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -36,7 +54,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
-from pacsai import __version__
+from pacsai import __version__, privacy
 from pacsai.errors import TrackingError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -52,6 +70,9 @@ CHAMPION = "champion"
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 STORE_DIR = "mlruns"
 KEY_FILE = ".pseudonym_key"
+#: The experiment tag the MLflow 3 UI reads to choose its view, and the value of the classic machine-learning view.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+CLASSIC_ML_KIND = "custom_model_development"
 
 
 def _mlflow() -> mlflow:  # type: ignore[valid-type]
@@ -150,16 +171,38 @@ def ensure_experiment(name: str, *, settings: Settings | None = None) -> str:
     try:
         found = c.get_experiment_by_name(name)
         if found is not None:
+            if EXPERIMENT_KIND_TAG not in (found.tags or {}):
+                c.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, CLASSIC_ML_KIND)
             return str(found.experiment_id)
         location = artifact_location(uri)
         if location is not None:
             # one folder per experiment name keeps artifacts browsable; run ids make the paths unique anyway
             location = f"{location}/{_safe_name(name)}"
-        return str(c.create_experiment(name, artifact_location=location))
+        return str(
+            c.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: CLASSIC_ML_KIND})
+        )
     except Exception as err:
         if isinstance(err, TrackingError):
             raise
         raise TrackingError(f"cannot open or create MLflow experiment {name!r} at {uri}: {err}") from err
+
+
+def open_in_classic_view(*, settings: Settings | None = None) -> list[str]:
+    """Tag every experiment of the store that has no ``mlflow.experimentKind`` for the classic ML view.
+
+    Experiments created before pacsai set the tag (or by plain ``mlflow``) would otherwise open in the GenAI view,
+    where training runs are hidden. Returns the names of the experiments tagged now.
+    """
+    c = client(settings=settings)
+    tagged = []
+    try:
+        for experiment in c.search_experiments():
+            if EXPERIMENT_KIND_TAG not in (experiment.tags or {}):
+                c.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, CLASSIC_ML_KIND)
+                tagged.append(str(experiment.name))
+    except Exception as err:
+        raise TrackingError(f"cannot tag the experiments of {tracking_uri(settings=settings)}: {err}") from err
+    return tagged
 
 
 def _safe_name(name: str) -> str:
@@ -271,6 +314,58 @@ class RunContext:
         """The name under which a patient may appear in MLflow (pseudonym unless PHI logging is allowed)."""
         return str(patient_id) if self.log_phi else pseudonymize(patient_id, self.key)
 
+    def uid_label(self, uid: str) -> str:
+        """The name under which a DICOM UID may appear in MLflow (keyed hash unless PHI logging is allowed)."""
+        return str(uid) if self.log_phi else privacy.hash_uid(str(uid), self.key)
+
+    def scrub(self, obj: Any, *, reference_date: dt.date | str | None = None) -> Any:
+        """``obj`` fit for MLflow: UIDs hashed, dates as days since ``reference_date`` (the patient's first study;
+        default the earliest date in ``obj``); unchanged when PHI logging is allowed. See
+        :func:`pacsai.privacy.scrub`."""
+        return obj if self.log_phi else privacy.scrub(obj, key=self.key, reference_date=reference_date)
+
+
+_RUN_VERBS = {"training": "train", "validation": "validate", "report": "report"}
+
+
+def default_run_name(
+    kind: str, *, experiment: str, tags: Mapping[str, str] | None = None, now: dt.datetime | None = None
+) -> str:
+    """A run name by kind, experiment and time.
+
+    ``train demo-thorax 2026-12-01 14:03``; ``validate pacsai-thorax v3`` (from the tags ``pacsai.model_name`` and
+    ``pacsai.model_version``); ``report p-0123456789abcdef`` (tag ``pacsai.patient``, a pseudonym). Without those
+    tags, the experiment and the local time stand in.
+    """
+    tags = dict(tags or {})
+    verb = _RUN_VERBS.get(kind, kind)
+    if kind == "validation" and tags.get("pacsai.model_name") and tags.get("pacsai.model_version"):
+        return f"{verb} {tags['pacsai.model_name']} v{tags['pacsai.model_version']}"
+    if kind == "report" and tags.get("pacsai.patient"):
+        return f"{verb} {tags['pacsai.patient']}"
+    when = (now or dt.datetime.now()).strftime("%Y-%m-%d %H:%M")
+    return f"{verb} {experiment} {when}"
+
+
+def run_source(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> tuple[str, str]:
+    """What started the run, as MLflow's ``(mlflow.source.name, mlflow.source.type)``.
+
+    In a Jupyter kernel the notebook (``JPY_SESSION_NAME``, which Jupyter Server sets to the notebook's path;
+    ``PACSAI_RUN_SOURCE`` where a runner such as papermill names it), never ``ipykernel_launcher.py``. From the
+    CLI ``pacsai <verb>`` only: the rest of the command line may hold a PatientID or a PACS password.
+    """
+    argv = list(sys.argv if argv is None else argv)
+    env = os.environ if environ is None else environ
+    if env.get("PACSAI_RUN_SOURCE"):
+        return env["PACSAI_RUN_SOURCE"], "NOTEBOOK" if env["PACSAI_RUN_SOURCE"].endswith(".ipynb") else "LOCAL"
+    program = Path(argv[0]).name if argv else ""
+    if "ipykernel" in program or program == "-c" and "ipykernel" in " ".join(argv):
+        notebook = env.get("JPY_SESSION_NAME", "")
+        return (Path(notebook).name if notebook else "notebook (Jupyter kernel)"), "NOTEBOOK"
+    if program in ("pacsai", "__main__.py") and len(argv) > 1 and not argv[1].startswith("-"):
+        return f"pacsai {argv[1]}", "LOCAL"
+    return (program or "python"), "LOCAL"
+
 
 @contextlib.contextmanager
 def start_run(
@@ -298,7 +393,7 @@ def start_run(
     params, tags
         Logged as given, after a check that they hold no identifier of the cohort's patients.
     run_name
-        Optional run name (checked like params).
+        Run name (checked like params); default :func:`default_run_name`.
     run_id
         Continue this existing run (resumed training) instead of starting a new one.
     settings
@@ -317,14 +412,22 @@ def start_run(
     experiment_id = ensure_experiment(experiment, settings=s)
     key = pseudonym_key(settings=s)
     identifiers = cohort.identifiers() if (cohort is not None and not s.log_phi) else []
+    source, source_type = run_source()
     all_tags = {
         "pacsai.kind": kind,
         "pacsai.git_sha": git_sha(),
         "pacsai.version": __version__,
         "pacsai.cohort_hash": cohort.content_hash if cohort is not None else "none",
         "pacsai.log_phi": str(bool(s.log_phi)).lower(),
+        "mlflow.source.name": source,
+        "mlflow.source.type": source_type,
         **dict(tags or {}),
     }
+    if not s.log_phi:  # a study UID as a parameter, a date in a tag: hashed and made relative like everything else
+        params = privacy.scrub(dict(params or {}), key=key)
+        all_tags = privacy.scrub(all_tags, key=key)
+    if run_name is None and run_id is None:
+        run_name = default_run_name(kind, experiment=experiment, tags=all_tags)
     check_no_phi(dict(params or {}), identifiers, what="parameter")
     check_no_phi(all_tags, identifiers, what="tag")
     if run_name:
@@ -343,7 +446,7 @@ def start_run(
         if params:
             mlflow.log_params({k: _param_value(v) for k, v in params.items()})
         if cohort is not None:
-            log_cohort(cohort, ctx=ctx)
+            log_cohort(cohort, ctx=ctx, context=kind)
         yield ctx
 
 
@@ -353,15 +456,28 @@ def _param_value(value: Any) -> Any:
     return value
 
 
-def log_cohort(cohort: Cohort, *, ctx: RunContext, artifact_path: str = "inputs") -> None:
-    """Log the cohort's manifest (UIDs, pseudonymised patients) and parquet table to the active run."""
+def log_cohort(
+    cohort: Cohort, *, ctx: RunContext, artifact_path: str = "inputs", context: str = "training"
+) -> None:
+    """Log the cohort to the active run: manifest, parquet table and an MLflow dataset.
+
+    ``manifest.json`` and the dataset (name ``cohort``, digest = the first 20 hex digits of the content hash,
+    shown under the run's Datasets) name patients by pseudonym and UIDs by keyed hash. ``cohort.parquet`` keeps
+    the UIDs (pseudonymised patients): the validation notebook pulls the held-out patients by them.
+    """
     mlflow = _mlflow()
+    import pandas as pd
+
+    manifest = ctx.scrub(cohort.manifest(patient_label=ctx.patient_label))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        manifest = cohort.manifest(patient_label=ctx.patient_label)
         (folder / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
         cohort.to_parquet(folder / "cohort.parquet", patient_label=ctx.patient_label)
         mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
+    rows = pd.DataFrame(manifest["rows"])
+    rows["roi_names"] = [", ".join(names) for names in cohort.table["roi_names"]]
+    dataset = mlflow.data.from_pandas(rows, name="cohort", digest=cohort.content_hash[:20])
+    mlflow.log_input(dataset, context=context, tags={"pacsai.cohort_hash": cohort.content_hash})
 
 
 def log_json(obj: Any, artifact_file: str) -> None:
@@ -461,6 +577,16 @@ def get_alias(name: str, alias: str = CHAMPION, *, settings: Settings | None = N
 VALIDATION_TAG = "pacsai.validation"
 _SECTION_START = "<!-- pacsai:validation -->"
 _SECTION_END = "<!-- /pacsai:validation -->"
+
+
+def experiment_page(experiment_id: str) -> str:
+    """The UI route of an experiment's runs in the classic machine-learning view (relative, ``#/...``)."""
+    return f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def model_version_page(name: str, version: str | int) -> str:
+    """The UI route of a registered model version (relative, ``#/...``)."""
+    return f"#/models/{name}/versions/{version}"
 
 
 def run_link(run_id: str, experiment_id: str, *, uri: str, path: str = "") -> str:
@@ -599,12 +725,33 @@ def record_validation(
         c.update_model_version(name, version, description=_merge_description(mv.description, section))
         c.set_tag(run_id, "pacsai.validated_model", f"models:/{name}/{version}")
         c.set_tag(run_id, f"{VALIDATION_TAG}.status", status)
+        # the run's description (shown on its page): which version it judged, with a link back
+        page = model_version_page(name, version)
+        link = f"{uri.rstrip('/')}/{page}" if uri.startswith(("http://", "https://")) else page
+        verdict = "passed: eligible as champion" if passed else f"failed ({len(failures)} reasons): not promoted"
+        c.set_tag(run_id, "mlflow.note.content",
+                  f"Validation of [{name} v{version}]({link}) (`models:/{name}/{version}`): {verdict}. "
+                  "The limits and measured values are in the version's description and tags.")
     except TrackingError:
         raise
     except Exception as err:
         raise TrackingError(
             f"cannot record validation run {run_id} on model {name!r} version {version}: {err}"
         ) from err
+
+
+def set_model_card(name: str, version: str | int, card: str, *, settings: Settings | None = None) -> None:
+    """Put the model card (markdown, :func:`pacsai.learning.card.model_card`) at the top of the version's
+    description; a validation section already there stays below it."""
+    c = client(settings=settings)
+    try:
+        existing = c.get_model_version(name, str(version)).description or ""
+        start, end = existing.find(_SECTION_START), existing.find(_SECTION_END)
+        section = existing[start : end + len(_SECTION_END)] if start >= 0 and end > start else ""
+        text = f"{card.rstrip()}\n\n{section}" if section else card
+        c.update_model_version(name, str(version), description=text)
+    except Exception as err:
+        raise TrackingError(f"cannot write the model card of {name!r} version {version}: {err}") from err
 
 
 def validation_status(name: str, version: str | int, *, settings: Settings | None = None) -> dict[str, str]:

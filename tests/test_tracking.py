@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -13,7 +16,7 @@ import urllib.request
 import pandas as pd
 import pytest
 
-from pacsai import tracking
+from pacsai import privacy, tracking
 from pacsai.cohort import Cohort, CohortQuery
 from pacsai.config import load_settings
 from pacsai.errors import TrackingError
@@ -80,8 +83,21 @@ def test_start_run_tags_manifest_and_no_phi(store):
         tracking.pseudonymize("PAT-123", key),
         tracking.pseudonymize("PAT-456", key),
     ]
-    assert [r["rtstruct_sop_instance_uid"] for r in manifest["rows"]] == ["1.2.3.1.2.1", "1.2.3.2.2.1"]
+    # UIDs in the manifest are keyed hashes; the parquet keeps them (the validation notebook pulls by them)
+    assert [r["rtstruct_sop_instance_uid"] for r in manifest["rows"]] == [
+        privacy.hash_uid("1.2.3.1.2.1", key), privacy.hash_uid("1.2.3.2.2.1", key)
+    ]
+    assert "1.2.3.1" not in json.dumps(manifest)
     assert logged.pseudonymized and logged.content_hash == cohort.content_hash
+    # the cohort is the run's dataset: pseudonymised rows, digest from the content hash, context = the run's kind
+    (dataset_input,) = run.inputs.dataset_inputs
+    assert dataset_input.dataset.name == "cohort" and dataset_input.dataset.digest == cohort.content_hash[:20]
+    assert {t.key: t.value for t in dataset_input.tags}["mlflow.data.context"] == "training"
+    assert "PAT-123" not in dataset_input.dataset.profile + dataset_input.dataset.schema
+    assert "1.2.3.1" not in dataset_input.dataset.schema + dataset_input.dataset.profile
+    # named by kind, experiment and time; the source is what started it, not the Python file
+    assert re.fullmatch(r"train t \d{4}-\d\d-\d\d \d\d:\d\d", run.info.run_name)
+    assert run.data.tags["mlflow.source.name"] != "ipykernel_launcher.py"
     for path in (store / "mlruns").rglob("*"):
         if path.is_file():
             data = path.read_bytes()
@@ -194,7 +210,8 @@ def _model_version(name: str = "gate-model") -> tuple[str, str, str]:
         tracking._mlflow().log_dict({"weights": "none"}, "model/info.json")
     c.create_registered_model(name)
     mv = c.create_model_version(
-        name, source=f"runs:/{training.run_id}/model", run_id=training.run_id, description="# Model card\nResearch use only."
+        name, source=f"runs:/{training.run_id}/model", run_id=training.run_id,
+        description="# Model card\nResearch use only.",
     )
     with tracking.start_run("validation", experiment="gate") as validation:
         pass
@@ -254,3 +271,45 @@ def test_run_links_for_server_and_embedded_store():
         tracking.run_link("abc", "3", uri="http://mlflow:5000/", path="notebook/v.ipynb")
         == "http://mlflow:5000/#/experiments/3/runs/abc/artifacts/notebook/v.ipynb"
     )
+
+
+def test_run_names_by_kind_experiment_and_time():
+    now = dt.datetime(2026, 12, 1, 14, 3, 59)
+    name = tracking.default_run_name("training", experiment="demo-thorax", now=now)
+    assert name == "train demo-thorax 2026-12-01 14:03"
+    tags = {"pacsai.model_name": "pacsai-thorax", "pacsai.model_version": "3"}
+    assert tracking.default_run_name("validation", experiment="x", tags=tags) == "validate pacsai-thorax v3"
+    assert tracking.default_run_name("report", experiment="r", tags={"pacsai.patient": "p-0123"}) == "report p-0123"
+    assert tracking.default_run_name("report", experiment="pacsai-reports", now=now) == (
+        "report pacsai-reports 2026-12-01 14:03"
+    )
+
+
+def test_run_source_names_the_verb_or_notebook_never_the_launcher():
+    launcher = ["/x/.venv/lib/python3.11/site-packages/ipykernel_launcher.py", "-f", "/tmp/k.json"]
+    assert tracking.run_source(launcher, {"JPY_SESSION_NAME": "/home/u/notebooks/02_train.ipynb"}) == (
+        "02_train.ipynb", "NOTEBOOK"
+    )
+    assert tracking.run_source(launcher, {}) == ("notebook (Jupyter kernel)", "NOTEBOOK")
+    assert tracking.run_source(launcher, {"PACSAI_RUN_SOURCE": "03_evaluate.ipynb"}) == (
+        "03_evaluate.ipynb", "NOTEBOOK"
+    )
+    # the verb only: the rest of a command line may name the patient or hold a password
+    assert tracking.run_source([".venv/bin/pacsai", "report", "PAT-123", "--pacs", "http://u:pw@h"], {}) == (
+        "pacsai report", "LOCAL"
+    )
+
+
+def test_start_run_hashes_uids_and_dates_in_params_and_tags(store):
+    with tracking.start_run(
+        "report", experiment="r", params={"study_uid": "1.2.826.0.1.3680043.8.498.1", "smoke": True},
+        tags={"pacsai.patient": "p-01", "note": "prior of 20240716"},
+    ) as ctx:
+        got = ctx.scrub({"1.2.826.0.1.3680043.8.498.7": ["2024-07-16", "20241108", "version 0.1.0", 0.95]})
+    run = tracking.client().get_run(ctx.run_id)
+    key = tracking.pseudonym_key()
+    assert run.data.params["study_uid"] == privacy.hash_uid("1.2.826.0.1.3680043.8.498.1", key)
+    assert run.data.tags["note"] == "prior of day 0" and run.info.run_name == "report p-01"
+    assert got == {privacy.hash_uid("1.2.826.0.1.3680043.8.498.7", key): ["day 0", "day 115", "version 0.1.0", 0.95]}
+    experiment = tracking.client().get_experiment(run.info.experiment_id)
+    assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == tracking.CLASSIC_ML_KIND
