@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -44,7 +45,10 @@ class ReportParameters(BaseModel):
     @model_validator(mode="after")
     def _model_needs_uri(self) -> ReportParameters:
         if self.structures_from == "model" and not self.model_uri:
-            raise ValueError("structures_from='model' needs model_uri (e.g. models:/demo-thorax@champion)")
+            raise ValueError(
+                "structures from a model need the model: give model_uri (pacsai report --model), e.g. "
+                "models:/demo-thorax@champion"
+            )
         return self
 
     @property
@@ -52,10 +56,59 @@ class ReportParameters(BaseModel):
         return self.prescription_gy / self.fractions
 
 
+#: The ``pacsai report`` option of each parameter, so that an error names what the user typed.
+CLI_OPTIONS: dict[str, str] = {
+    "patient_id": "PATIENT_ID", "study_uid": "--study", "pacs_url": "--pacs", "structures_from": "--structures-from",
+    "model_uri": "--model", "ctv_margin_mm": "--ctv-margin", "ptv_margin_mm": "--ptv-margin",
+    "constraint_set": "--constraints", "prescription_gy": "--prescription", "fractions": "--fractions",
+    "smoke": "--smoke",
+}
+
+
+def _problem(error: Mapping[str, Any]) -> str:
+    """One pydantic error in the user's terms: which parameter (and CLI option), the value, what is wrong."""
+    field = str(error["loc"][0]) if error.get("loc") else ""
+    kind = str(error.get("type", ""))
+    ctx = error.get("ctx") or {}
+    value = error.get("input")
+    if kind == "value_error":
+        what = str(ctx.get("error", error["msg"]))
+    elif kind == "missing":
+        what = "is required"
+    elif kind == "extra_forbidden":
+        known = ", ".join(ReportParameters.model_fields)
+        return f"{field} is not a report parameter (they are: {known})"
+    elif kind == "string_too_short":
+        what = "must not be empty"
+    elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        words = {"greater_than": "more than", "greater_than_equal": "at least", "less_than": "less than",
+                 "less_than_equal": "at most"}[kind]
+        limit = next(iter(ctx.values()), "")
+        what = f"must be {words} {limit:g}" if isinstance(limit, (int, float)) else f"must be {words} {limit}"
+    elif kind == "literal_error":
+        what = f"must be {ctx.get('expected', 'one of the listed values')}"
+    elif kind.startswith(("int_", "float_")):
+        what = "must be a whole number" if kind.startswith("int_") else "must be a number"
+    elif kind.startswith("bool_"):
+        what = "must be true or false"
+    else:
+        what = str(error["msg"]).replace("Input should be", "must be")
+    if not field:
+        return what
+    option = CLI_OPTIONS.get(field)
+    shown = f"{field} ({option})" if option else field
+    got = "" if kind == "missing" else f" (got {value!r})"
+    return f"{shown} {what}{got}" if kind == "missing" else f"{shown}: {what}{got}"
+
+
 def validate_parameters(**values: Any) -> ReportParameters:
-    """Validate papermill parameters; a ReportError names every wrong one."""
+    """Validate papermill parameters; a ReportError names every wrong one in the user's terms.
+
+    Each problem names the parameter, its ``pacsai report`` option, the value given and what is wrong, e.g.
+    ``prescription_gy (--prescription): must be more than 0 (got -5.0)``.
+    """
     try:
         return ReportParameters(**values)
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'parameters'}: {e['msg']}" for e in err.errors())
+        problems = "; ".join(_problem(e) for e in err.errors())
         raise ReportError(f"invalid report parameters: {problems}") from err
