@@ -8,8 +8,8 @@ wrong voxels.
 
 :func:`view` is the interactive viewer. It renders offline in JupyterLab 4 with ipyniivue (its JavaScript ships
 in the wheel; the volumes travel as in-memory NIfTI bytes, never a URL) and always carries a static PNG of the
-three planes in the same output, which is what papermill-executed notebooks keep and what nbconvert's HTML export
-shows (it skips widget views without a stored widget state).
+three planes in the same output. Executed without a widget frontend (papermill, ``nbconvert --execute``) it builds
+no widget at all: the notebook stores no widget state and its HTML export shows the PNG offline.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ __all__ = [
     "PlotFigure",
     "Viewer",
     "figure_png",
+    "legend_html",
     "plot_comparison",
     "plot_dvh",
     "plot_histograms",
@@ -379,7 +380,8 @@ def plot_planes(
     PlotFigure
         Three image axes (axial, coronal, sagittal) in patient mm. Each structure contour is a collection with
         ``gid="structure:<name>"``, each isodose line ``gid="isodose:<Gy>"``, the dose wash an image with
-        ``gid="dose-wash"``; the figure legend names every structure and isodose level.
+        ``gid="dose-wash"``; the figure legend names every structure and isodose level, and the wash's colour
+        scale in Gy is an axis with ``gid="dose-colorbar"``.
 
     Raises
     ------
@@ -394,6 +396,7 @@ def plot_planes(
     axes = fig.subplots(1, 3)
     levels = _isodose_levels(p.dose, prescription_gy, isodose_percent) if p.dose is not None else []
     lo, hi = window
+    wash_image = None
     for ax, (name, slicer, h, v, hlabel, vlabel, invert) in zip(axes, _planes(p), strict=True):
         extent = _extent(h, v)
         ax.imshow(p.image.data[slicer], cmap="gray", vmin=lo, vmax=hi, origin="lower", extent=extent,
@@ -403,9 +406,9 @@ def plot_planes(
             if dose_wash:
                 floor = levels[-1][0]
                 wash = np.ma.masked_less(plane, floor)
-                ax.imshow(wash, cmap="jet", vmin=floor, vmax=max(levels[0][0], float(np.nanmax(p.dose))),
-                          alpha=0.3, origin="lower", extent=extent, interpolation="bilinear", aspect="equal",
-                          gid="dose-wash")
+                wash_image = ax.imshow(wash, cmap="jet", vmin=floor,
+                                       vmax=max(levels[0][0], float(np.nanmax(p.dose))), alpha=0.3, origin="lower",
+                                       extent=extent, interpolation="bilinear", aspect="equal", gid="dose-wash")
             for gy, _, color in levels:
                 if np.nanmax(plane) >= gy > np.nanmin(plane):
                     cs = ax.contour(h, v, plane, levels=[gy], colors=[color], linewidths=1.0, linestyles="--")
@@ -428,7 +431,14 @@ def plot_planes(
     handles += [Line2D([], [], color=c, lw=1.2, ls="--", label=label)
                 for _, label, c in levels]
     if handles:
-        fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
+        fig.legend(handles=handles, loc="upper right", bbox_to_anchor=(1.0, 0.88), fontsize=8, frameon=False)
+    if wash_image is not None:
+        # The wash's colour scale in Gy (the legend names the isodose lines; this reads the colours between them).
+        cax = fig.add_axes((0.885, 0.1, 0.015, 0.28), gid="dose-colorbar")
+        bar = fig.colorbar(wash_image, cax=cax)
+        bar.solids.set_alpha(0.6)
+        bar.set_label("dose (Gy)", fontsize=8)
+        cax.tick_params(labelsize=7)
     x, y, z = p.point_mm
     fig.suptitle(title or f"{volume.name or 'image'} through ({x:.1f}, {y:.1f}, {z:.1f}) mm LPS", fontsize=11)
     return fig
@@ -669,16 +679,29 @@ class Viewer:
     backend: str
     png: bytes = field(repr=False)
     widget: Any = field(default=None, repr=False)
+    legend: Any = field(default=None, repr=False)
+    _shown: Any = field(default=None, repr=False)
+
+    @property
+    def displayed(self) -> Any:
+        """The widget a frontend shows: the viewer with its legend below it (None for ``"static"``)."""
+        if self.widget is None or self.legend is None:
+            return self.widget
+        if self._shown is None:
+            import ipywidgets as widgets
+
+            self._shown = widgets.VBox([self.widget, self.legend])
+        return self._shown
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
-        # One output carries both: JupyterLab renders the widget view, while papermill keeps and nbconvert's HTML
-        # export shows the PNG (it skips widget views whose state was not stored).
+        # One output carries both: a widget frontend renders the widget view, while nbconvert's HTML export shows
+        # the PNG (it skips widget views whose state was not stored; view() builds no widget for papermill runs).
         bundle: dict[str, Any] = {
             "image/png": base64.b64encode(self.png).decode("ascii"),
             "text/plain": f"<pacsai viewer ({self.backend}): three planes with structures and dose>",
         }
-        if self.widget is not None:
-            widget_bundle = self.widget._repr_mimebundle_()
+        if self.displayed is not None:
+            widget_bundle = self.displayed._repr_mimebundle_()
             if isinstance(widget_bundle, tuple):
                 widget_bundle = widget_bundle[0]
             view_mime = "application/vnd.jupyter.widget-view+json"
@@ -701,6 +724,25 @@ def _in_kernel() -> bool:
     return shell is not None and getattr(shell, "kernel", None) is not None
 
 
+def _interactive_frontend() -> bool:
+    """True when the running cell was sent by a notebook frontend that renders widgets.
+
+    JupyterLab, Notebook 7 and VS Code send the cell's id (``metadata.cellId``) with each execute request;
+    papermill, ``nbconvert --execute`` and other nbclient runs do not. Those keep only the notebook file, where a
+    widget would store its whole state (the volumes: megabytes) and an HTML export would show the widget, which
+    needs JavaScript from a CDN, instead of the picture.
+    """
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover - IPython ships with ipykernel, a dependency
+        return False
+    kernel = getattr(get_ipython(), "kernel", None)
+    if kernel is None or not hasattr(kernel, "get_parent"):
+        return False
+    parent = kernel.get_parent("shell") or {}
+    return bool((parent.get("metadata") or {}).get("cellId"))
+
+
 def _choose_backend(backend: str) -> str:
     if backend not in ("auto", "niivue", "matplotlib", "static"):
         raise ValueError(f"backend must be auto, niivue, matplotlib or static, not {backend!r}")
@@ -709,7 +751,7 @@ def _choose_backend(backend: str) -> str:
     forced = os.environ.get(_VIEWER_ENV, "").strip().lower()
     if forced in ("niivue", "matplotlib", "static"):
         return forced
-    if not _in_kernel():
+    if not _in_kernel() or not _interactive_frontend():
         return "static"
     try:
         import ipyniivue  # noqa: F401
@@ -717,6 +759,42 @@ def _choose_backend(backend: str) -> str:
         logger.info("ipyniivue is not installed (pip install 'pacsai[viewer]'): using the matplotlib slice viewer")
         return "matplotlib"
     return "niivue"
+
+
+def legend_html(structures: Sequence[str], dose_range_gy: tuple[float, float] | None = None) -> str:
+    """The viewer's legend as HTML: a colour swatch per structure and the dose colour scale in Gy.
+
+    Parameters
+    ----------
+    structures
+        Structure names, in the colours of :func:`structure_color` (the viewer's label overlay uses them too).
+    dose_range_gy
+        ``(lowest, highest)`` dose of the colour overlay (``jet``); no scale without dose.
+    """
+    from html import escape
+
+    from matplotlib import colormaps
+
+    def css(rgb: Sequence[float]) -> str:
+        return "rgb({},{},{})".format(*(round(float(c) * 255) for c in rgb[:3]))
+
+    swatches = "".join(
+        f'<span style="margin-right:12px;white-space:nowrap"><span style="display:inline-block;width:12px;'
+        f'height:12px;vertical-align:middle;margin-right:4px;background:{css(structure_color(n))}"></span>'
+        f"{escape(n)}</span>"
+        for n in structures
+    )
+    parts = [f'<div class="pacsai-legend-structures">{swatches}</div>'] if swatches else []
+    if dose_range_gy is not None:
+        low, high = dose_range_gy
+        stops = ", ".join(css(colormaps["jet"](t)) for t in np.linspace(0.0, 1.0, 9))
+        parts.append(
+            '<div class="pacsai-legend-dose" style="margin-top:4px">dose '
+            f'<span style="white-space:nowrap">{low:.1f} Gy <span style="display:inline-block;width:180px;'
+            f'height:10px;vertical-align:middle;background:linear-gradient(to right, {stops})"></span> '
+            f"{high:.1f} Gy</span></div>"
+        )
+    return f'<div class="pacsai-legend" style="font-size:12px;line-height:1.6">{"".join(parts)}</div>'
 
 
 def _label_volume(volume: xr.DataArray, structures: Mapping[str, xr.DataArray]) -> tuple[xr.DataArray, list[str]]:
@@ -768,11 +846,17 @@ def _niivue_widget(
         })
         layers.append(label_layer)
     if dose is not None:
-        top = float(np.nanmax(np.asarray(dose.values)))
+        low, top = _dose_overlay_range(dose)
         layers.append(ipyniivue.Volume(data=to_nifti_bytes(dose, dtype=np.float32), name="dose.nii.gz",
-                                       colormap="jet", cal_min=0.1 * top, cal_max=top, opacity=0.35))
+                                       colormap="jet", cal_min=low, cal_max=top, opacity=0.35))
     nv.load_volumes(layers)
     return nv
+
+
+def _dose_overlay_range(dose: xr.DataArray) -> tuple[float, float]:
+    """The dose overlay's colour range in Gy: 10 % of the maximum (below it, no colour) to the maximum."""
+    top = float(np.nanmax(np.asarray(dose.values)))
+    return 0.1 * top, top
 
 
 def _matplotlib_widget(
@@ -837,7 +921,10 @@ def view(
         ``"niivue"``: ipyniivue (WebGL; three planes + 3D; its JavaScript ships with the wheel, so it works
         without internet). ``"matplotlib"``: ipywidgets sliders over :func:`plot_planes` (no WebGL needed).
         ``"static"``: the PNG only. ``"auto"`` (default): ``$PACSAI_VIEWER`` where set, else niivue inside a
-        Jupyter kernel when ipyniivue is installed, matplotlib when it is not, static outside a kernel.
+        notebook frontend that shows widgets (JupyterLab, Notebook 7, VS Code) when ipyniivue is installed,
+        matplotlib when it is not, and static everywhere else: outside a kernel, and in papermill or
+        ``nbconvert --execute`` runs, so that an executed notebook stores no widget state and its HTML export shows
+        the picture offline.
     center, window, prescription_gy
         As in :func:`plot_planes` (initial plane position, grey window in HU, isodose reference).
     height
@@ -846,19 +933,23 @@ def view(
     Returns
     -------
     Viewer
-        Display it. Its output holds the widget view *and* a static PNG of the three planes: JupyterLab shows the
-        widget; papermill keeps the PNG (execute with ``store_widget_state=False``, or the notebook stores the
-        volumes as widget state); nbconvert HTML shows the PNG.
+        Display it. Its output holds the widget view (with a legend of the structure colours and the dose scale)
+        *and* a static PNG of the three planes (legend and dose colour bar in the picture): JupyterLab shows the
+        widget, nbconvert HTML the PNG.
     """
     structures = dict(structures or {})
     chosen = _choose_backend(backend)
     fig = plot_planes(volume, structures, dose, center=center, window=window, prescription_gy=prescription_gy)
     png = figure_png(fig)
-    widget = None
+    widget = legend = None
     if chosen == "niivue":
+        import ipywidgets as widgets
+
         widget = _niivue_widget(volume, structures, dose, window=window, height=height)
+        shown = [n for n in structures if _key(n) not in _OUTER]  # the overlay leaves the body outline out
+        legend = widgets.HTML(legend_html(shown, _dose_overlay_range(dose) if dose is not None else None))
     elif chosen == "matplotlib":
         widget = _matplotlib_widget(volume, structures, dose, center=center, window=window,
                                     prescription_gy=prescription_gy)
     logger.debug("viewer backend %s, static picture %d bytes", chosen, len(png))
-    return Viewer(backend=chosen, png=png, widget=widget)
+    return Viewer(backend=chosen, png=png, widget=widget, legend=legend)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import base64
 import gzip
 import io
+import os
 
 import nibabel as nib
 import numpy as np
@@ -204,7 +205,12 @@ def test_view_niivue_carries_widget_and_png(monkeypatch):
     viewer = viz.view(image, structures=masks, dose=like(image, np.ones(image.shape, np.float32)), backend="niivue")
     bundle = viewer._repr_mimebundle_()
     assert set(bundle) == {"image/png", "text/plain", "application/vnd.jupyter.widget-view+json"}
-    assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == viewer.widget.model_id
+    # what is shown: the viewer with its legend (structure swatches, the dose overlay's colour scale) below it
+    assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == viewer.displayed.model_id
+    assert viewer.displayed.children == (viewer.widget, viewer.legend)
+    assert ">GTV</span>" in viewer.legend.value and ">BODY</span>" not in viewer.legend.value  # BODY: no overlay
+    assert "0.1 Gy" in viewer.legend.value and "1.0 Gy" in viewer.legend.value  # cal_min .. cal_max of the dose
+    assert (viewer.widget.volumes[2].cal_min, viewer.widget.volumes[2].cal_max) == (pytest.approx(0.1), 1.0)
     names = [v.name for v in viewer.widget.volumes]
     assert names == ["image.nii.gz", "structures.nii.gz", "dose.nii.gz"]
     label = nib.Nifti1Image.from_bytes(gzip.decompress(viewer.widget.volumes[1].data))
@@ -212,6 +218,8 @@ def test_view_niivue_carries_widget_and_png(monkeypatch):
     np.testing.assert_array_equal(np.asarray(label.dataobj).transpose(2, 1, 0), masks["GTV"].values.astype(np.uint8))
     assert viewer.widget.volumes[1].colormap_label.labels == ["background", "GTV"]
     assert viewer.widget.opts.is_radiological_convention
+    viewer.displayed.close()
+    viewer.legend.close()
     viewer.widget.close()
 
 
@@ -244,3 +252,75 @@ def test_oblique_grid_is_shown_with_a_warning():
     with pytest.warns(PacsaiWarning, match="oblique"):
         fig = viz.plot_planes(image, masks)
     assert len(fig.axes[0].images) == 1
+
+
+def test_legend_html_has_a_swatch_per_structure_and_the_dose_scale():
+    html = viz.legend_html(["GTV", "Lung_L"], (6.0, 60.0))
+    gtv = "rgb({},{},{})".format(*(round(c * 255) for c in viz.structure_color("GTV")))
+    assert f"background:{gtv}" in html and ">GTV</span>" in html and ">Lung_L</span>" in html
+    assert "6.0 Gy" in html and "60.0 Gy" in html and "linear-gradient" in html
+    assert "dose" not in viz.legend_html(["GTV"])  # no dose, no scale
+
+
+def test_planes_with_dose_carry_the_wash_colour_scale():
+    image, masks = _grid(IDENTITY)
+    dose = like(image, np.linspace(0, 60, image.size, dtype=np.float32).reshape(image.shape))
+    fig = viz.plot_planes(image, masks, dose, center=CUBE_MM, prescription_gy=60.0)
+    (bar,) = [ax for ax in fig.axes if ax.get_gid() == "dose-colorbar"]
+    assert bar.get_ylabel() == "dose (Gy)"
+    low, high = bar.get_ylim()
+    assert low == pytest.approx(18.0) and high == pytest.approx(64.2)  # 30 % of Rx .. 107 % of Rx
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels[:2] == ["BODY", "GTV"] and "57.0 Gy (95% Rx)" in labels
+    assert not [ax for ax in viz.plot_planes(image, masks).axes if ax.get_gid() == "dose-colorbar"]
+
+
+VIEW_CELL = """
+import numpy as np
+from pacsai import viz
+from pacsai.imaging.geometry import like, make_volume
+image = make_volume(np.zeros((8, 10, 12), np.int16), np.diag([2.0, 2.0, 2.0, 1.0]), name="CT")
+cube = np.zeros((8, 10, 12), bool)
+cube[3:5, 4:6, 5:7] = True
+gtv = like(image, cube)
+viewer = viz.view(image, structures={"GTV": gtv})
+print("backend", viewer.backend)
+viewer
+"""
+
+
+def _run_in_kernel(cell_id: str | None) -> tuple[str, set[str]]:
+    """Execute VIEW_CELL in a real pacsai kernel as a frontend would (with a cell id) or as nbclient does."""
+    from jupyter_client.manager import start_new_kernel
+
+    km, kc = start_new_kernel(kernel_name="pacsai", env={k: v for k, v in os.environ.items() if k != "PACSAI_VIEWER"})
+    try:
+        content = {"code": VIEW_CELL, "silent": False, "store_history": True, "user_expressions": {},
+                   "allow_stdin": False, "stop_on_error": True}
+        msg = kc.session.msg("execute_request", content, metadata={"cellId": cell_id} if cell_id else {})
+        kc.shell_channel.send(msg)
+        reply = kc.get_shell_msg(timeout=120)
+        assert reply["content"]["status"] == "ok", reply["content"]
+        text, mimes = "", set()
+        while True:
+            out = kc.get_iopub_msg(timeout=30)
+            if out["parent_header"].get("msg_id") != msg["header"]["msg_id"]:
+                continue
+            if out["msg_type"] == "stream":
+                text += out["content"]["text"]
+            elif out["msg_type"] in ("execute_result", "display_data"):
+                mimes |= set(out["content"]["data"])
+            elif out["msg_type"] == "status" and out["content"]["execution_state"] == "idle":
+                return text, mimes
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+@pytest.mark.slow
+def test_auto_builds_the_widget_for_a_frontend_and_only_the_picture_for_papermill():
+    pytest.importorskip("ipyniivue")
+    text, mimes = _run_in_kernel("cell-1")  # JupyterLab, Notebook 7 and VS Code send the cell id
+    assert "backend niivue" in text and "application/vnd.jupyter.widget-view+json" in mimes
+    text, mimes = _run_in_kernel(None)  # papermill / nbconvert --execute (nbclient) send none
+    assert "backend static" in text and mimes == {"image/png", "text/plain"}
