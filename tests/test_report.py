@@ -185,6 +185,117 @@ def test_report_from_orthanc_with_structures_from_pacs(orthanc, clean_orthanc, p
     assert np.isfinite(metrics["dvh"]["PTV"]["mean_gy"])
 
 
+def _with_login(url: str, user: str, password: str) -> str:
+    from urllib.parse import quote, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{parts.netloc}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _report_runs(uri: str) -> list:
+    from pacsai import tracking
+
+    client = tracking._mlflow().MlflowClient(tracking_uri=uri)
+    experiments = client.search_experiments()
+    return client.search_runs([e.experiment_id for e in experiments], "tags.`pacsai.kind` = 'report'")
+
+
+@pytest.mark.slow
+def test_two_reports_in_threads_keep_their_own_store_login_and_log(orthanc, clean_orthanc, store, patient,
+                                                                    tmp_path):
+    """Concurrent reports (a threaded Dask worker, a thread pool): one on Orthanc with its login in the URL, one
+    on an embedded store, each with its own MLflow store. Neither waits for the other, and nothing crosses:
+    the login reaches only its own kernel (this process's environment never holds it), each run lands in its own
+    store, each kernel logs to its own file."""
+    import os
+    import threading
+    import time
+
+    from pacsai.pacs import connect
+    from pacsai.report.run import run_report
+
+    assert connect(orthanc.url, user=orthanc.user, password=orthanc.password).store(
+        list(patient.datasets()), progress=False).ok
+    _, root = store
+    jobs = {
+        "orthanc": _with_login(orthanc.url, orthanc.user, orthanc.password),
+        "embedded": f"file://{root / 'pacs'}",
+    }
+    stores = {name: f"sqlite:///{tmp_path / name / 'mlruns' / 'mlflow.db'}" for name in jobs}
+    environ_before = dict(os.environ)
+    assert "PACSAI_PACS_USER" not in environ_before and "PACSAI_PACS_PASSWORD" not in environ_before
+    results, errors, seen_env = {}, [], []
+    done = threading.Event()
+
+    def watch_environment() -> None:  # the login must never pass through this process's environment
+        while not done.is_set():
+            seen_env.append(os.environ.get("PACSAI_PACS_PASSWORD"))
+            time.sleep(0.05)
+
+    def one(name: str) -> None:
+        try:
+            params = validate_parameters(patient_id=patient.patient_id, pacs_url=jobs[name])
+            results[name] = run_report(params, out_dir=tmp_path / name / "out", pdf=False, track=True,
+                                       mlflow_uri=stores[name])
+        except BaseException as err:  # re-raised below: an assert in a thread would be lost
+            errors.append((name, err))
+
+    watcher = threading.Thread(target=watch_environment)
+    watcher.start()
+    threads = [threading.Thread(target=one, args=(name,)) for name in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    done.set()
+    watcher.join()
+    assert not errors, errors
+    assert set(seen_env) == {None} and dict(os.environ) == environ_before
+    for name in jobs:
+        result = results[name]
+        runs = _report_runs(stores[name])
+        assert [r.info.run_id for r in runs] == [result.mlflow_run_id]  # its own run, in its own store only
+        log = result.out_dir / "report.log"
+        assert log.is_file() and log != results["embedded" if name == "orthanc" else "orthanc"].out_dir / "report.log"
+        metrics = json.loads(result.metrics.read_text())
+        assert metrics["patient_id"] == patient.patient_id and np.isfinite(metrics["dvh"]["PTV"]["mean_gy"])
+        for path in (result.notebook, result.html, result.metrics, log):
+            assert orthanc.password not in path.read_text(), path  # the login went by the kernel's environment
+    # the Orthanc report read Orthanc (the kernel logged in with the URL's login), the other the embedded store
+    sources = {name: json.loads(results[name].metrics.read_text())["provenance"]["parameters"]["pacs_url"]
+               for name in jobs}
+    assert sources == {"orthanc": orthanc.url, "embedded": jobs["embedded"]}
+
+
+@pytest.mark.slow
+def test_plain_papermill_writes_nothing_into_the_working_folder(store, patient, tmp_path):
+    """`papermill <template> out.ipynb -p patient_id ...` run by hand: metrics.json and structures.npz (which
+    carry the real PatientID) go to reports/<PatientID>/, never into the working folder (a repository, say)."""
+    import os
+
+    from pacsai.notebooks import REPORT_TEMPLATE, template
+    from pacsai.report.run import default_out_dir
+
+    _, root = store
+    papermill = Path(sys.executable).with_name("papermill")
+    proc = subprocess.run(
+        [str(papermill), str(template(REPORT_TEMPLATE)), "out.ipynb", "-k", "pacsai", "-p", "patient_id",
+         patient.patient_id, "-p", "pacs_url", f"file://{root / 'pacs'}"],
+        cwd=tmp_path, env={**os.environ, "PACSAI_CACHE_DIR": str(root / "cache")}, capture_output=True, text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.ipynb", "reports"]
+    folder = tmp_path / default_out_dir(patient.patient_id)
+    assert sorted(p.name for p in folder.iterdir()) == ["metrics.json", "structures.npz"]
+    # and where a by-hand run did write into a repository's root, git ignores what it left
+    repo = Path(__file__).resolve().parents[1]
+    ignored = subprocess.run(["git", "-C", str(repo), "check-ignore", "metrics.json", "structures.npz",
+                              "reports/x/report.html"], capture_output=True, text=True)
+    assert ignored.stdout.split() == ["metrics.json", "structures.npz", "reports/x/report.html"]
+
+
 @pytest.mark.slow
 def test_cohort_reports_one_failure_does_not_stop_the_rest(tmp_path):
     """Two workers; a patient whose study has no RTSTRUCT fails alone, is listed, and the CLI exits 1."""

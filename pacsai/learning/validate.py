@@ -1,7 +1,8 @@
 """Validate a registered model by running the validation notebook with papermill; promote it on a pass.
 
-:func:`run_validation` executes ``notebooks/03_evaluate.ipynb`` of the installed project (never of the working
-directory) with the ``pacsai`` kernel. The notebook evaluates the model on the held-out (``test``) patients of
+:func:`run_validation` executes the validation template shipped in the package (``pacsai/templates/
+03_evaluate.ipynb``, also ``notebooks/03_evaluate.ipynb`` in the source tree) with the ``pacsai`` kernel, by
+:mod:`pacsai.notebooks`. The notebook evaluates the model on the held-out (``test``) patients of
 its training run, with the plan dose where the study has one (:func:`pacsai.learning.evaluate.
 dose_aware_agreement`), logs an MLflow run with ``pacsai.kind=validation`` (metrics ``dice_<S>``, ``hd95_<S>``,
 ``surface_dice_<S>``, ``apl_<S>``, ``delta_dmean_<S>``, ``delta_d0_03cc_<S>``, ``delta_v20_<S>`` and the worst
@@ -30,20 +31,19 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pacsai import notebooks
 from pacsai.errors import ConfigError, PacsaiError, TrackingError
+from pacsai.notebooks import KERNEL, VALIDATION_TEMPLATE
 
 logger = logging.getLogger(__name__)
 
-PROJECT_DIR = Path(__file__).resolve().parents[2]
-TEMPLATE = "03_evaluate.ipynb"
-KERNEL = "pacsai"
+TEMPLATE = VALIDATION_TEMPLATE
 LOWER_IS_BETTER = ("hd95", "msd", "apl", "abs_delta_dmean", "abs_delta_d0_03cc", "abs_delta_v20")
 HIGHER_IS_BETTER = ("dice", "surface_dice")
 # key of a structure's entry in the YAML block → the metric prefix it limits
@@ -69,13 +69,8 @@ _UNITS = {"hd95": " mm", "msd": " mm", "apl": " mm", "abs_delta_dmean": " Gy", "
 
 
 def template_path() -> Path:
-    """The validation notebook of the installed project."""
-    path = PROJECT_DIR / "notebooks" / TEMPLATE
-    if not path.is_file():
-        raise PacsaiError(
-            f"validation template {path} is missing; reinstall pacsai from its source tree (pip install -e .)"
-        )
-    return path
+    """The validation notebook shipped in the package (:func:`pacsai.notebooks.template`)."""
+    return notebooks.template(TEMPLATE)
 
 
 def split_metric(metric: str) -> tuple[str, str]:
@@ -335,11 +330,7 @@ def run_validation(
     PacsaiError
         The notebook failed (the message names the executed notebook to read).
     """
-    import papermill
-
     from pacsai import tracking
-    from pacsai.pacs.credentials import credentials_out_of_url
-    from pacsai.report.render import stderr_to
 
     ref = tracking.resolve_model(model_uri, settings=settings)
     if not ref.name:
@@ -354,9 +345,12 @@ def run_validation(
         folder.mkdir(parents=True, exist_ok=True)
         out_nb = folder / f"validation-{ref.name}-v{ref.version}.ipynb"
         result_path = folder / f"validation-{ref.name}-v{ref.version}.json"
+        # The executed notebook becomes an MLflow artifact: a user:password@ URL must not reach it, so its login
+        # goes to this kernel's own environment (pacsai.notebooks), as would PACSAI_PACS_PASSWORD from the user.
+        url, secrets = notebooks.credentials_to_environment(pacs_url or "")
         params = {
             "model_uri": pinned,
-            "pacs_url": pacs_url or "",  # credentials in it move to the environment below
+            "pacs_url": url,
             "tracking_uri": tracking.tracking_uri(settings=settings),
             "thresholds": limits,
             "tolerance_mm": float(tolerance_mm),
@@ -364,31 +358,17 @@ def run_validation(
             "result_path": str(result_path),
         }
         logger.info("validating %s with %s (thresholds: %s)", pinned, template_path(), source)
+        env = notebooks.kernel_environment({**secrets, "PACSAI_RUN_SOURCE": TEMPLATE})
         try:
-            # The executed notebook becomes an MLflow artifact: a user:password@ URL must not reach it, and the
-            # kernel's start-up chatter goes to a log file next to it rather than the user's terminal.
-            with credentials_out_of_url(params["pacs_url"]) as url, stderr_to(out_nb.with_suffix(".log")):
-                papermill.execute_notebook(
-                    str(template_path()),
-                    str(out_nb),
-                    parameters={**params, "pacs_url": url},
-                    kernel_name=kernel,
-                    cwd=os.getcwd(),
-                    progress_bar=False,
-                    log_output=False,
-                )
-        except papermill.PapermillExecutionError as err:
+            # The kernel's start-up chatter goes to a log file next to the notebook, not the user's terminal.
+            notebooks.execute(template_path(), out_nb, params, env=env, cwd=Path.cwd(), kernel=kernel)
+        except notebooks.NotebookCellError as err:
             raise PacsaiError(
                 f"validation notebook failed for {pinned}: {err.ename}: {err.evalue} (executed notebook: {out_nb}; "
                 "pass an output folder to keep it)"
             ) from err
-        except Exception as err:  # kernel missing, papermill errors
-            if "No such kernel" in str(err) or "kernel" in type(err).__name__.lower():
-                raise PacsaiError(
-                    f"Jupyter kernel {kernel!r} not found: run `make setup` (python -m ipykernel install "
-                    f"--sys-prefix --name {kernel})"
-                ) from err
-            raise
+        except notebooks.NotebookError as err:  # kernel died, not installed, did not start
+            raise PacsaiError(f"validation of {pinned}: {err}") from err
         try:
             result = json.loads(result_path.read_text())
         except (OSError, ValueError) as err:

@@ -1,43 +1,37 @@
-"""Execute a report template with papermill and export it to HTML (no code) and PDF (headless Chromium)."""
+"""Execute the report template (:mod:`pacsai.notebooks`) and export it to HTML (no code) and PDF (headless Chromium)."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pacsai import notebooks
 from pacsai.errors import ReportError
+from pacsai.notebooks import KERNEL, REPORT_TEMPLATE, NotebookCellError, NotebookError
 
 log = logging.getLogger(__name__)
 
-KERNEL = "pacsai"
-
-
 def project_root() -> Path:
-    """The installed project (templates live in its ``notebooks/``), independent of the working directory."""
-    env = os.environ.get("PACSAI_PROJECT_ROOT")
-    if env:
-        return Path(env)
+    """The source tree this module sits in; only the demo uses it (its ``experiments/demo.yaml``).
+
+    Templates do not depend on it: they ship in the package (:func:`find_template`).
+    """
     return Path(__file__).resolve().parents[2]
 
 
-def find_template(name: str = "reports/patient_plan") -> Path:
-    """Path of a notebook template shipped with the project (``notebooks/<name>.ipynb``)."""
-    path = project_root() / "notebooks" / f"{name}.ipynb"
-    if not path.is_file():
-        raise ReportError(
-            f"report template {path} not found; install pacsai from its source tree (pip install -e .) "
-            "or set PACSAI_PROJECT_ROOT to the folder that holds notebooks/"
-        )
-    return path
+def find_template(name: str = REPORT_TEMPLATE) -> Path:
+    """Path of a notebook template shipped in the package (``pacsai/templates/<name>``)."""
+    try:
+        return notebooks.template(name)
+    except NotebookError as err:
+        raise ReportError(str(err)) from err
 
 
 def execute(
@@ -45,57 +39,31 @@ def execute(
     output: Path,
     parameters: Mapping[str, Any],
     *,
+    env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
     kernel: str = KERNEL,
     timeout_s: int = 600,
 ) -> Path:
-    """Run ``template`` with papermill into ``output`` (an executed .ipynb) with the named kernel."""
-    import papermill
+    """Run ``template`` with papermill into ``output`` (an executed .ipynb) in a kernel of its own.
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    log_path = output.with_name(output.stem + ".log")
-    try:
-        with stderr_to(log_path):
-            papermill.execute_notebook(
-                str(template),
-                str(output),
-                parameters=dict(parameters),
-                kernel_name=kernel,
-                cwd=str(cwd or output.parent),
-                progress_bar=False,
-                execution_timeout=timeout_s,
-            )
-    except papermill.PapermillExecutionError as err:
-        raise ReportError(
-            f"report notebook failed in cell {err.exec_count}: {err.ename}: {err.evalue} "
-            f"(the partly executed notebook is {output})"
-        ) from err
-    except Exception as err:
-        if "No such kernel" in str(err) or "NoSuchKernel" in type(err).__name__:
-            raise ReportError(
-                f"Jupyter kernel {kernel!r} is not installed; run `make setup` "
-                f"(or `python -m ipykernel install --sys-prefix --name {kernel}`)"
-            ) from err
-        raise
-    return output
+    The kernel's stdout/stderr go to ``output`` with the suffix ``.log``; ``env`` is its whole environment
+    (default this process's, see :func:`pacsai.notebooks.kernel_environment`).
 
-
-@contextlib.contextmanager
-def stderr_to(path: Path) -> Iterator[None]:
-    """Send file descriptor 2 (the kernel's and papermill's chatter) to ``path`` for the block.
-
-    The kernel is a child process that inherits fd 2, so redirecting ``sys.stderr`` alone would not do.
+    Raises
+    ------
+    ReportError
+        A cell failed, the kernel died or is not installed (the message says which, and names the notebook).
     """
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(path, "ab") as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
+    try:
+        notebooks.execute(template, output, parameters, env=env, cwd=cwd, kernel=kernel, timeout_s=timeout_s)
+    except NotebookCellError as err:
+        raise ReportError(
+            f"report notebook failed in cell {err.cell}: {err.ename}: {err.evalue} "
+            f"(the partly executed notebook is {output}; the kernel's log {output.with_suffix('.log')})"
+        ) from err
+    except NotebookError as err:
+        raise ReportError(f"report notebook: {err}") from err
+    return output
 
 
 def to_html(notebook: Path, html: Path) -> Path:

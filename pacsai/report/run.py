@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pacsai.pacs.credentials import credentials_out_of_url
-
 from pacsai.errors import ReportError
+from pacsai.notebooks import credentials_to_environment, kernel_environment, redact_url
 from pacsai.report import render
 from pacsai.report.params import ReportParameters
 from pacsai.report.summary import MASKS_FILE, METRICS_FILE
 from pacsai.report.track import track_report
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pacsai.pacs import Pacs
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,31 @@ class ReportResult:
     seconds: float = 0.0
 
 
+# mlflow's fluent API (mlflow.start_run, used by track_report) keeps ONE tracking URI per process and, while a run
+# is logged, also sets MLFLOW_TRACKING_URI: two reports logging at once, or one reading the store while another
+# logs, would cross stores. Held only for that second of logging and the read of the URI, never around a kernel.
+_MLFLOW_FLUENT = threading.Lock()
+
+
+def report_environment(
+    secrets: Mapping[str, str] | None = None, *, mlflow_uri: str | None = None
+) -> dict[str, str]:
+    """The report kernel's environment: this process's, with its MLflow store and the PACS login of this report.
+
+    The kernel runs in the output folder, so it gets the store as an absolute URI (``mlflow_uri``, default this
+    process's) rather than one relative to there; ``secrets`` (:func:`pacsai.notebooks.credentials_to_environment`)
+    carry a login taken out of the PACS URL. Each report builds its own: threads running reports side by side
+    never share one.
+    """
+    from pacsai.tracking import tracking_uri
+
+    if mlflow_uri is None:
+        with _MLFLOW_FLUENT:
+            mlflow_uri = tracking_uri()
+    return kernel_environment({"PACSAI_MLFLOW_URI": mlflow_uri, "PACSAI_RUN_SOURCE": "report.ipynb",
+                               **(secrets or {})})
+
+
 def default_out_dir(patient_id: str, root: Path = Path("reports")) -> Path:
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in patient_id)
     return root / safe
@@ -51,6 +79,7 @@ def run_report(
     track: bool = True,
     pdf: bool = True,
     push_anyway: bool = False,
+    mlflow_uri: str | None = None,
 ) -> ReportResult:
     """Execute the report template for one patient and write report.ipynb, report.html, report.pdf, metrics.json.
 
@@ -69,22 +98,19 @@ def run_report(
         by user request".
     track
         Log an MLflow run (``pacsai.kind=report``), pseudonymised.
+    mlflow_uri
+        The MLflow store of this report (the kernel's and the report run's); default the process's
+        (``PACSAI_MLFLOW_URI``, else ``mlruns/``). Reports running side by side in threads may each have their own.
     """
     start = time.perf_counter()
-    with credentials_out_of_url(params.pacs_url) as url:
-        return _run_report(params.model_copy(update={"pacs_url": url}), out_dir=out_dir, push=push,
-                           track=track, pdf=pdf, start=start, push_anyway=push_anyway)
-
-
-def _run_report(
-    params: ReportParameters, *, out_dir: Path | None, push: bool, track: bool, pdf: bool, start: float,
-    push_anyway: bool = False,
-) -> ReportResult:
-    # The notebook runs in the output folder: a relative file:// store must not be resolved from there.
     from pacsai.pacs import connect
 
+    # This process connects with the URL as given. The kernel, the notebook, metrics.json and MLflow get it without
+    # ``user:password@`` (the kernel gets those in its own environment, see pacsai.notebooks), and absolute: the
+    # notebook runs in the output folder, where a relative file:// store would resolve elsewhere.
     pacs = connect(params.pacs_url or None)
-    params = params.model_copy(update={"pacs_url": str(pacs.url)})
+    secrets = credentials_to_environment(params.pacs_url)[1]
+    params = params.model_copy(update={"pacs_url": redact_url(str(pacs.url))})
     # Fail in a second, not after starting a kernel, when the patient is not there.
     if pacs.search_studies(PatientID=params.patient_id).empty:
         raise ReportError(f"no studies of patient {params.patient_id!r} on {pacs.url}; check the PatientID "
@@ -98,18 +124,8 @@ def _run_report(
     # The kernel runs in the output folder, so "." is that folder: the executed notebook (and its provenance)
     # stays right when a cohort run renames its staging folder into place.
     values["out_dir"] = "."
-    # The kernel runs in the output folder: hand it this process's MLflow store, not one relative to there.
-    from pacsai.tracking import tracking_uri
-
-    saved = os.environ.get("PACSAI_MLFLOW_URI")
-    os.environ["PACSAI_MLFLOW_URI"] = tracking_uri()
-    try:
-        render.execute(render.find_template(), notebook, values, cwd=staging)
-    finally:
-        if saved is None:
-            os.environ.pop("PACSAI_MLFLOW_URI", None)
-        else:
-            os.environ["PACSAI_MLFLOW_URI"] = saved
+    render.execute(render.find_template(), notebook, values, cwd=staging,
+                   env=report_environment(secrets, mlflow_uri=mlflow_uri))
     metrics_path = staging / METRICS_FILE
     if not metrics_path.is_file():
         raise ReportError(f"the report notebook did not write {metrics_path}; see {notebook}")
@@ -118,8 +134,8 @@ def _run_report(
     metrics = json.loads(metrics_path.read_text())
     pushed: dict[str, Any] = {}
     if push:
-        pushed = push_results(params, staging, metrics, pdf_path, push_anyway=push_anyway)
-    run_id = track_report(params, staging, metrics, pdf_path) if track else None
+        pushed = push_results(params, staging, metrics, pdf_path, push_anyway=push_anyway, pacs=pacs)
+    run_id = _track(params, staging, metrics, pdf_path, mlflow_uri=mlflow_uri) if track else None
     return ReportResult(
         patient_id=params.patient_id,
         out_dir=staging,
@@ -133,9 +149,20 @@ def _run_report(
     )
 
 
+def _track(params: ReportParameters, folder: Path, metrics: dict[str, Any], pdf_path: Path | None, *,
+           mlflow_uri: str | None) -> str | None:
+    with _MLFLOW_FLUENT:
+        if mlflow_uri is None:
+            return track_report(params, folder, metrics, pdf_path)
+        from pacsai.config import load_settings
+
+        settings = load_settings(mlflow_uri=mlflow_uri)
+        return track_report(params, folder, metrics, pdf_path, settings=settings)
+
+
 def push_results(
     params: ReportParameters, folder: Path, metrics: dict[str, Any], pdf_path: Path | None, *,
-    push_anyway: bool = False,
+    push_anyway: bool = False, pacs: Pacs | None = None,
 ) -> dict[str, Any]:
     """Build the DICOM outputs from a finished report folder and store them in the patient's study.
 
@@ -169,7 +196,7 @@ def push_results(
         if not pdf_path:
             return {"objects": [], "stored": [], "already_present": [], "failed": [], "qa_status": status,
                     "withheld": withheld, "withheld_reason": "QA FAIL (and no PDF rendered)"}
-    pacs = connect(params.pacs_url or None)
+    pacs = pacs or connect(params.pacs_url or None)
     study = metrics.get("study_instance_uid")
     image_ref = next(i for i in metrics["provenance"]["inputs"]
                      if i["modality"] in IMAGE_MODALITIES and i["study_instance_uid"] == study)
