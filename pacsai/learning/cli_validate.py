@@ -12,13 +12,14 @@ import logging
 logger = logging.getLogger(__name__)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``validate`` verb."""
     p = subparsers.add_parser(
         "validate",
         help="validate a registered model (papermill); on pass, set the alias champion",
-        description="Run notebooks/03_evaluate.ipynb on the model's held-out patients (with the plan dose where "
-        "there is one), log a validation run in MLflow, write the gate's numbers onto the model version, and set "
+        description="Run the validation notebook (pacsai/templates/03_evaluate.ipynb; notebooks/03_evaluate.ipynb in "
+        "the source tree) on the model's held-out patients (with the plan dose where there is one), log a "
+        "validation run in MLflow, write the gate's numbers onto the model version, and set "
         "the alias 'champion' only if every structure the model outputs meets its limits (exit 1 otherwise). "
         "Limits: the experiment's validation.thresholds block, or --threshold: STRUCT=DICE (Dice ≥), "
         "hd95_STRUCT=MM, msd_STRUCT=MM, apl_STRUCT=MM (≤), surface_dice_STRUCT=F (≥), delta_dmean_STRUCT=GY, "

@@ -13,18 +13,22 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import pandas as pd
 from tqdm.auto import tqdm
 
 from pacsai.errors import ReportError
 from pacsai.report.params import ReportParameters
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pacsai.pacs import Pacs
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +54,9 @@ def _one(params: ReportParameters, out_root: str, push: bool, track: bool, push_
 
     start = time.perf_counter()
     final = default_out_dir(params.patient_id, Path(out_root))
-    # Hidden and unique per process: a half-written report never sits where a finished one is expected.
-    staging = final.with_name(f".{final.name}.partial-{os.getpid()}")
+    # Hidden and unique per process and thread (a threaded Dask worker runs several reports in one process): a
+    # half-written report never sits where a finished one is expected.
+    staging = final.with_name(f".{final.name}.partial-{os.getpid()}-{threading.get_ident()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
         result = run_report(params, out_dir=staging, push=push, track=track, push_anyway=push_anyway)
@@ -68,7 +73,7 @@ def _one(params: ReportParameters, out_root: str, push: bool, track: bool, push_
 
 def _move_into_place(staging: Path, final: Path) -> None:
     """Replace ``final`` by ``staging``; an earlier report of the patient goes only once the new one is there."""
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    old = final.with_name(f".{final.name}.old-{os.getpid()}-{threading.get_ident()}")
     if final.exists():
         os.replace(final, old)
     os.replace(staging, final)
@@ -192,7 +197,7 @@ def failed_patients(summary: pd.DataFrame) -> list[str]:
     return sorted(summary.loc[~summary.ok, "patient_id"].astype(str))
 
 
-def cohort_patients(pacs: Any, filters: dict[str, str]) -> list[str]:
+def cohort_patients(pacs: Pacs, filters: dict[str, str]) -> list[str]:
     """PatientIDs of the studies matching ``filters`` (QIDO study-level keywords, wildcards allowed)."""
     studies = pacs.search_studies(**filters)
     if studies.empty or "PatientID" not in studies:
