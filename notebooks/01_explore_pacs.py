@@ -29,11 +29,10 @@ smoke: bool = False  # help: fast settings for tests and CI
 
 # %%
 import pandas as pd
-import pydicom
 from IPython.display import display
 
 import pacsai
-from pacsai import planning, viz
+from pacsai import planning, structure_sets, viz
 from pacsai.cohort import CohortQuery, select_cohort
 
 if viewer not in ("auto", "niivue", "matplotlib", "static"):
@@ -59,7 +58,10 @@ cohort.table[["patient_id", "study_instance_uid", "series_instance_uid", "roi_na
 
 # %% [markdown]
 # ## Pull one patient
-# The CT series, its RTSTRUCT (rasterised on the CT grid) and the study's RT Dose, through the local cache.
+# The CT series, its RTSTRUCT (rasterised on the CT grid) and the study's RT Dose, through the local cache. Where
+# the study has several structure sets, `pacsai.structure_sets.choose` picks the one the report uses too: one that
+# references this CT, the latest by StructureSetDate/Time, most ROIs as a tie-break; pacsai's own never
+# (docs/structure_set_selection.md).
 
 # %%
 pid = patient_id or cohort.patients[0]
@@ -71,10 +73,17 @@ dates = pacs.search_studies(PatientID=pid).set_index("StudyInstanceUID").StudyDa
 row = max(rows.itertuples(), key=lambda r: str(dates.get(r.study_instance_uid) or ""))
 
 image = pacsai.read_series(pacs.retrieve_series(row.study_instance_uid, row.series_instance_uid, progress=False))
-rt_files = pacs.retrieve_series(row.study_instance_uid, row.rtstruct_series_uid, progress=False)
-rt_file = next(p for p in rt_files if pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID
-               == row.rtstruct_sop_instance_uid)
-masks = pacsai.read_rtstruct(rt_file, like=image)
+rt_series = pacs.search_series(StudyInstanceUID=row.study_instance_uid, Modality="RTSTRUCT")
+candidates = [structure_sets.read_header(path) for uid in rt_series.SeriesInstanceUID
+              for path in pacs.retrieve_series(row.study_instance_uid, uid, progress=False)]
+lowered = {name.lower() for name in wanted}
+chosen = structure_sets.choose([c for c in candidates if lowered <= {n.lower() for n in c.roi_names}],
+                               image_series_uid=row.series_instance_uid)
+if chosen is None:
+    raise ValueError(f"no planner RTSTRUCT of study {row.study_instance_uid} references CT {row.series_instance_uid}"
+                     + (f" with {', '.join(wanted)}" if wanted else ""))
+masks = pacsai.read_rtstruct(chosen.path, like=image)
+print(f"structures: RTSTRUCT '{chosen.label}' ({chosen.date_time[:8] or 'undated'}), {len(candidates)} in the study")
 
 doses = pacs.search_series(StudyInstanceUID=row.study_instance_uid, Modality="RTDOSE")
 dose = None
@@ -86,8 +95,9 @@ print(f"{row.patient_id}: CT {image.shape} voxels of {tuple(round(s, 2) for s in
 
 # %% [markdown]
 # ## Viewer
-# Three planes and a 3D rendering with the structures overlaid (ipyniivue, offline). Where the output cannot show
-# widgets (papermill, HTML export) it shows the same three planes as a picture.
+# Three planes and a 3D rendering with the structures overlaid (ipyniivue, offline), with a legend of the structure
+# colours and the dose scale. Run by papermill or `nbconvert --execute` (no widget frontend) it makes only the same
+# three planes as a picture, so the executed notebook stays small and its HTML export shows the picture offline.
 
 # %%
 viz.view(image, structures=masks, dose=dose, backend=viewer)

@@ -43,13 +43,18 @@ def test_executes_with_smoke_parameters_and_exports_offline(tmp_path, monkeypatc
     from nbconvert import HTMLExporter
 
     from pacsai.pacs import connect
-    from pacsai.synthetic import seed_pacs
+    from pacsai.synthetic import make_patient, seed_pacs
+    from tests.test_structure_sets import REVISION_ROIS, revision
 
     monkeypatch.delenv("PACSAI_VIEWER", raising=False)
     url = f"file://{tmp_path / 'pacs'}"
     # The smallest thorax the phantom allows (384 × 384 × 120 mm), one patient, no prior: a few seconds.
     seed_pacs(connect(url), patients=1, seed=21, shape=(40, 96, 96), spacing=(4.0, 4.0, 3.0), with_prior=False,
               progress=False)
+    # A planner's later revision of the structure set with fewer ROIs: the library's rule (which the report uses
+    # too) takes it, where "most ROIs" would not.
+    patient = make_patient(21, shape=(40, 96, 96), spacing=(4.0, 4.0, 3.0), with_prior=False)
+    assert connect(url).store([revision(patient)], progress=False).ok
     out = tmp_path / "01_explore_pacs.ipynb"
     start = time.perf_counter()
     # papermill's defaults, as a user would run it (nbclient stores widget state by default)
@@ -66,6 +71,8 @@ def test_executes_with_smoke_parameters_and_exports_offline(tmp_path, monkeypatc
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "SYN-00021: CT (40, 96, 96) voxels of (4.0, 4.0, 3.0) mm" in text
     assert "dose max" in text and "1 series of 1 patients" in text
+    assert "structures: RTSTRUCT 'Physician revision' (20300101), 2 in the study" in text
+    assert f"structures {list(REVISION_ROIS)}" in text
     dvh_table = [o for o in outputs if "text/html" in o.get("data", {}) and "d0_03cc_gy" in o.data["text/html"]]
     assert len(dvh_table) == 1 and ">GTV<" in dvh_table[0].data["text/html"]
     assert not [o for o in outputs if WIDGET_VIEW in o.get("data", {})]

@@ -19,21 +19,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import numpy as np
+import pandas as pd
 import pydicom
 import xarray as xr
 
+# The rule that picks a study's structure set lives in pacsai.structure_sets (notebook 01 uses it too); its
+# names stay importable from here.
+from pacsai import structure_sets
 from pacsai.errors import PacsaiError, ReportError
 from pacsai.report.params import ReportParameters
+from pacsai.structure_sets import PACSAI_MANUFACTURER as PACSAI_MANUFACTURER
+from pacsai.structure_sets import SYNTHETIC_PLANNER_MODEL as SYNTHETIC_PLANNER_MODEL
+from pacsai.structure_sets import written_by_pacsai as written_by_pacsai
 
 log = logging.getLogger(__name__)
 
-#: General Equipment Manufacturer of every object pacsai writes (SEG, RTSTRUCT, SR, PDF; pacsai.imaging writers).
-PACSAI_MANUFACTURER = "pacsai"
-#: ManufacturerModelName of the synthetic generator's structure sets: they stand in for a planner's RTSTRUCT
-#: (pacsai.synthetic draws the ground truth a planner would), so they count as planner structures.
-SYNTHETIC_PLANNER_MODEL = "pacsai.synthetic"
 #: Modalities a report can be made on (the planning image), in order of preference.
 IMAGE_MODALITIES = ("CT", "MR")
 
@@ -121,18 +122,6 @@ class PatientData:
             if extra is not None:
                 refs += [r for r in extra.inputs if r not in refs]
         return refs
-
-
-def written_by_pacsai(ds: pydicom.Dataset) -> bool:
-    """True for an object a pacsai report wrote back (its SEG, RTSTRUCT, SR or PDF).
-
-    pacsai's writers stamp ``Manufacturer = "pacsai"`` in the General Equipment module; the synthetic generator's
-    structure sets (``ManufacturerModelName`` ``pacsai.synthetic``) stand in for a planner and do not count.
-    UIDs cannot tell: pacsai derives ``2.25.<uuid5>`` UIDs, a root any software may use.
-    """
-    manufacturer = str(ds.get("Manufacturer", "") or "").strip().lower()
-    model = str(ds.get("ManufacturerModelName", "") or "").strip()
-    return manufacturer == PACSAI_MANUFACTURER and not model.startswith(SYNTHETIC_PLANNER_MODEL)
 
 
 def gather(params: ReportParameters, *, pacs: Any) -> PatientData:
@@ -342,22 +331,25 @@ def _date(ds: pydicom.Dataset) -> str:
     return "undated"
 
 
-def _planner_rtstruct(pacs: Any, study_uid: str, series: pd.DataFrame) -> tuple[Path, SeriesRef, pydicom.Dataset] | None:
-    """The most recent RTSTRUCT of the study that a planner drew (pacsai's own are skipped), or None."""
-    found = []
+def _planner_rtstruct(
+    pacs: Any, study_uid: str, series: pd.DataFrame, image_series_uid: str
+) -> tuple[Path, SeriesRef, pydicom.Dataset] | None:
+    """The study's planner RTSTRUCT for the image series by :func:`pacsai.structure_sets.choose` (pacsai's own
+    skipped; referencing the image; latest StructureSetDate/Time; most ROIs), or None."""
+    found: dict[Path, SeriesRef] = {}
+    headers = []
     for _, row in series[series.Modality == "RTSTRUCT"].iterrows():
         paths, ref = _pull(pacs, study_uid, row)
-        ds = pydicom.dcmread(paths[0], stop_before_pixels=True)
-        if written_by_pacsai(ds):
-            log.info("RTSTRUCT %s was written by pacsai: not a planner's structure set", ref.series_instance_uid)
-            continue
-        when = str(ds.get("StructureSetDate", "") or "") + str(ds.get("StructureSetTime", "") or "")
-        found.append((when, paths[0], ref, ds))
-    if not found:
+        for path in paths:
+            header = structure_sets.read_header(path)
+            if header.written_by_pacsai:
+                log.info("RTSTRUCT %s was written by pacsai: not a planner's structure set", ref.series_instance_uid)
+            headers.append(header)
+            found[header.path] = ref
+    chosen = structure_sets.choose(headers, image_series_uid=image_series_uid)
+    if chosen is None:
         return None
-    found.sort(key=lambda item: item[0])
-    _, path, ref, ds = found[-1]
-    return path, ref, ds
+    return chosen.path, found[chosen.path], chosen.header
 
 
 def _read_study(pacs: Any, row: Any, *, structures_from: str) -> StudyData:
@@ -385,7 +377,7 @@ def _read_study(pacs: Any, row: Any, *, structures_from: str) -> StudyData:
         inputs=[image_ref],
         modality=image_ref.modality,
     )
-    planner = _planner_rtstruct(pacs, study_uid, series)
+    planner = _planner_rtstruct(pacs, study_uid, series, image_ref.series_instance_uid)
     if planner is None:
         if structures_from == "pacs":
             raise ReportError(
