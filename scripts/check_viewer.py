@@ -7,8 +7,9 @@ What it does, all on loopback:
 2. starts JupyterLab on 127.0.0.1 (token auth, no news or update checks) with ``notebooks/01_explore_pacs``;
 3. starts headless Chromium (Debian ``chromium``) whose DNS resolves nothing but 127.0.0.1, drives it through the
    Chrome DevTools protocol: opens the notebook, runs all cells, waits for the kernel;
-4. fails unless every cell ran without error, the viewer cell shows the ipyniivue WebGL canvas, and the canvas shows
-   a rendered volume (enough non-black pixels, and coloured structure/dose pixels);
+4. fails unless the notebook opens unmodified (its metadata match the kernel's), every cell ran without error, the
+   viewer cell shows the ipyniivue WebGL canvas with its legend (structure colours, dose scale), and the canvas
+   shows a rendered volume (enough non-black pixels, and coloured structure/dose pixels);
 5. writes a screenshot (default ``docs/viewer.png``) and lists every non-loopback request the page attempted
    (they cannot succeed; the check fails if the viewer needed one).
 
@@ -140,6 +141,11 @@ JS_NOTEBOOK_READY = """(() => {
   const k = w.sessionContext.session && w.sessionContext.session.kernel;
   return !!k && k.status === 'idle' && app.shell.currentWidget === w;
 })()""".replace("PANEL", JS_PANEL)
+JS_DIRTY = "(() => { const w = PANEL; return w.context.model.dirty; })()".replace("PANEL", JS_PANEL)
+JS_LEGEND = """(() => {
+  const l = document.querySelector('.jp-OutputArea-output .pacsai-legend');
+  return l && l.getBoundingClientRect().height > 0 && l.innerText.includes('Gy') ? l.innerText : null;
+})()"""
 JS_CELLS = """(() => {
   const w = PANEL; const model = w.content.model;
   const out = [];
@@ -269,6 +275,10 @@ def drive(cdp: DevTools, *, lab_port: int, token: str, out: Path, timeout: float
     cdp.send("Emulation.setFocusEmulationEnabled", {"enabled": True})
     cdp.send("Page.navigate", {"url": f"http://127.0.0.1:{lab_port}/lab/tree/01_explore_pacs.ipynb?reset&token={token}"})
     cdp.wait_for(JS_NOTEBOOK_READY, timeout=120, what="JupyterLab to open the notebook with an idle pacsai kernel")
+    time.sleep(2.0)  # the kernel's info has arrived (idle): Lab has rewritten whatever metadata it would
+    if cdp.evaluate(JS_DIRTY):
+        raise CheckFailed("JupyterLab marks the committed notebook modified on opening (its kernelspec or "
+                          "language_info differ from the pacsai kernel's); re-save it from Lab and commit it")
     cdp.evaluate("window.jupyterapp.shell.leftCollapsed || window.jupyterapp.commands.execute("
                  "'application:toggle-left-area')")
     t_run = time.monotonic()
@@ -289,6 +299,7 @@ def drive(cdp: DevTools, *, lab_port: int, token: str, out: Path, timeout: float
     rect = cdp.wait_for(JS_CANVAS, timeout=60, what="the ipyniivue canvas in the viewer output")
     if not rect.get("webgl"):
         raise CheckFailed("the viewer canvas has no WebGL context")
+    legend = cdp.wait_for(JS_LEGEND, timeout=30, what="the viewer's legend (structure colours and dose scale)")
     # Let niivue finish loading the NIfTI layers and draw (software WebGL is slow), then measure the picture.
     metrics: dict[str, float] = {}
     for _ in range(20):
@@ -310,6 +321,7 @@ def drive(cdp: DevTools, *, lab_port: int, token: str, out: Path, timeout: float
     })
     return {"screenshot": str(out), "run_all_s": round(run_s, 1), "total_s": round(time.monotonic() - started, 1),
             "canvas_px": [rect["width"], rect["height"]], **{k: round(v, 4) for k, v in metrics.items()},
+            "legend": " ".join(str(legend).split()), "opened_unmodified": True,
             "non_loopback_requests": outside}
 
 
