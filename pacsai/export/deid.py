@@ -61,8 +61,8 @@ class Deidentifier:
     """
 
     def __init__(self, manifest: str | Path, *, export_dir: str | Path) -> None:
-        self.path = Path(manifest).resolve()
-        out = Path(export_dir).resolve()
+        self.path = Path(manifest).expanduser().resolve()
+        out = Path(export_dir).expanduser().resolve()
         if self.path == out or out in self.path.parents:
             raise ExportError(f"the manifest {self.path} lies inside the export folder {out}: it holds the real "
                               "patient IDs; give --manifest a path outside --out")
