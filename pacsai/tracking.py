@@ -377,6 +377,7 @@ def start_run(
     tags: Mapping[str, str] | None = None,
     run_name: str | None = None,
     run_id: str | None = None,
+    source: str | None = None,
     settings: Settings | None = None,
 ) -> Iterator[RunContext]:
     """Start an MLflow run with pacsai's tags and the cohort's UID manifest.
@@ -396,6 +397,9 @@ def start_run(
         Run name (checked like params); default :func:`default_run_name`.
     run_id
         Continue this existing run (resumed training) instead of starting a new one.
+    source
+        What started the run (``mlflow.source.name``), e.g. the notebook a runner executes; default
+        :func:`run_source`.
     settings
         Settings; default :func:`pacsai.load_settings`.
 
@@ -412,7 +416,7 @@ def start_run(
     experiment_id = ensure_experiment(experiment, settings=s)
     key = pseudonym_key(settings=s)
     identifiers = cohort.identifiers() if (cohort is not None and not s.log_phi) else []
-    source, source_type = run_source()
+    source, source_type = (source, "NOTEBOOK" if source.endswith(".ipynb") else "LOCAL") if source else run_source()
     all_tags = {
         "pacsai.kind": kind,
         "pacsai.git_sha": git_sha(),

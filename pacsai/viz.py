@@ -436,7 +436,8 @@ def plot_planes(
         # The wash's colour scale in Gy (the legend names the isodose lines; this reads the colours between them).
         cax = fig.add_axes((0.885, 0.1, 0.015, 0.28), gid="dose-colorbar")
         bar = fig.colorbar(wash_image, cax=cax)
-        bar.solids.set_alpha(0.6)
+        if bar.solids is not None:
+            bar.solids.set_alpha(0.6)
         bar.set_label("dose (Gy)", fontsize=8)
         cax.tick_params(labelsize=7)
     x, y, z = p.point_mm

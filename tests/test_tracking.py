@@ -310,6 +310,10 @@ def test_start_run_hashes_uids_and_dates_in_params_and_tags(store):
     key = tracking.pseudonym_key()
     assert run.data.params["study_uid"] == privacy.hash_uid("1.2.826.0.1.3680043.8.498.1", key)
     assert run.data.tags["note"] == "prior of day 0" and run.info.run_name == "report p-01"
+    with tracking.start_run("validation", experiment="r", source="03_evaluate.ipynb") as named:
+        pass
+    tags = tracking.client().get_run(named.run_id).data.tags
+    assert (tags["mlflow.source.name"], tags["mlflow.source.type"]) == ("03_evaluate.ipynb", "NOTEBOOK")
     assert got == {privacy.hash_uid("1.2.826.0.1.3680043.8.498.7", key): ["day 0", "day 115", "version 0.1.0", 0.95]}
     experiment = tracking.client().get_experiment(run.info.experiment_id)
     assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == tracking.CLASSIC_ML_KIND
