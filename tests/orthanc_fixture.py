@@ -22,7 +22,8 @@ Fixtures (loaded by ``tests/conftest.py`` through ``pytest_plugins``):
     ``orthanc_postgres``, emptied before the test.
 
 Back ends of ``pacs``: ``PACSAI_PACS_BACKENDS`` (comma-separated, default ``orthanc,embedded``) picks them;
-``orthanc-postgres`` is the third. CI runs the PACS tests once more with ``PACSAI_PACS_BACKENDS=orthanc-postgres``.
+``orthanc-postgres`` is the third. With it alone, ``orthanc`` itself is the PostgreSQL-backed server. CI runs the
+PACS tests once more with ``PACSAI_PACS_BACKENDS=orthanc-postgres``.
 """
 
 from __future__ import annotations
@@ -58,8 +59,15 @@ def _unavailable(reason: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
-    """A real Orthanc with DICOMweb for the whole session (see module docstring)."""
+def orthanc(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[OrthancServer]:
+    """A real Orthanc with DICOMweb for the whole session (see module docstring).
+
+    With ``PACSAI_PACS_BACKENDS=orthanc-postgres`` (no plain ``orthanc``) it is the PostgreSQL-backed one, so the
+    tests that use ``orthanc`` directly (to clear it, to reach its REST API) run against that back end too.
+    """
+    if "orthanc-postgres" in BACKENDS and "orthanc" not in BACKENDS:
+        yield request.getfixturevalue("orthanc_postgres")
+        return
     reason = orthanc_available()
     if reason:
         _unavailable(reason)
