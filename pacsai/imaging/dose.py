@@ -20,7 +20,7 @@ from pacsai.imaging.dicomio import (
     load_datasets,
     value,
 )
-from pacsai.imaging.geometry import affine_from, affine_of, make_volume
+from pacsai.imaging.geometry import affine_from, make_volume
 
 logger = logging.getLogger(__name__)
 
@@ -263,7 +263,7 @@ def resample(
             f"cannot resample: frame of reference {for_moving} (moving) differs from {for_like} (like); the grids "
             "are in different patient coordinate systems: register them first"
         )
-    a_moving, a_like = affine_of(moving), affine_of(like)
+    a_moving, a_like = moving.geo.affine, like.geo.affine
     # Target index (i, j, k) → source index (i, j, k); arrays are indexed (k, j, i), hence the permutation.
     ijk_map = np.linalg.inv(a_moving) @ a_like
     perm = np.zeros((4, 4))
@@ -314,7 +314,7 @@ def _shifted_copy(
     """``out[p] = source[p + offset]`` where that index exists, ``fill`` elsewhere."""
     out = np.full(shape, fill, dtype=dtype)
     dst, src = [], []
-    for n_out, n_src, off in zip(shape, source.shape, offset):
+    for n_out, n_src, off in zip(shape, source.shape, offset, strict=True):
         lo, hi = max(0, -off), min(n_out, n_src - off)
         if hi <= lo:
             return out

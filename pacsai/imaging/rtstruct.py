@@ -36,7 +36,7 @@ from pacsai.errors import PacsaiWarning, StructureError
 from pacsai.imaging import dicomwrite
 from pacsai.imaging.contours import fill_polygons, mask_to_polygons
 from pacsai.imaging.dicomio import MAX_MM
-from pacsai.imaging.geometry import affine_of, index_to_world, same_grid, world_to_index
+from pacsai.imaging.geometry import index_to_world, same_grid, world_to_index
 from pacsai.imaging.geometry import like as like_grid
 from pacsai.uids import derive_uid
 
@@ -107,7 +107,7 @@ def read_rtstruct(
     """
     ds = _read(path)
     source = str(getattr(ds, "filename", None) or ds.get("SOPInstanceUID") or "RTSTRUCT")
-    affine = affine_of(like)
+    affine = like.geo.affine
     n_slices, n_rows, n_cols = like.shape
     slice_mm = float(np.linalg.norm(affine[:3, 2]))
     tol_k = plane_tolerance_mm / slice_mm
@@ -484,7 +484,7 @@ def write_rtstruct(
         *uid_parts,
     )
     date, time = dicomwrite.content_datetime([f.dataset for f in frames], what="RTSTRUCT")
-    affine = affine_of(grid)
+    affine = grid.geo.affine
 
     ds = Dataset()
     ds.SOPClassUID = RT_STRUCTURE_SET_STORAGE

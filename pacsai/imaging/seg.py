@@ -34,9 +34,9 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless
 
 from pacsai.errors import PacsaiWarning, StructureError
-from pacsai.imaging.dicomio import check_orientation, floats
 from pacsai.imaging import dicomwrite
-from pacsai.imaging.geometry import affine_from, affine_of, make_volume, same_grid, world_to_index
+from pacsai.imaging.dicomio import check_orientation, floats
+from pacsai.imaging.geometry import affine_from, make_volume, same_grid, world_to_index
 from pacsai.imaging.geometry import like as like_grid
 from pacsai.uids import derive_uid
 
@@ -91,7 +91,7 @@ def read_seg(
     iop, row_spacing, col_spacing, positions = _frame_geometry(seg, name)
     if like is None:
         like = _own_grid(seg, name, iop, row_spacing, col_spacing, positions)
-    affine = affine_of(like)
+    affine = like.geo.affine
     like_for = like.attrs.get("frame_of_reference_uid")
     seg_for = seg.get("FrameOfReferenceUID")
     if like_for and seg_for and str(like_for) != str(seg_for):
@@ -339,7 +339,7 @@ def _paste(
     """
     rows, cols = np.nonzero(pixels)
     ijk = origin[None, :] + cols[:, None] * column_step[None, :] + rows[:, None] * row_step[None, :]
-    shape = np.array(volume.shape[::-1])  # (n_i, n_j, n_k)
+    shape = np.array(volume.shape)[::-1]  # (n_i, n_j, n_k): ijk is in the affine's index order
     inside = np.all((ijk >= 0) & (ijk < shape[None, :]), axis=1)
     ijk = ijk[inside]
     volume[ijk[:, 2], ijk[:, 1], ijk[:, 0]] = True

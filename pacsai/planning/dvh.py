@@ -44,7 +44,7 @@ import xarray as xr
 from scipy import ndimage
 
 from pacsai.errors import PacsaiWarning, PlanningError
-from pacsai.imaging.geometry import affine_of, same_grid, voxel_volume_cc
+from pacsai.imaging.geometry import same_grid, voxel_volume_cc
 
 logger = logging.getLogger(__name__)
 
@@ -356,7 +356,7 @@ def _sample_points(
         edge = np.zeros_like(values)
         core = values
     # mask (i, j, k) → dose (i, j, k), in the (k, j, i) order of the arrays, so no index columns need reversing.
-    ijk_map = np.linalg.inv(affine_of(dose)) @ affine_of(mask)
+    ijk_map = np.linalg.inv(dose.geo.affine) @ mask.geo.affine
     perm = np.eye(4)[[2, 1, 0, 3]]
     kji_map = perm @ ijk_map @ perm
     lin, shift = kji_map[:3, :3], kji_map[:3, 3]

@@ -54,7 +54,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from pacsai.errors import PlanningError
-from pacsai.imaging.geometry import affine_of, make_volume, spacing_of, voxel_volume_cc
+from pacsai.imaging.geometry import make_volume, voxel_volume_cc
 from pacsai.planning.constraints import normalise_name
 from pacsai.planning.structures import longest_axial_diameter
 
@@ -224,7 +224,7 @@ def recist_category(sld_prior_mm: float, sld_now_mm: float, *, new_lesion: bool 
 
 def measurable_threshold_mm(mask: xr.DataArray, measurable_mm: float = 10.0) -> float:
     """RECIST 1.1 §3.1: ≥ 10 mm on CT with slices ≤ 5 mm; with thicker slices, ≥ twice the slice thickness."""
-    slice_mm = float(spacing_of(mask)[2])
+    slice_mm = float(mask.geo.spacing[0])
     return max(measurable_mm, 2.0 * slice_mm) if slice_mm > 5.0 + _TOL else measurable_mm
 
 
@@ -243,8 +243,10 @@ def _as_study(value: StudyContours | Mapping[str, xr.DataArray]) -> StudyContour
 
 def _world(mask: xr.DataArray, transform: np.ndarray | None) -> np.ndarray:
     kji = np.argwhere(np.asarray(mask.values, dtype=bool))
-    affine = affine_of(mask) if transform is None else transform @ affine_of(mask)
-    return kji[:, ::-1] @ affine[:3, :3].T + affine[:3, 3]  # type: ignore[no-any-return]
+    world = mask.geo.world(kji)
+    if transform is None:
+        return np.asarray(world, dtype=float)
+    return np.asarray(world @ np.asarray(transform)[:3, :3].T + np.asarray(transform)[:3, 3], dtype=float)
 
 
 def _cropped_components(mask: xr.DataArray) -> list[xr.DataArray]:
@@ -252,7 +254,7 @@ def _cropped_components(mask: xr.DataArray) -> list[xr.DataArray]:
     positions of a few small lesions should not cost a pass over the whole CT grid each."""
     values = np.asarray(mask.values, dtype=bool)
     labels, _ = ndimage.label(values, structure=ndimage.generate_binary_structure(3, 3))
-    affine = affine_of(mask)
+    affine = mask.geo.affine
     out = []
     for label, box in enumerate(ndimage.find_objects(labels), 1):
         if box is None:

@@ -32,7 +32,7 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
 from pacsai.errors import PacsaiWarning, PlanningError
-from pacsai.imaging.geometry import affine_of, decompose, like, same_grid, voxel_volume_cc
+from pacsai.imaging.geometry import like, same_grid, voxel_volume_cc
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def _as_mask(mask: xr.DataArray, *, what: str = "mask") -> np.ndarray:
         raise PlanningError(
             f"{what} must be a pacsai volume (xarray.DataArray with attrs['affine']); got {type(mask).__name__}"
         )
-    affine_of(mask)  # raises VolumeError naming the array when the affine is missing
+    mask.geo.check()  # raises VolumeError naming the array when the affine is missing or stale
     values = np.asarray(mask.values)
     if values.ndim != 3:
         raise PlanningError(f"{what} {mask.name!r} must be 3-D (z, y, x); got shape {values.shape}")
@@ -147,15 +147,15 @@ def _require_same_grid(a: xr.DataArray, b: xr.DataArray) -> None:
 
 
 def _orthogonal_spacing(volume: xr.DataArray) -> np.ndarray:
-    """Grid spacing (Δi, Δj, Δk) in mm, after checking the axes are orthogonal (an EDT needs that)."""
-    _, direction, spacing = decompose(affine_of(volume))
+    """Grid spacing (Δz, Δy, Δx) in mm, after checking the axes are orthogonal (an EDT needs that)."""
+    direction = volume.geo.direction
     gram = direction.T @ direction
     if not np.allclose(gram, np.eye(3), atol=1e-4):
         raise PlanningError(
             f"grid of {volume.name!r} is sheared (non-orthogonal axes, e.g. gantry tilt); distances and margins "
             "need an orthogonal grid: resample onto one with pacsai.imaging.resample"
         )
-    return spacing
+    return volume.geo.spacing
 
 
 def _bbox(mask: np.ndarray) -> tuple[slice, ...] | None:
@@ -198,9 +198,7 @@ def centroid(mask: xr.DataArray) -> tuple[float, float, float]:
     kji = np.argwhere(values)
     if kji.size == 0:
         raise PlanningError(f"structure {mask.name!r} is empty: it has no centroid")
-    ijk = kji[:, ::-1].mean(axis=0)
-    affine = affine_of(mask)
-    return tuple(float(v) for v in affine[:3, :3] @ ijk + affine[:3, 3])  # type: ignore[return-value]
+    return tuple(float(v) for v in mask.geo.world(kji.mean(axis=0)))  # type: ignore[return-value]
 
 
 def _row_extreme_corners(values: np.ndarray, *, through_slices: bool = True) -> np.ndarray:
@@ -271,7 +269,7 @@ def longest_diameter(mask: xr.DataArray) -> float:
     corners = _row_extreme_corners(values)
     if corners.size == 0:
         return 0.0
-    affine = affine_of(mask)
+    affine = mask.geo.affine
     return _max_pairwise(corners @ affine[:3, :3].T)  # translation does not change distances
 
 
@@ -284,7 +282,7 @@ def axial_diameters(mask: xr.DataArray) -> np.ndarray:
     values = _as_mask(mask)
     # i and j columns (pixel steps in mm) expressed in an orthonormal basis of the slice plane: 2-D points with
     # the same distances, which Qhull needs (3-D coplanar points make it fail).
-    in_plane = np.linalg.qr(affine_of(mask)[:3, :2], mode="r")
+    in_plane = np.linalg.qr(np.asarray(mask.geo.affine, dtype=float)[:3, :2], mode="r")
     out = np.zeros(values.shape[0])
     corners = _row_extreme_corners(values, through_slices=False)
     if corners.size == 0:
@@ -443,8 +441,8 @@ def parse_margin(margin: MarginLike) -> tuple[float, float, float]:
 def _grid_margins(
     volume: xr.DataArray, margin: tuple[float, float, float], *, max_obliquity_deg: float
 ) -> np.ndarray:
-    """Per grid axis (i, j, k) margin in mm, from patient-axis margins (lr, ap, si)."""
-    _, direction, _ = decompose(affine_of(volume))
+    """Per array axis (z, y, x) margin in mm, from patient-axis margins (lr, ap, si)."""
+    direction = volume.geo.direction  # columns: the z, y, x axes
     if margin[0] == margin[1] == margin[2]:
         return np.full(3, margin[0])  # isotropic: exact on any orthogonal grid, oblique included
     # Anisotropic: the ellipsoid's axes are the patient axes, so each grid axis must run along one of them.
@@ -472,7 +470,7 @@ def _grid_margins(
 
 
 def _box_distance_mask(
-    values: np.ndarray, spacing_kji: Sequence[float], margin_kji: Sequence[float]
+    values: np.ndarray, spacing_kji: Sequence[float] | np.ndarray, margin_kji: Sequence[float] | np.ndarray
 ) -> np.ndarray:
     """Voxels whose centre lies within the ellipsoidal margin of the *cells* (boxes) of ``values``.
 
@@ -564,10 +562,10 @@ def expand(
     result = values.copy()
     box = _bbox(values)
     if box is not None and m.max() > 0:
-        # Grid axis order is (i, j, k) for m/spacing; arrays are (k, j, i).
-        reach = [_reach(mm, s) for mm, s in zip(m[::-1], spacing[::-1], strict=True)]
+        # m and spacing are in the arrays' (z, y, x) order.
+        reach = [_reach(mm, s) for mm, s in zip(m, spacing, strict=True)]
         crop = _padded(box, [r + 1 for r in reach], values.shape)
-        result[crop] = _box_distance_mask(values[crop], spacing[::-1], m[::-1])
+        result[crop] = _box_distance_mask(values[crop], spacing, m)
         cut = [s.start - r < 0 or s.stop + r > n for s, r, n in zip(box, reach, values.shape, strict=True)]
         if any(cut):
             warnings.warn(
@@ -709,7 +707,7 @@ def min_surface_distance(a: xr.DataArray, b: xr.DataArray) -> float:
     # Every voxel of b lies in this crop, so the EDT inside it is the exact distance to b.
     box = _bbox(va | vb)
     assert box is not None
-    dist = ndimage.distance_transform_edt(~vb[box], sampling=spacing[::-1])
+    dist = ndimage.distance_transform_edt(~vb[box], sampling=spacing)
     return float(dist[va[box]].min())
 
 
