@@ -362,8 +362,13 @@ def run_source(argv: list[str] | None = None, environ: Mapping[str, str] | None 
     if "ipykernel" in program or program == "-c" and "ipykernel" in " ".join(argv):
         notebook = env.get("JPY_SESSION_NAME", "")
         return (Path(notebook).name if notebook else "notebook (Jupyter kernel)"), "NOTEBOOK"
-    if program in ("pacsai", "__main__.py") and len(argv) > 1 and not argv[1].startswith("-"):
-        return f"pacsai {argv[1]}", "LOCAL"
+    # the console script `pacsai`, or `python -m pacsai` (argv[0] is then pacsai/__main__.py)
+    is_pacsai = program == "pacsai" or (program == "__main__.py" and Path(argv[0]).parent.name == "pacsai")
+    if is_pacsai:
+        verb = next((a for a in argv[1:] if not a.startswith("-")), "")
+        return f"pacsai {verb}".strip(), "LOCAL"
+    if program == "__main__.py":  # python -m <package>: name the package, not its entry file
+        return f"python -m {Path(argv[0]).parent.name}", "LOCAL"
     return (program or "python"), "LOCAL"
 
 
@@ -583,9 +588,12 @@ _SECTION_START = "<!-- pacsai:validation -->"
 _SECTION_END = "<!-- /pacsai:validation -->"
 
 
+_ML_VIEW = "?workflowType=machine_learning"
+
+
 def experiment_page(experiment_id: str) -> str:
     """The UI route of an experiment's runs in the classic machine-learning view (relative, ``#/...``)."""
-    return f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    return f"#/experiments/{experiment_id}/runs{_ML_VIEW}"
 
 
 def model_version_page(name: str, version: str | int) -> str:
@@ -602,6 +610,7 @@ def run_link(run_id: str, experiment_id: str, *, uri: str, path: str = "") -> st
     page = f"#/experiments/{experiment_id}/runs/{run_id}"
     if path:
         page += f"/artifacts/{path}"
+    page += _ML_VIEW  # MLflow 3.17 shows a run in the GenAI layout without it
     return f"{uri.rstrip('/')}/{page}" if uri.startswith(("http://", "https://")) else page
 
 

@@ -181,6 +181,13 @@ def test_experiment_opens_on_training_runs_and_the_champion_explains_itself(stor
         assert f"runs/{validation_run}" in dom and "03_evaluate.ipynb" in dom
         page = headless.screenshot(version_url, shots / "mlflow_champion_version.png", size=(1400, 1600))
         assert _inked(page) > 0.2
+
+        # the validation run says which version it judged, with a link to it
+        run_url = f"{base}/{tracking.run_link(validation_run, experiment_id, uri='sqlite:///x')}"
+        dom = headless.dump_dom(run_url)
+        assert "Validation of" in dom and f"#/models/pacsai-thorax/versions/{version}" in dom
+        assert "Evaluation runs" not in dom  # the run in the machine-learning layout, not GenAI's
+        headless.screenshot(run_url, shots / "mlflow_validation_run.png", size=(1400, 1100))
     run = tracking.client().get_run(validation_run)
     assert f"#/models/pacsai-thorax/versions/{version}" in run.data.tags["mlflow.note.content"]
     assert run.data.tags["pacsai.validated_model"] == f"models:/pacsai-thorax/{version}"

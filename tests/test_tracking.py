@@ -247,8 +247,11 @@ def test_validation_is_written_onto_the_model_version(store):
     assert "| GTV | — | none | not evaluable | **FAIL** |" in text
     assert "- no threshold for GTV: the gate must cover every output" in text
     experiment = c.get_run(run_id).info.experiment_id
-    assert f"(#/experiments/{experiment}/runs/{run_id})" in text
-    assert f"(#/experiments/{experiment}/runs/{run_id}/artifacts/notebook/validation.ipynb)" in text
+    assert f"(#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning)" in text
+    assert (
+        f"(#/experiments/{experiment}/runs/{run_id}/artifacts/notebook/validation.ipynb?workflowType=machine_learning)"
+        in text
+    )
     run = c.get_run(run_id)
     assert run.data.tags["pacsai.validated_model"] == f"models:/{name}/{version}"
     assert run.data.tags["pacsai.validation.status"] == "fail"
@@ -266,10 +269,13 @@ def test_validation_is_written_onto_the_model_version(store):
 
 
 def test_run_links_for_server_and_embedded_store():
-    assert tracking.run_link("abc", "3", uri="sqlite:////x/mlflow.db") == "#/experiments/3/runs/abc"
+    assert (
+        tracking.run_link("abc", "3", uri="sqlite:////x/mlflow.db")
+        == "#/experiments/3/runs/abc?workflowType=machine_learning"
+    )
     assert (
         tracking.run_link("abc", "3", uri="http://mlflow:5000/", path="notebook/v.ipynb")
-        == "http://mlflow:5000/#/experiments/3/runs/abc/artifacts/notebook/v.ipynb"
+        == "http://mlflow:5000/#/experiments/3/runs/abc/artifacts/notebook/v.ipynb?workflowType=machine_learning"
     )
 
 
@@ -298,6 +304,8 @@ def test_run_source_names_the_verb_or_notebook_never_the_launcher():
     assert tracking.run_source([".venv/bin/pacsai", "report", "PAT-123", "--pacs", "http://u:pw@h"], {}) == (
         "pacsai report", "LOCAL"
     )
+    assert tracking.run_source(["/x/pacsai/__main__.py", "-vv", "train", "exp.yaml"], {}) == ("pacsai train", "LOCAL")
+    assert tracking.run_source(["/x/pytest/__main__.py", "tests/test_x.py"], {}) == ("python -m pytest", "LOCAL")
 
 
 def test_start_run_hashes_uids_and_dates_in_params_and_tags(store):
