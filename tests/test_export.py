@@ -159,6 +159,7 @@ def test_no_source_identifier_in_any_exported_byte_and_the_manifest_maps_back(nn
         if path.suffix == ".dcm":
             ds = pydicom.dcmread(path)
             assert "DICOGNITO" in str(ds.DeidentificationMethod)
+            assert "StudyDescription" not in ds and "SeriesDescription" not in ds  # free text: removed
             # dicognito says YES only where the pixels are declared free of burned-in text (it cannot know)
             assert ds.get("PatientIdentityRemoved") == ("YES" if ds.get("BurnedInAnnotation") == "NO" else None)
     manifest = json.loads(nnunet_export.manifest.read_text())

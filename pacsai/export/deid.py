@@ -35,6 +35,21 @@ from pacsai.export.nifti import ExportError
 
 MANIFEST_VERSION = 1
 
+#: Free-text attributes that PS3.15 Table E.1-1 marks "X" (remove) in the basic profile and dicognito keeps: they
+#: are where a name or an ID typed by hand hides. Removed with dicognito's own UnwantedElementsStripper.
+FREE_TEXT_REMOVED = (
+    "StudyDescription",
+    "SeriesDescription",
+    "ImageComments",
+    "AdditionalPatientHistory",
+    "PatientComments",
+    "RequestedProcedureDescription",
+    "PerformedProcedureStepDescription",
+    "AdmittingDiagnosesDescription",
+    "DerivationDescription",
+    "RequestAttributesSequence",
+)
+
 
 @dataclass
 class PatientEntry:
@@ -81,10 +96,13 @@ class Deidentifier:
 
     def _anonymizer(self, patient_id: str) -> Any:
         from dicognito.anonymizer import Anonymizer
+        from dicognito.unwantedelements import UnwantedElementsStripper
 
         if patient_id not in self._anonymizers:
             seed = hmac.new(self.key, patient_id.encode(), hashlib.sha256).hexdigest()
-            self._anonymizers[patient_id] = Anonymizer(seed=seed)
+            anonymizer = Anonymizer(seed=seed)
+            anonymizer.add_element_handler(UnwantedElementsStripper(*FREE_TEXT_REMOVED))
+            self._anonymizers[patient_id] = anonymizer
         return self._anonymizers[patient_id]
 
     def patient(self, patient_id: str, patient_name: str = "") -> PatientEntry:
