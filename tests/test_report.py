@@ -588,6 +588,38 @@ def test_model_path_without_tumour_fails_and_pushes_nothing_of_the_model(smoke, 
     assert set(read_drawn_by(sr).values()) == {f"model pacsai-thorax v{smoke['version']}"}
 
 
+def test_model_path_segments_before_the_kernel_which_never_imports_torch(smoke, store, patient, tmp_path,
+                                                                        monkeypatch):
+    """`pacsai report` with a model reads and segments in its own process; what the kernel then does with the
+    hand-off file (summary, display) imports neither torch nor MONAI, and gives the model's structures."""
+    from pacsai.report import handoff
+
+    monkeypatch.chdir(smoke["work"])  # the smoke model's MLflow store
+    pacs, root = store
+    params = validate_parameters(patient_id=patient.patient_id, pacs_url=f"file://{root / 'pacs'}",
+                                 structures_from="model", model_uri=smoke["model_uri"])
+    path = handoff.gather_to_file(params, pacs, tmp_path)
+    code = (
+        "import sys, json; from pathlib import Path; from pacsai.report.params import validate_parameters; "
+        "from pacsai.report.handoff import summary_from_file; import pacsai.report.display, pacsai.viz; "
+        f"p = validate_parameters(**json.loads({json.dumps(json.dumps(params.model_dump(mode='json')))})); "
+        f"s = summary_from_file(Path({str(path)!r}), p); "
+        "assert s.states['Lung_L']['drawn_by']['kind'] == 'model', s.states; "
+        "assert s.reference, 'no reference'; "  # (the smoke model may draw nothing: no DVH asserted)
+        "bad = [m for m in ('torch', 'monai') if m in sys.modules]; assert not bad, bad"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from pacsai.errors import ReportError as Refused
+
+    other = validate_parameters(patient_id="SYN-00008", pacs_url=params.pacs_url, structures_from="model",
+                                model_uri=smoke["model_uri"])
+    with pytest.raises(Refused, match="holds patient"):
+        handoff.summary_from_file(path, other)
+    handoff.remove(tmp_path)
+    assert not path.exists()
+
+
 def _seed_real(pacs, data: Path) -> dict[str, str]:
     """The shared real data that is not a thorax CT: the soft-tissue sarcoma MR (+ its RTSTRUCT) and the
     abdominal J2K CT, whose Patient/Study/Series/SOP UIDs are empty strings (new ones are given here)."""

@@ -35,11 +35,14 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pacsai import notebooks
 from pacsai.errors import ConfigError, PacsaiError, TrackingError
 from pacsai.notebooks import KERNEL, VALIDATION_TEMPLATE
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pacsai.config import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -146,15 +149,17 @@ def thresholds_from_experiment(config: Mapping[str, Any], *, source: str = "the 
     return parse_thresholds(block)
 
 
-def stored_thresholds(model_uri: str, *, settings: Any = None) -> dict[str, float] | None:
+def stored_thresholds(model_uri: str, *, settings: Settings | None = None) -> dict[str, float] | None:
     """The thresholds in the model's stored experiment config (``metadata["pacsai"]["experiment"]``), or None."""
     from pacsai import tracking
 
-    mlflow = tracking._mlflow()
+    tracking._mlflow()  # telemetry off before mlflow's first import
+    from mlflow.models import get_model_info
+
     uri = tracking.tracking_uri(settings=settings)
     try:
         with tracking.using_store(uri):
-            info = mlflow.models.get_model_info(model_uri)
+            info = get_model_info(model_uri)
     except Exception as err:
         raise TrackingError(f"cannot read the metadata of {model_uri} from {uri}: {err}") from err
     experiment = ((info.metadata or {}).get("pacsai") or {}).get("experiment")
@@ -256,7 +261,7 @@ def resolve_thresholds(
     thresholds: Sequence[str] | Mapping[str, Any] | None,
     *,
     experiment: str | Path | None = None,
-    settings: Any = None,
+    settings: Settings | None = None,
 ) -> tuple[dict[str, float], str]:
     """The gate's limits and where they came from: given, else stored with the model, else ``experiment``.
 
@@ -291,7 +296,7 @@ def run_validation(
     output_dir: str | Path | None = None,
     promote: bool = True,
     kernel: str = KERNEL,
-    settings: Any = None,
+    settings: Settings | None = None,
 ) -> ValidationResult:
     """Run the validation notebook on ``model_uri``; set ``champion`` if the promotion gate passes.
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from pacsai.errors import ReportError
 from pacsai.notebooks import credentials_to_environment, kernel_environment, redact_url
-from pacsai.report import render
+from pacsai.report import handoff, render
 from pacsai.report.params import ReportParameters
 from pacsai.report.summary import MASKS_FILE, METRICS_FILE
 from pacsai.report.track import track_report
@@ -124,8 +124,14 @@ def run_report(
     # The kernel runs in the output folder, so "." is that folder: the executed notebook (and its provenance)
     # stays right when a cohort run renames its staging folder into place.
     values["out_dir"] = "."
-    render.execute(render.find_template(), notebook, values, cwd=staging,
-                   env=report_environment(secrets, mlflow_uri=mlflow_uri))
+    if params.structures_from == "model":
+        # Read and segment here, so the kernel never imports torch/MONAI (its start is the PACS path's).
+        values["inputs_file"] = _gather_for_kernel(params, pacs, staging, mlflow_uri=mlflow_uri).name
+    try:
+        render.execute(render.find_template(), notebook, values, cwd=staging,
+                       env=report_environment(secrets, mlflow_uri=mlflow_uri))
+    finally:
+        handoff.remove(staging)
     metrics_path = staging / METRICS_FILE
     if not metrics_path.is_file():
         raise ReportError(f"the report notebook did not write {metrics_path}; see {notebook}")
@@ -147,6 +153,16 @@ def run_report(
         mlflow_run_id=run_id,
         seconds=time.perf_counter() - start,
     )
+
+
+def _gather_for_kernel(params: ReportParameters, pacs: Pacs, folder: Path, *, mlflow_uri: str | None) -> Path:
+    if mlflow_uri is None:
+        return handoff.gather_to_file(params, pacs, folder)
+    from pacsai import tracking
+
+    # The model comes from this report's store; mlflow resolves models:/ URIs by its one process-wide URI.
+    with _MLFLOW_FLUENT, tracking.using_store(mlflow_uri):
+        return handoff.gather_to_file(params, pacs, folder)
 
 
 def _track(params: ReportParameters, folder: Path, metrics: dict[str, Any], pdf_path: Path | None, *,

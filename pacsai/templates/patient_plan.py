@@ -33,11 +33,13 @@ prescription_gy: float = 60.0  # help: prescription dose to the PTV in Gy
 fractions: int = 30  # help: number of fractions
 out_dir: str = ""  # help: folder for metrics.json and structures.npz (empty: reports/<PatientID>/, never ".")
 smoke: bool = False  # help: fast settings for tests and CI
+inputs_file: str = ""  # help: inputs pacsai report gathered (and segmented) before this kernel; empty: read here
 
 # %%
 from pathlib import Path
 
 from pacsai.report import display as show
+from pacsai.report.handoff import summary_from_file
 from pacsai.report.params import validate_parameters
 from pacsai.report.run import default_out_dir
 from pacsai.report.summary import build_summary
@@ -49,7 +51,9 @@ params = validate_parameters(
 )
 
 # %%
-summary = build_summary(params)
+# `pacsai report` with a model reads and segments before starting this kernel (no torch here); run by hand, or with
+# structures from the PACS, the kernel reads the PACS itself.
+summary = summary_from_file(Path(inputs_file), params) if inputs_file else build_summary(params)
 # Run by hand (plain papermill), the outputs go to reports/<PatientID>/ like `pacsai report`'s, not into the
 # working folder: they carry the real PatientID, and the working folder may be a repository.
 summary.save(Path(out_dir) if out_dir else default_out_dir(params.patient_id))

@@ -1,0 +1,93 @@
+"""Gather a report's inputs (and run its model) before the kernel starts, and hand them to the template.
+
+With ``structures_from="model"``, ``pacsai report`` reads the patient's studies and segments them in its own process
+(:func:`gather_to_file`), so the notebook kernel never imports torch or MONAI: it loads what was gathered
+(:func:`summary_from_file`) — masks, uncertainty, images, dose — and only computes and shows the summary. Its
+start-up is the light one of the PACS path.
+
+The hand-off file is a pickle in the report's own output folder, written by this process for the kernel it starts
+and read by nothing else; it is removed once the kernel has finished (:func:`remove`).
+"""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pacsai.errors import PacsaiWarning, ReportError
+from pacsai.report.params import ReportParameters
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pacsai.pacs import Pacs
+    from pacsai.report.inputs import PatientData
+    from pacsai.report.summary import PlanSummary
+
+INPUTS_FILE = ".inputs.pickle"
+_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Gathered:
+    """What :func:`pacsai.report.inputs.gather` read and the data notes it raised on the way."""
+
+    data: PatientData
+    notes: tuple[str, ...]
+    pacs_url: str
+    version: int = _VERSION
+
+
+def gather_to_file(params: ReportParameters, pacs: Pacs, folder: Path) -> Path:
+    """Read the patient's inputs from ``pacs`` (segmenting with the model where asked) into ``folder``.
+
+    Returns
+    -------
+    Path
+        The hand-off file, for the template's ``inputs_file`` parameter.
+    """
+    from pacsai.report.inputs import gather
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PacsaiWarning)
+        data = gather(params, pacs=pacs)
+    gathered = Gathered(data=data, notes=tuple(_data_notes(caught)), pacs_url=params.pacs_url)
+    path = folder / INPUTS_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as sink:
+        pickle.dump(gathered, sink, protocol=pickle.HIGHEST_PROTOCOL)
+    tmp.replace(path)
+    return path
+
+
+def _data_notes(caught: list[warnings.WarningMessage]) -> list[str]:
+    """The messages of PacsaiWarnings (data notes, as build_summary keeps them); other warnings are re-issued."""
+    notes = []
+    for w in caught:
+        if issubclass(w.category, PacsaiWarning):
+            notes.append(str(w.message))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return notes
+
+
+def summary_from_file(path: Path, params: ReportParameters) -> PlanSummary:
+    """The summary of the inputs in a hand-off file (in the kernel: no PACS reads, no model)."""
+    from pacsai.report.summary import summarize
+
+    try:
+        with open(path, "rb") as source:
+            gathered = pickle.load(source)  # noqa: S301 - written by pacsai report for this kernel, in its folder
+    except (OSError, pickle.UnpicklingError, EOFError) as err:
+        raise ReportError(f"cannot read the report's gathered inputs {path}: {err}; run `pacsai report` again") from err
+    if not isinstance(gathered, Gathered) or gathered.version != _VERSION:
+        raise ReportError(f"{path} is not a hand-off file of this pacsai version; run `pacsai report` again")
+    if gathered.data.patient_id != params.patient_id:
+        raise ReportError(f"{path} holds patient {gathered.data.patient_id!r}, not {params.patient_id!r}")
+    return summarize(gathered.data, params, pacs_url=gathered.pacs_url, notes=gathered.notes)
+
+
+def remove(folder: Path) -> None:
+    """Delete the hand-off file of ``folder`` (it holds the images; the report's outputs do not need it)."""
+    (folder / INPUTS_FILE).unlink(missing_ok=True)
