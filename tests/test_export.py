@@ -172,17 +172,20 @@ def test_no_source_identifier_in_any_exported_byte_and_the_manifest_maps_back(nn
         back = {v: k for k, v in entry["uids"].items()}
         study = back[case["StudyInstanceUID"]]
         assert pacs.search_studies(StudyInstanceUID=study)["PatientID"].iloc[0] == entry["patient_id"]
-    # dates: one shift per patient, the same for both of its studies (the interval between them is kept)
+    # dates: one shift per patient, the same for both of its studies (the interval between them is kept exactly)
+    def when(date: str, time: str) -> np.datetime64:
+        return np.datetime64(f"{date[:4]}-{date[4:6]}-{date[6:8]}T{time[:2]}:{time[2:4]}:{time[4:6]}")
+
     for entry in real.values():
         shifts = set()
         for case in (c for c in nnunet_export.case_rows if c["patient"] == entry["pseudonym"]):
             study_uid = {v: k for k, v in entry["uids"].items()}[case["StudyInstanceUID"]]
-            src = pacs.search_studies(StudyInstanceUID=study_uid)["StudyDate"].iloc[0]
-            shifts.add((np.datetime64(f"{case['StudyDate'][:4]}-{case['StudyDate'][4:6]}-{case['StudyDate'][6:]}")
-                        - np.datetime64(f"{src[:4]}-{src[4:6]}-{src[6:]}")).astype(int))
-        assert shifts == {entry["date_shift_days"]} and entry["date_shift_days"] <= -62
-    shifts = {e["date_shift_days"] for e in real.values()}
-    assert len(shifts) == N_PATIENTS  # each patient its own shift
+            src = pacs.search_studies(StudyInstanceUID=study_uid).iloc[0]
+            delta = when(case["StudyDate"], case["StudyTime"]) - when(src["StudyDate"], src["StudyTime"])
+            shifts.add(delta.astype("timedelta64[s]").astype(int) / 3600.0)
+        assert len(shifts) == 1 and shifts == {entry["date_shift_hours"]}
+        assert entry["date_shift_hours"] <= -62 * 24  # dicognito: 62 to 730 days back
+    assert len({e["date_shift_hours"] for e in real.values()}) == N_PATIENTS  # each patient its own shift
     # de-identified DICOM keeps its references: the RTSTRUCT points at the exported CT's series UID
     case = nnunet_export.case_rows[0]
     rt = pydicom.dcmread(next((nnunet_export.out_dir / "dicom" / case["case"] / "rtstruct").glob("*.dcm")))

@@ -26,6 +26,7 @@ import os
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,9 @@ class PatientEntry:
     patient_id: str
     patient_name: str
     pseudonym: str
-    date_shift_days: int | None = None
+    #: how far dicognito moved this patient's date-times (same for every study; dates move by whole days only
+    #: where the time of day allows, so intervals between studies stay exact to the second)
+    date_shift_hours: float | None = None
     uids: dict[str, str] = field(default_factory=dict)  # real UID → exported UID
     cases: list[str] = field(default_factory=list)
 
@@ -135,13 +138,9 @@ class Deidentifier:
         for keyword, value in study.items():
             if keyword.endswith("UID") and value:
                 entry.uids[value] = out[keyword]
-        if study.get("StudyDate") and entry.date_shift_days is None:
-            from datetime import date
-
-            def day(text: str) -> date:
-                return date(int(text[:4]), int(text[4:6]), int(text[6:8]))
-
-            entry.date_shift_days = (day(out["StudyDate"]) - day(study["StudyDate"])).days
+        if study.get("StudyDate") and entry.date_shift_hours is None:
+            before, after = _when(study), _when(out)
+            entry.date_shift_hours = (after - before).total_seconds() / 3600.0
         return out
 
     def dataset(self, ds: Dataset) -> Dataset:
@@ -186,3 +185,10 @@ def _probe() -> Dataset:
     probe = Dataset()
     probe.file_meta = FileMetaDataset()
     return probe
+
+
+def _when(values: Mapping[str, str]) -> datetime:
+    """StudyDate + StudyTime (midnight where the time is absent) as a datetime."""
+    day = values["StudyDate"]
+    time = (values.get("StudyTime") or "000000").split(".")[0].ljust(6, "0")
+    return datetime(int(day[:4]), int(day[4:6]), int(day[6:8]), int(time[:2]), int(time[2:4]), int(time[4:6]))
