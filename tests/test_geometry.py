@@ -79,11 +79,11 @@ def test_refuses_what_no_affine_describes() -> None:
     affine = _oblique_flipped()
     vol = make_volume(np.zeros((6, 5, 4)), affine, name="ct")
     with pytest.raises(VolumeError, match="not evenly spaced"):
-        vol.isel(z=[0, 2, 3]).geo.affine
+        vol.isel(z=[0, 2, 3]).geo.check()
     with pytest.raises(VolumeError, match="dims"):
-        vol.transpose("x", "y", "z").geo.spacing
+        vol.transpose("x", "y", "z").geo.check()
     with pytest.raises(VolumeError, match="dims"):
-        vol.isel(z=0).geo.affine  # a scalar selection drops z: a 2-D slice is not a volume
+        vol.isel(z=0).geo.check()  # a scalar selection drops z: a 2-D slice is not a volume
     bare = vol.copy()
     del bare.attrs["affine"]
     with pytest.raises(VolumeError, match="make_volume"):
@@ -91,7 +91,7 @@ def test_refuses_what_no_affine_describes() -> None:
     aligned = make_volume(np.zeros((4, 3, 3)), np.diag([1.0, 1.0, 2.0, 1.0]), name="mask")
     moved = aligned.assign_coords(z=aligned.coords["z"].values + 5.0)  # mm coords edited, affine not
     with pytest.raises(VolumeError, match="stale"):
-        moved.geo.affine
+        moved.geo.check()
 
 
 def test_attrs_affine_edit_is_followed_not_cached() -> None:

@@ -709,3 +709,16 @@ def test_set_ds_fast_writes_the_formatted_text_and_reads_back_as_numbers():
     assert [float(v) for v in back.ContourData] == [1.0, -2.5, 1234.5679, 0.0, 0.0]
     with pytest.raises(ValueError, match="not a DS attribute"):
         dicomwrite.set_ds_fast(item, "ROIName", [1.0])
+
+
+def test_format_ds_list_fast_path_writes_the_same_strings_as_format_ds():
+    # The list formatter's one-comprehension path must give format_ds's bytes, or RTSTRUCT UIDs/bytes would move.
+    rng = np.random.default_rng(7)
+    values = np.concatenate([
+        rng.normal(0.0, 300.0, 5000),
+        [0.0, -0.0, -4e-5, 4e-5, -5e-5, 5e-5, 0.00005, -1e-12, 123.45675, 9999949999.9999, -9999949999.9999],
+    ])
+    assert dicomwrite.format_ds_list(values) == [dicomwrite.format_ds(v) for v in values]
+    assert "-0.0000" not in dicomwrite.format_ds_list(values)
+    huge = np.array([1.5e10, -2.25e11, 1e-3])  # beyond fixed-point with 4 decimals: the per-value path
+    assert dicomwrite.format_ds_list(huge) == [dicomwrite.format_ds(v) for v in huge]

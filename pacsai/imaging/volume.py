@@ -40,7 +40,7 @@ from pacsai.imaging.dicomio import (
     transfer_syntax,
 )
 from pacsai.imaging.dicomio import value as get_value
-from pacsai.imaging.geometry import affine_from, affine_of, decompose, make_volume
+from pacsai.imaging.geometry import affine_from, decompose, make_volume
 from pacsai.uids import derive_uid
 
 if TYPE_CHECKING:
@@ -854,7 +854,7 @@ def to_sitk(volume: xr.DataArray) -> sitk.Image:
     """
     import SimpleITK as sitk
 
-    origin, direction, spacing = decompose(affine_of(volume))
+    origin, direction, spacing = decompose(volume.geo.affine)
     if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-6):
         raise VolumeError(
             f"volume {volume.name!r} has a sheared affine; SimpleITK cannot hold it: resample it first"
@@ -908,7 +908,7 @@ def to_metatensor(volume: xr.DataArray, *, space: Literal["RAS", "LPS"] = "RAS")
     from monai.data import MetaTensor
     from monai.utils import MetaKeys, SpaceKeys
 
-    affine = affine_of(volume)
+    affine = volume.geo.affine
     if space == "RAS":
         affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
     elif space != "LPS":
