@@ -1,4 +1,7 @@
-"""``pacsai train EXPERIMENT.yaml [--set key=value ...] [--smoke] [--pacs URL] [--resume CHECKPOINT]``."""
+"""``pacsai train EXPERIMENT.yaml [--set key=value ...] [--smoke] [--pacs URL] [--resume CHECKPOINT] [--dask ADDRESS]``.
+
+Under ``torchrun`` every process runs this verb (:mod:`pacsai.learning.distributed`); only rank 0 prints.
+"""
 
 from __future__ import annotations
 
@@ -33,6 +36,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     p.add_argument("--resume", default=None, metavar="CHECKPOINT", help="continue from a last.pt checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--dask",
+        default=None,
+        metavar="ADDRESS",
+        help="pull and preprocess the training data on a Dask cluster first (e.g. tcp://scheduler:8786)",
+    )
     p.set_defaults(func=run)
 
 
@@ -40,19 +49,43 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from pacsai.config import load_settings
+    from pacsai.learning import distributed
     from pacsai.learning.train import parse_set, train
 
     started = time.perf_counter()
     settings = load_settings(args.experiment)
-    result = train(
-        args.experiment,
-        pacs=args.pacs,
-        overrides=parse_set(args.overrides),
-        smoke=args.smoke,
-        resume=args.resume,
-        settings=settings,
-        progress=not args.no_progress,
-    )
+    overrides = parse_set(args.overrides)
+    here = distributed.setup()
+    try:
+        if args.dask and here.local_main:  # the other ranks wait for the cache in train()
+            from pacsai.learning.preprocess_dask import preprocess_experiment
+
+            done = preprocess_experiment(
+                args.experiment,
+                address=args.dask,
+                pacs=args.pacs,
+                overrides=overrides,
+                smoke=args.smoke,
+                settings=settings,
+                progress=not args.no_progress,
+            )
+            print(
+                f"preprocessed on {args.dask}: {done.computed} series on {len(done.workers)} workers, "
+                f"{done.cached} already cached ({done.seconds:.0f} s)"
+            )
+        result = train(
+            args.experiment,
+            pacs=args.pacs,
+            overrides=overrides,
+            smoke=args.smoke,
+            resume=args.resume,
+            settings=settings,
+            progress=not args.no_progress,
+        )
+    finally:
+        distributed.shutdown()
+    if not here.main:
+        return 0
     dice = ", ".join(f"{k} {v:.3f}" for k, v in result.best_val_dice.items())
     wall = time.perf_counter() - started
     print(

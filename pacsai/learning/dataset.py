@@ -311,6 +311,17 @@ def load_reference(
     return volume, {s: masks[mapping[s]] for s in structures}
 
 
+def cache_key(row: Any, spec: PreprocessSpec) -> str:
+    """What identifies a cohort row's preprocessed case: image series, RTSTRUCT instance, preprocessing."""
+    return f"{row.series_instance_uid}-{row.rtstruct_sop_instance_uid or 'none'}-{spec.key()}"
+
+
+def cache_file(row: Any, spec: PreprocessSpec, cache_dir: str | Path) -> Path:
+    """Where :func:`load_case` keeps a cohort row's preprocessed case (also written by
+    :mod:`pacsai.learning.preprocess_dask` on a cluster)."""
+    return Path(cache_dir) / f"{hashlib.sha256(cache_key(row, spec).encode()).hexdigest()[:32]}.npz"
+
+
 def load_case(
     pacs: Pacs, row: Any, spec: PreprocessSpec, *, cache_dir: str | Path, patient: str | None = None
 ) -> Case:
@@ -319,8 +330,8 @@ def load_case(
     The cache key is the image series UID, the RTSTRUCT SOP instance UID and :meth:`PreprocessSpec.key`;
     entries are written atomically (temp file + rename).
     """
-    key = f"{row.series_instance_uid}-{row.rtstruct_sop_instance_uid or 'none'}-{spec.key()}"
-    path = Path(cache_dir) / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz"
+    key = cache_key(row, spec)
+    path = cache_file(row, spec, cache_dir)
     label_name = patient if patient is not None else str(row.patient_id)
     if path.is_file():
         try:

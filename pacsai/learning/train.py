@@ -14,8 +14,10 @@
 6. :func:`register`: weights as ``.npz`` + JSON config as an MLflow pyfunc model (:mod:`.modelio`), the training
    domain (``domain.json``), the post-processing rules, the experiment config and the model card.
 
-Under ``torchrun`` (``WORLD_SIZE`` > 1) it initialises a process group (NCCL on GPUs, Gloo otherwise), every rank
-draws its own patches (seed + rank) and DDP averages the gradients; only rank 0 validates and talks to MLflow.
+Under ``torchrun`` (``WORLD_SIZE`` > 1, :mod:`.distributed`) it joins a process group (NCCL on GPUs, Gloo
+otherwise), one process per node fills the caches first, every rank draws its own patches (its share of the cases,
+seed + rank) and DDP averages the gradients; only rank 0 validates and talks to MLflow, and broadcasts its best
+epoch.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import torch
 import yaml
 
 from pacsai.errors import ConfigError, PacsaiWarning, TrackingError
+from pacsai.learning import distributed as ddp
 from pacsai.learning.dataset import Augment, Case, PatchSampler, PreprocessSpec, load_cases
 from pacsai.learning.modelio import load_state_dict, save_state_dict
 from pacsai.learning.networks import build_network, divisor
@@ -202,34 +205,6 @@ class TrainResult:
     split: Mapping[str, list[str]] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class _Dist:
-    world: int
-    rank: int
-    device: torch.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _distributed() -> _Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist(1, 0, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    import torch.distributed as dist
-
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return _Dist(world, dist.get_rank(), device)
-
-
 def dice_per_channel(pred: np.ndarray, ref: np.ndarray) -> np.ndarray:
     """Dice per channel of boolean (C, ...) arrays; 1 where both are empty."""
     axes = tuple(range(1, pred.ndim))
@@ -336,6 +311,24 @@ def predict_probabilities(
     return head.probabilities(logits.float())[0].cpu().numpy()
 
 
+def tta_stack(
+    net: torch.nn.Module,
+    image: np.ndarray,
+    *,
+    patch_size: Sequence[int],
+    device: torch.device,
+    overlap: float = 0.25,
+    head: Head | None = None,
+) -> np.ndarray:
+    """Probabilities (3, C, z, y, x) of the plain prediction (first) and of flips along z and y (mapped back)."""
+    stack = [predict_probabilities(net, image, patch_size=patch_size, device=device, overlap=overlap, head=head)]
+    for axis in (1, 2):  # (1, z, y, x) image, (C, z, y, x) probabilities: flip z, then y
+        flipped = np.flip(image, axis=axis).copy()
+        p = predict_probabilities(net, flipped, patch_size=patch_size, device=device, overlap=overlap, head=head)
+        stack.append(np.flip(p, axis=axis))
+    return np.stack(stack)
+
+
 def tta_probabilities(
     net: torch.nn.Module,
     image: np.ndarray,
@@ -349,14 +342,9 @@ def tta_probabilities(
     prediction and flips along z and y (no left-right flip: the model knows left from right).
 
     One definition for the report (:func:`pacsai.learning.infer.segment`) and for the held-out uncertainty the
-    model records at training time, so the gate compares like with like.
+    model records at training time (:func:`review_held_out`), so the gate compares like with like.
     """
-    stack = [predict_probabilities(net, image, patch_size=patch_size, device=device, overlap=overlap, head=head)]
-    for axis in (1, 2):  # (1, z, y, x) image, (C, z, y, x) probabilities: flip z, then y
-        flipped = np.flip(image, axis=axis).copy()
-        p = predict_probabilities(net, flipped, patch_size=patch_size, device=device, overlap=overlap, head=head)
-        stack.append(np.flip(p, axis=axis))
-    arr = np.stack(stack)
+    arr = tta_stack(net, image, patch_size=patch_size, device=device, overlap=overlap, head=head)
     return arr.mean(axis=0), arr.std(axis=0)
 
 
@@ -564,7 +552,28 @@ def load_checkpoint(path: str | Path, device: torch.device) -> dict[str, Any]:
         ) from err
 
 
-def held_out_uncertainty(
+@dataclass(frozen=True)
+class HeldOutReview:
+    """What one inference pass over held-out cases gives: the metrics and the TTA uncertainty.
+
+    Attributes
+    ----------
+    metrics
+        Mean Dice and HD95 (mm) per structure of the plain prediction after post-processing, on the training
+        grid (``{structure: {"dice": ..., "hd95": ...}}``; structures no case has are left out).
+    uncertainty
+        The model's TTA uncertainty per structure (:func:`pacsai.domain.uncertainty_domain`): what the report's
+        gate calls high for this model (a fixed limit would flag every good asymmetric organ of a network not
+        trained flip-invariant).
+    """
+
+    metrics: dict[str, dict[str, float]]
+    uncertainty: dict[str, dict[str, float]]
+    #: mean Dice per structure of the plain prediction before post-processing (as :func:`validate_cases`)
+    raw_dice: np.ndarray
+
+
+def review_held_out(
     net: torch.nn.Module,
     cases: Sequence[Case],
     *,
@@ -574,64 +583,44 @@ def held_out_uncertainty(
     patch_size: Sequence[int],
     overlap: float,
     device: torch.device,
-) -> dict[str, dict[str, float]]:
-    """The model's TTA uncertainty per structure on held-out cases (:func:`pacsai.domain.uncertainty_domain`):
-    what the report's gate calls high for this model (a fixed limit would flag every good asymmetric organ of a
-    network not trained flip-invariant)."""
+) -> HeldOutReview:
+    """Metrics and TTA uncertainty of ``net`` on ``cases`` from one pass: the plain prediction that the metrics
+    need is the first member of the TTA stack (:func:`tta_stack`), so no case is inferred twice."""
     from pacsai.domain import summarize_uncertainty, uncertainty_domain
     from pacsai.imaging.geometry import make_volume
-
-    net.eval()
-    voxel_cc = float(np.prod(spec.spacing_mm)) / 1000.0
-    per_case = []
-    for case in cases:
-        mean, std = tta_probabilities(
-            net, case.image, patch_size=patch_size, device=device, overlap=overlap, head=head
-        )
-        masks = apply_rules({s: mean[k] >= 0.5 for k, s in enumerate(spec.structures)}, rules, voxel_cc=voxel_cc)
-        per_case.append({
-            s: summarize_uncertainty(make_volume(np.asarray(masks[s]), case.affine), std[k])
-            for k, s in enumerate(spec.structures)
-        })
-    return uncertainty_domain(per_case)
-
-
-def evaluate_cases(
-    net: torch.nn.Module,
-    cases: Sequence[Case],
-    *,
-    spec: PreprocessSpec,
-    head: Head,
-    rules: Mapping[str, Rule],
-    patch_size: Sequence[int],
-    overlap: float,
-    device: torch.device,
-) -> dict[str, dict[str, float]]:
-    """Mean Dice and HD95 (mm) per structure over ``cases``, after post-processing, on the training grid."""
     from pacsai.learning.evaluate import agreement
 
     net.eval()
     spacing_zyx = tuple(spec.spacing_mm[::-1])
     voxel_cc = float(np.prod(spec.spacing_mm)) / 1000.0
     rows: dict[str, list[tuple[float, float]]] = {s: [] for s in spec.structures}
+    per_case = []
+    raw = []
     for case in cases:
-        prob = predict_probabilities(
-            net, case.image, patch_size=patch_size, device=device, overlap=overlap, head=head
-        )
-        masks = apply_rules(
-            {s: prob[k] >= 0.5 for k, s in enumerate(spec.structures)}, rules, voxel_cc=voxel_cc
+        stack = tta_stack(net, case.image, patch_size=patch_size, device=device, overlap=overlap, head=head)
+        raw.append(dice_per_channel(stack[0] >= 0.5, case.label.astype(bool)))
+        plain = apply_rules(
+            {s: stack[0][k] >= 0.5 for k, s in enumerate(spec.structures)}, rules, voxel_cc=voxel_cc
         )
         for k, s in enumerate(spec.structures):
             ref = case.label[k].astype(bool)
-            if not ref.any():
-                continue
-            a = agreement(masks[s], ref, spacing_zyx=spacing_zyx)  # type: ignore[arg-type]
-            rows[s].append((a.dice, a.hd95))
-    return {
+            if ref.any():
+                a = agreement(plain[s], ref, spacing_zyx=spacing_zyx)  # type: ignore[arg-type]
+                rows[s].append((a.dice, a.hd95))
+        mean, std = stack.mean(axis=0), stack.std(axis=0)
+        masks = apply_rules({s: mean[k] >= 0.5 for k, s in enumerate(spec.structures)}, rules, voxel_cc=voxel_cc)
+        per_case.append({
+            s: summarize_uncertainty(make_volume(np.asarray(masks[s]), case.affine), std[k])
+            for k, s in enumerate(spec.structures)
+        })
+    metrics = {
         s: {"dice": float(np.mean([r[0] for r in v])), "hd95": float(np.nanmean([r[1] for r in v]))}
         for s, v in rows.items()
         if v
     }
+    return HeldOutReview(
+        metrics=metrics, uncertainty=uncertainty_domain(per_case), raw_dice=np.mean(raw, axis=0)
+    )
 
 
 def train(
@@ -678,7 +667,7 @@ def train(
 
     settings = settings or load_settings()
     cfg = load_experiment(experiment, overrides=overrides, smoke=smoke)
-    dist = _distributed()
+    dist = ddp.setup()
     tcfg = cfg["train"]
     seed = int(tcfg["seed"])
 
@@ -686,7 +675,8 @@ def train(
         from pacsai.pacs import connect
 
         pacs = connect(pacs or (cfg.get("pacs") or {}).get("url"), settings=settings)
-    data = prepare_data(cfg, pacs, settings=settings, progress=progress and dist.main)
+    with ddp.main_first(dist):  # one process per node pulls and preprocesses; the others read its cache
+        data = prepare_data(cfg, pacs, settings=settings, progress=progress and dist.main)
     spec, cohort, split = data.spec, data.cohort, data.split
     head = make_head(cfg, data.train_cases)
     rules = parse_rules(cfg.get("postprocess"), list(spec.structures))
@@ -715,15 +705,11 @@ def train(
                 stacklevel=2,
             )
         logger.info("resuming run %s at epoch %d from %s", run_id, start_epoch, resume)
-    model = net
-    if dist.world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
-        )
+    model = ddp.wrap(net, dist)  # DDP under torchrun; validation and saving use net itself
     # every rank its own stream; a resumed run continues the stream where the checkpoint left it
     rng = np.random.default_rng(np.random.SeedSequence([seed, dist.rank]))
     sampler = PatchSampler(
-        data.train_cases,
+        ddp.shard(data.train_cases, dist),
         patch_size=tcfg["patch_size"],
         class_weights=class_weights(cfg),
         rng=rng,
@@ -733,6 +719,7 @@ def train(
         rng.bit_generator.state = json.loads(rng_state)
     loss_fn = make_loss(cfg, head)
     params = flat_params({k: v for k, v in cfg.items() if k not in ("settings", "pacs")})
+    params.update(dist.run_params())
 
     run_cm: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     if dist.main:
@@ -758,8 +745,12 @@ def train(
         run_dir.mkdir(parents=True, exist_ok=True)
         if ctx is not None and run_id is None:
             mlflow.log_dict(_split_record(split, cohort, ctx, seed=int(cfg["split"]["seed"])), "split.json")
+            # UIDs under the run's keyed hashes, as in the cohort manifest (no DICOM UID in MLflow)
             mlflow.log_dict(
-                {c.series_instance_uid: list(c.sop_instance_uids) for c in [*data.train_cases, *data.val_cases]},
+                {
+                    ctx.uid_label(c.series_instance_uid): [ctx.uid_label(u) for u in c.sop_instance_uids]
+                    for c in [*data.train_cases, *data.val_cases]
+                },
                 "inputs/instances.json",
             )
             mlflow.log_dict({**spec.to_dict(), "head": head.to_dict()}, "preprocess.json")
@@ -781,6 +772,7 @@ def train(
                 scaler=scaler,
             )
             if not dist.main:
+                best_epoch = ddp.broadcast(best_epoch, dist)  # rank 0 validates and chooses
                 continue
             metrics = {"train_loss": train_loss, "lr": float(scheduler.get_last_lr()[0])}
             if (epoch + 1) % int(tcfg["val_every"]) == 0 or epoch == epochs - 1:
@@ -815,20 +807,25 @@ def train(
                 rng=json.dumps(rng.bit_generator.state),
                 config=json.dumps(cfg),
             )
+            ddp.broadcast(best_epoch, dist)
         seconds = time.perf_counter() - started
         if not dist.main:
             return TrainResult("", "", "", "", best_epoch, {}, epochs, seconds, run_dir / "last.pt", split)
         if not (run_dir / "best.npz").is_file():
             raise TrackingError(f"no checkpoint in {run_dir}: training ran no epoch (epochs={epochs})")
         net.load_state_dict(load_state_dict(run_dir / "best.npz"))
-        best_dice = validate_cases(
+        # one pass over the validation patients: raw Dice, post-processed metrics and TTA uncertainty
+        review = review_held_out(
             net,
             data.val_cases,
-            patch_size=tcfg["patch_size"],
-            device=dist.device,
-            overlap=float(tcfg["overlap"]),
+            spec=spec,
             head=head,
+            rules=rules,
+            patch_size=tcfg["patch_size"],
+            overlap=float(tcfg["overlap"]),
+            device=dist.device,
         )
+        best_dice = review.raw_dice
         best_val = {s: float(d) for s, d in zip(spec.structures, best_dice)}
         mlflow.log_metrics(
             {"best_val_dice_mean": float(np.mean(best_dice)), "best_epoch": best_epoch, "train_seconds": seconds}
@@ -836,7 +833,7 @@ def train(
         print(f"training took {seconds:.0f} s ({epochs - start_epoch} epochs × {steps} steps)", flush=True)
         version = register(
             net, data=data, cfg=cfg, head=head, rules=rules, ctx=ctx, seconds=seconds, best_epoch=best_epoch,
-            device=dist.device,
+            review=review,
         )
         return TrainResult(
             run_id=ctx.run_id,
@@ -862,11 +859,12 @@ def register(
     ctx: Any,
     seconds: float,
     best_epoch: int,
-    device: torch.device,
+    review: HeldOutReview,
 ) -> str:
     """Log the trained network with its domain, post-processing, experiment and model card; register it.
 
-    Returns the registered version.
+    ``review`` is the kept weights' pass over the validation patients (:func:`review_held_out`). Returns the
+    registered version.
     """
     import mlflow
 
@@ -874,17 +872,7 @@ def register(
     from pacsai.domain import training_domain
     from pacsai.learning.card import model_card
 
-    tcfg = cfg["train"]
-    held_out = evaluate_cases(
-        net,
-        data.val_cases,
-        spec=data.spec,
-        head=head,
-        rules=rules,
-        patch_size=tcfg["patch_size"],
-        overlap=float(tcfg["overlap"]),
-        device=device,
-    )
+    held_out = review.metrics
     # the kept weights on the validation patients after post-processing (val_dice_* are the raw curves)
     mlflow.log_metrics(
         {f"best_val_pp_{m}_{s}": v for s, row in held_out.items() for m, v in row.items() if np.isfinite(v)}
@@ -892,16 +880,7 @@ def register(
     domain = training_domain(
         [c.stats for c in data.train_cases], [c.volumes_cc for c in data.train_cases], body_region="thorax"
     )
-    domain["uncertainty"] = held_out_uncertainty(
-        net,
-        data.val_cases,
-        spec=data.spec,
-        head=head,
-        rules=rules,
-        patch_size=tcfg["patch_size"],
-        overlap=float(tcfg["overlap"]),
-        device=device,
-    )
+    domain["uncertainty"] = review.uncertainty
     mlflow.log_dict(domain, "domain.json")
     name = str(cfg["model"]["name"])
     table = data.cohort.table
@@ -940,12 +919,13 @@ def register(
 
 
 def _split_record(split: Mapping[str, list[str]], cohort: Any, ctx: Any, *, seed: int) -> dict[str, Any]:
-    """The split as an artifact: pseudonymised patients and the image series of each part."""
+    """The split as an artifact: pseudonymised patients and the (hashed) image series of each part."""
     table = cohort.table
     out: dict[str, Any] = {"seed": seed, "patients": {}, "series": {}}
     for part, patients in split.items():
         out["patients"][part] = [ctx.patient_label(p) for p in patients]
-        out["series"][part] = sorted(table[table["patient_id"].isin(set(patients))]["series_instance_uid"])
+        series = table[table["patient_id"].isin(set(patients))]["series_instance_uid"]
+        out["series"][part] = sorted(ctx.uid_label(str(u)) for u in series)
     return out
 
 
