@@ -784,7 +784,7 @@ def train(
                     overlap=float(tcfg["overlap"]),
                     head=head,
                 )
-                metrics.update({f"val_dice_{s}": float(d) for s, d in zip(spec.structures, dice)})
+                metrics.update({f"val_dice_{s}": float(d) for s, d in zip(spec.structures, dice, strict=True)})
                 metrics["val_dice_mean"] = float(np.mean(dice))
                 if metrics["val_dice_mean"] > best:
                     best, best_epoch = metrics["val_dice_mean"], epoch
@@ -826,7 +826,7 @@ def train(
             device=dist.device,
         )
         best_dice = review.raw_dice
-        best_val = {s: float(d) for s, d in zip(spec.structures, best_dice)}
+        best_val = {s: float(d) for s, d in zip(spec.structures, best_dice, strict=True)}
         mlflow.log_metrics(
             {"best_val_dice_mean": float(np.mean(best_dice)), "best_epoch": best_epoch, "train_seconds": seconds}
         )
