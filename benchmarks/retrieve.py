@@ -26,10 +26,11 @@ from pathlib import Path
 import requests
 
 from common import CT_SHAPE, Figure, best_of, ct_series_bytes, emit, load_average, note, write_result
-from pacsai.pacs import connect, start_orthanc
+from pacsai.pacs import DicomWebPacs, connect, start_orthanc
+from pacsai.pacs import multipart as multipart_module
+from pacsai.pacs import wado as wado_module
 from pacsai.pacs.orthanc import orthanc_available
-from pacsai.pacs import retrieve as retrieve_module
-from pacsai.pacs.retrieve import ACCEPT_DICOM
+from pacsai.pacs.wado import ACCEPT_DICOM
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             for data in files:
                 session.post(f"{server.rest_url}/instances", data=data).raise_for_status()
         pacs = connect(server.url, user=server.user, password=server.password, cache_dir=work / "cache")
+        assert isinstance(pacs, DicomWebPacs)  # the baseline reads through the same session
         series = pacs.search_series(PatientID="BENCHMARK")
         study_uid, series_uid = series.StudyInstanceUID[0], series.SeriesInstanceUID[0]
         url = f"{server.url}/studies/{study_uid}/series/{series_uid}"
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
 
-    min_cpus = getattr(retrieve_module, "WRITER_THREAD_MIN_CPUS", None)
+    min_cpus = getattr(multipart_module, "WRITER_THREAD_MIN_CPUS", None)
     writer = "threaded" if min_cpus is not None and (os.cpu_count() or 1) >= min_cpus else "inline"
     size = f"{args.slices}x512x512 int16, {nbytes / 1e6:.1f} MB"
     note(f"series {size}; best of {args.repeats}; {writer} cache writer; raw HTTP {t_raw * 1000:.0f} ms "
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{t_warm * 1000:.1f} ms from the cache vs {t_cold * 1000:.0f} ms cold")),
         emit(Figure("retrieve_resume_half", t_cold / t_resume, "retrieve_cold",
                     f"{t_resume * 1000:.0f} ms to fetch the missing half instance by instance "
-                    f"({retrieve_module.INSTANCE_FETCHERS} at a time) vs {t_cold * 1000:.0f} ms for the whole "
+                    f"({wado_module.INSTANCE_FETCHERS} at a time) vs {t_cold * 1000:.0f} ms for the whole "
                     "series; nothing cached is fetched again")),
         emit(Figure("dicomweb_client_retrieve_series", t_raw / t_dwc, "raw_http",
                     f"{t_dwc * 1000:.0f} ms vs {t_raw * 1000:.0f} ms; builds every Dataset in memory")),

@@ -22,9 +22,9 @@ import pydicom
 import pytest
 
 from pacsai.errors import PacsConnectionError, PacsTimeoutError, RetrieveError
-from pacsai.pacs import OrthancServer, Pacs, connect
-from pacsai.pacs.client import HttpOptions, build_session
-from pacsai.pacs.retrieve import INSTANCE_FETCHERS
+from pacsai.pacs import DicomWebPacs, OrthancServer, Pacs, connect
+from pacsai.pacs.transport import HttpOptions, build_session
+from pacsai.pacs.wado import INSTANCE_FETCHERS
 from tests.faultproxy import FaultProxy
 
 MR = "tcia_sts001_mr_t2_rtstruct/mr_t2"
@@ -87,7 +87,7 @@ def through(
 ) -> Pacs:
     """A connection to Orthanc through ``proxy``, with a small backoff so that retries cost milliseconds."""
     pacs = connect(proxy.url, user=orthanc.user, password=orthanc.password, cache_dir=cache)
-    assert pacs.session is not None
+    assert isinstance(pacs, DicomWebPacs)
     pacs.session.close()
     options = HttpOptions(
         timeout=timeout,
@@ -251,7 +251,7 @@ def test_flaky_link_finishes_when_each_failure_is_followed_by_progress(
     fault_proxy, orthanc, series, tmp_path, monkeypatch
 ):
     # One fetcher, so that the order of the per-instance requests (and so which ones fail) is known.
-    monkeypatch.setattr("pacsai.pacs.retrieve.INSTANCE_FETCHERS", 1)
+    monkeypatch.setattr("pacsai.pacs.wado.INSTANCE_FETCHERS", 1)
     fault_proxy.cut(after_bytes=series.part(10.5), path=SERIES_GET)
     # The 1st and the 4th per-instance answers are reset (the 2nd rule lets 2 requests pass, then fires):
     # two failures, but never two in a row, so retries=1 is enough because progress starts the count afresh.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -11,9 +10,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from dicomweb_client.api import DICOMfileClient, DICOMwebClient
 
-from pacsai.errors import PacsAuthError, PacsConnectionError, PacsError, PacsTimeoutError
-from pacsai.pacs import Pacs, connect
-from pacsai.pacs.client import redact_url
+from pacsai.errors import PacsAuthError, PacsConnectionError, PacsError, PacsNotFoundError, PacsTimeoutError
+from pacsai.pacs import DicomWebPacs, EmbeddedPacs, Pacs, connect
+from pacsai.pacs.address import redact_url
 
 # -- back ends and settings ----------------------------------------------------------------------------------
 
@@ -21,11 +20,13 @@ from pacsai.pacs.client import redact_url
 def test_default_is_the_embedded_store_in_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     pacs = connect()
-    assert pacs.is_embedded
-    assert isinstance(pacs.client, DICOMfileClient)
+    assert isinstance(pacs, EmbeddedPacs) and isinstance(pacs, Pacs)
     assert pacs.path == tmp_path / "pacs"
-    assert (tmp_path / "pacs").is_dir()
     assert pacs.url == f"file://{tmp_path / 'pacs'}"
+    assert not (tmp_path / "pacs").exists()  # only storing creates a store
+    pacs.store([], progress=False)
+    assert (tmp_path / "pacs").is_dir()
+    assert isinstance(pacs.client, DICOMfileClient)
 
 
 def test_cache_dir_comes_from_the_environment(tmp_path, monkeypatch):
@@ -44,6 +45,7 @@ def test_http_settings_from_the_environment(monkeypatch):
     monkeypatch.setenv("PACSAI_PACS_TIMEOUT", "12.5")
     monkeypatch.setenv("PACSAI_PACS_RETRIES", "3")
     pacs = connect()
+    assert isinstance(pacs, DicomWebPacs) and isinstance(pacs, Pacs)
     assert isinstance(pacs.client, DICOMwebClient)
     assert pacs.url == "https://pacs.example/dicom-web"
     assert pacs.session.auth == ("alice", "s3cret-pw")
@@ -90,6 +92,7 @@ def test_unsupported_scheme():
 
 
 def test_ping_both_back_ends(pacs: Pacs):
+    pacs.store([], progress=False)  # an embedded store exists once stored into (even nothing)
     assert 0 <= pacs.ping() < 10
 
 
@@ -119,9 +122,10 @@ def test_stopped_server_is_a_connection_error(stopped_server_url, tmp_path):
 
 def test_missing_embedded_store_fails_ping(tmp_path):
     pacs = connect(f"file://{tmp_path / 'store'}")
-    shutil.rmtree(tmp_path / "store")
-    with pytest.raises(PacsConnectionError, match="does not exist"):
+    with pytest.raises(PacsNotFoundError, match=f"no embedded store at {tmp_path / 'store'}") as info:
         pacs.ping()
+    assert "pacsai pacs push" in str(info.value)  # the fix
+    assert not (tmp_path / "store").exists()
 
 
 # -- retries and timeouts against a small real HTTP server -----------------------------------------------------

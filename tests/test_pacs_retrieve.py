@@ -16,9 +16,9 @@ import pytest
 import requests
 
 from pacsai.errors import PacsaiWarning, PacsError, PacsNotFoundError
-from pacsai.pacs import Pacs, connect
+from pacsai.pacs import DicomWebPacs, EmbeddedPacs, Pacs, connect
 from pacsai.pacs.cache import InstanceCache
-from pacsai.pacs.retrieve import scan_sop_instance_uid, stream_parts
+from pacsai.pacs.multipart import scan_sop_instance_uid, stream_parts
 from pacsai.uids import derive_uid
 
 CT3 = "dcmqi_ct_seg/ct_3slice"
@@ -41,7 +41,7 @@ def _series(pacs: Pacs) -> tuple[str, str]:
 def _counting(pacs: Pacs) -> list[str]:
     """URLs of every request the PACS answers from now on (empty for the embedded store)."""
     seen: list[str] = []
-    if pacs.session is not None:
+    if isinstance(pacs, DicomWebPacs):
         pacs.session.hooks["response"].append(lambda r, **_: seen.append(r.request.url))
     return seen
 
@@ -96,12 +96,13 @@ def test_second_call_is_served_from_the_cache(pacs: Pacs, test_data: Path, ortha
     first = pacs.retrieve_series(study, series, progress=False)
     requests_seen = _counting(pacs)
     # Empty the PACS itself: only the cache can answer now.
-    if pacs.is_embedded:
+    if isinstance(pacs, EmbeddedPacs):
         shutil.rmtree(pacs.path)
-        pacs.client = connect(pacs.url, cache_dir=pacs.cache.root).client
+        with pytest.raises(PacsNotFoundError, match="no embedded store at"):
+            pacs.search_series()  # the store is gone, not empty
     else:
         orthanc.clear()
-    assert pacs.search_series().empty
+        assert pacs.search_series().empty
     requests_seen.clear()
     assert pacs.retrieve_series(study, series, progress=False) == first
     assert requests_seen == []
@@ -129,7 +130,7 @@ def test_broken_cache_entry_is_fetched_again(pacs: Pacs, test_data: Path):
         again = pacs.retrieve_series(study, series, progress=False)
     assert again == paths
     assert paths[1].read_bytes() == good
-    if not pacs.is_embedded:
+    if isinstance(pacs, DicomWebPacs):
         # Only the broken instance: no listing, no whole-series transfer.
         assert requests_seen == [f"{pacs.url}/studies/{study}/series/{series}/instances/{paths[1].stem}"]
     # Most of the series gone: still only what is missing, never the cached instance again.
@@ -139,7 +140,7 @@ def test_broken_cache_entry_is_fetched_again(pacs: Pacs, test_data: Path):
     with pytest.warns(PacsaiWarning, match="2 cached instance"):
         assert pacs.retrieve_series(study, series, progress=False) == paths
     assert all(p.is_file() for p in paths)
-    if not pacs.is_embedded:
+    if isinstance(pacs, DicomWebPacs):
         base = f"{pacs.url}/studies/{study}/series/{series}/instances"
         assert sorted(requests_seen) == sorted(f"{base}/{p.stem}" for p in (paths[0], paths[2]))
 
@@ -155,7 +156,7 @@ def test_interrupted_retrieval_resumes_with_missing_instances_only(pacs: Pacs, t
     requests_seen = _counting(pacs)
     assert pacs.retrieve_series(study, series, progress=False) == sorted(paths, key=paths.index)
     assert not pacs.cache.is_partial(series)
-    if not pacs.is_embedded:
+    if isinstance(pacs, DicomWebPacs):
         assert len(requests_seen) == 2  # the instance list, then the one missing instance
         assert requests_seen[1].endswith(f"/instances/{paths[0].stem}")
 

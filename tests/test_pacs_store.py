@@ -11,7 +11,8 @@ import pydicom
 import pytest
 
 from pacsai.errors import PacsAuthError
-from pacsai.pacs import Pacs, StoreSummary, connect
+from pacsai.pacs import DicomWebPacs, Pacs, StoreSummary, connect
+from pacsai.pacs import dicomweb as dicomweb_module
 from pacsai.pacs import store as store_module
 
 CT3 = "dcmqi_ct_seg/ct_3slice"
@@ -145,22 +146,22 @@ def test_datasets_are_stored_and_left_unchanged(pacs: Pacs, test_data: Path):
 def test_stow_batches(pacs: Pacs, test_data: Path, monkeypatch):
     monkeypatch.setattr(store_module, "BATCH_INSTANCES", 2)
     posts: list[int] = []
-    if pacs.session is not None:
+    if isinstance(pacs, DicomWebPacs):
         pacs.session.hooks["response"].append(
             lambda r, **_: posts.append(1) if r.request.method == "POST" else None
         )
     summary = pacs.store(test_data / CT3, progress=False)
     assert len(summary.stored) == 3
-    if pacs.session is not None:
+    if isinstance(pacs, DicomWebPacs):
         assert len(posts) == 2  # 2 + 1 instances
 
 
 def test_batches_respect_the_byte_limit(monkeypatch):
     monkeypatch.setattr(store_module, "BATCH_BYTES", 100)
     items = [
-        store_module._Prepared(name=str(i), sop_uid=str(i), study_uid="1", data=b"x" * 60) for i in range(3)
+        store_module.Prepared(name=str(i), sop_uid=str(i), study_uid="1", data=b"x" * 60) for i in range(3)
     ]
-    assert [len(b) for b in store_module._batches(items)] == [1, 1, 1]
+    assert [len(b) for b in store_module.batches(items)] == [1, 1, 1]
 
 
 def test_folder_is_walked_recursively_and_dicomdir_skipped(pacs: Pacs, test_data: Path, tmp_path: Path):
@@ -188,7 +189,7 @@ def test_wrong_password_stops_the_store(orthanc, test_data: Path, tmp_path: Path
 
 def test_outcome_reports_rejected_and_silently_dropped_instances():
     batch = [
-        store_module._Prepared(name=f"f{i}", sop_uid=f"1.{i}", study_uid="1", data=b"") for i in range(3)
+        store_module.Prepared(name=f"f{i}", sop_uid=f"1.{i}", study_uid="1", data=b"") for i in range(3)
     ]
     answer = {
         "00081199": {"vr": "SQ", "Value": [{"00081155": {"vr": "UI", "Value": ["1.0"]}}]},
@@ -197,7 +198,7 @@ def test_outcome_reports_rejected_and_silently_dropped_instances():
             "Value": [{"00081155": {"vr": "UI", "Value": ["1.1"]}, "00081197": {"vr": "US", "Value": [272]}}],
         },
     }
-    ok, bad = store_module._outcome(batch, answer, source="http://pacs")
+    ok, bad = store_module.stow_outcome(batch, answer, source="http://pacs")
     assert ok == ["1.0"]
     assert [name for name, _ in bad] == ["f1", "f2"]
     assert bad[0][1].startswith(
@@ -209,7 +210,9 @@ def test_outcome_reports_rejected_and_silently_dropped_instances():
 def test_summary_text():
     summary = StoreSummary(stored=("1.2",), skipped=("README",), failed=(("bad.dcm", "truncated"),))
     assert str(summary) == (
-        "stored 1, already present 0, skipped 1 (not DICOM), failed 1\n  failed: bad.dcm: truncated"
+        "stored 1, already present 0, skipped 1 (not DICOM), failed 1\n"
+        "  skipped (not DICOM): README\n"
+        "  failed: bad.dcm: truncated"
     )
     buffer = io.StringIO()
     print(summary, file=buffer)
@@ -219,7 +222,7 @@ def test_summary_text():
 def test_stored_instances_are_found_across_qido_pages(clean_orthanc, test_data: Path, tmp_path: Path, monkeypatch):
     # PACS cap QIDO answers; with pages of 2 the 3 instances of the study span two pages, and a capped listing
     # would turn stored instances into "refused" ones (after STOW) or send them again (before).
-    monkeypatch.setattr(store_module, "QIDO_PAGE", 2)
+    monkeypatch.setattr(dicomweb_module, "QIDO_PAGE", 2)
     server = clean_orthanc
     with connect(server.url, user=server.user, password=server.password, cache_dir=tmp_path / "c") as pacs:
         first = pacs.store(test_data / CT3, progress=False)

@@ -1,23 +1,29 @@
 """``pacsai pacs ping|search|pull|push``: talk to a PACS from the command line.
 
-Exit code 0 only on full success. Errors are one line on stderr (``pacsai.cli`` turns :class:`PacsaiError`
-into that). The password is read only from the environment, ``.env`` (``PACSAI_PACS_PASSWORD``) or a netrc file, never from
-the command line, where other users could see it in the process list.
+Exit code 0 only on full success; 141 when standard output was closed early (``| head``). Errors are one line
+on stderr (``pacsai.cli`` turns :class:`PacsaiError` into that). The password is read only from the environment,
+``.env`` (``PACSAI_PACS_PASSWORD``) or a netrc file, never from the command line, where other users could see it
+in the process list.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pacsai.errors import PacsError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pacsai.pacs.base import Pacs
 
 LEVEL_COLUMNS = {
     "studies": [
@@ -45,30 +51,51 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "pacs",
         help="talk to a PACS: ping, search, pull, push",
-        description="Talk to a DICOMweb PACS (--pacs URL) or the embedded store (default file://./pacs). "
-        "The password comes only from PACSAI_PACS_PASSWORD (environment or .env) or a netrc file "
-        "(PACSAI_PACS_NETRC, default ~/.netrc). Research use only.",
+        description="Talk to a DICOMweb PACS (--pacs URL) or the embedded store (a folder; default "
+        "file://./pacs). The password comes only from PACSAI_PACS_PASSWORD (environment or .env) or a netrc "
+        "file (PACSAI_PACS_NETRC, default ~/.netrc). Research use only.",
     )
     sub = parser.add_subparsers(dest="pacs_verb", metavar="SUBVERB", required=True)
 
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--pacs", metavar="URL", help="DICOMweb base URL or file://FOLDER (default PACSAI_PACS_URL)"
+    def verb(name: str, summary: str, description: str, func: Callable[[argparse.Namespace], int]) -> Any:
+        p = sub.add_parser(
+            name, help=summary, description=f"{description} {_PACS_NOTE}",
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         )
-        p.add_argument("--user", help="user for HTTP basic authentication (default PACSAI_PACS_USER)")
-        p.add_argument("--ca-bundle", metavar="FILE", help="CA bundle for the server's TLS certificate")
+        p.add_argument(
+            "--pacs", metavar="URL", default=None,
+            help="DICOMweb base URL (http(s)://host/.../dicom-web), file://FOLDER or a folder path such as ./pacs; "
+            "None means PACSAI_PACS_URL, else file://./pacs",
+        )
+        p.add_argument("--user", help="user for HTTP basic authentication; None means PACSAI_PACS_USER")
+        p.add_argument(
+            "--ca-bundle", metavar="FILE",
+            help="CA bundle for the server's TLS certificate; None means PACSAI_PACS_CA_BUNDLE, else the system's",
+        )
         p.add_argument(
             "--insecure", action="store_true", help="do not verify TLS certificates (testing only)"
         )
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        p.set_defaults(func=_quiet_on_closed_pipe(func))
+        return p
 
-    ping = sub.add_parser("ping", help="check that the PACS answers and accepts the credentials")
-    common(ping)
-    ping.set_defaults(func=_ping)
-
-    search = sub.add_parser("search", help="search studies, series or instances")
-    common(search)
-    search.add_argument("--level", choices=["studies", "series", "instances"], default="studies")
+    verb(
+        "ping", "check that the PACS answers and accepts the credentials",
+        "Ask the PACS for one study and print the round-trip time; exit 0 when it answers and accepts the "
+        "credentials. An embedded store that does not exist is an error.",
+        _ping,
+    )
+    search = verb(
+        "search", "search studies, series or instances",
+        "Search the PACS and print a table (or --json). Filters are DICOM keywords with PS3.4 matching: "
+        "wildcards * and ? on text, ranges A-B on dates and times, UID lists separated by backslashes. "
+        "Every filter is applied again on the client, whatever the server did.",
+        _search,
+    )
+    search.add_argument(
+        "--level", choices=["studies", "series", "instances"], default="studies",
+        help="what to search: studies, their series, or single instances",
+    )
     search.add_argument(
         "-f",
         "--filter",
@@ -80,26 +107,60 @@ def register(subparsers: Any) -> None:
     search.add_argument(
         "--json", action="store_true", help="print a JSON array of objects keyed by DICOM keyword"
     )
-    search.set_defaults(func=_search)
-
-    pull = sub.add_parser("pull", help="retrieve a study or series into a folder")
-    common(pull)
-    pull.add_argument("--study", required=True, metavar="UID", help="StudyInstanceUID")
+    pull = verb(
+        "pull", "retrieve a study or series into a folder",
+        "Retrieve a study (every series) or one series into the local cache, then copy the files to "
+        "OUT/<SeriesInstanceUID>/<SOPInstanceUID>.dcm. What the cache holds is not fetched again.",
+        _pull,
+    )
+    pull.add_argument("--study", required=True, metavar="UID", help="StudyInstanceUID (required)")
     pull.add_argument(
-        "--series", metavar="UID", help="SeriesInstanceUID (default: every series of the study)"
+        "--series", metavar="UID", help="SeriesInstanceUID; None means every series of the study"
     )
     pull.add_argument(
-        "--out", required=True, type=Path, metavar="DIR", help="folder; files go to DIR/<series>/"
+        "--out", required=True, type=Path, metavar="DIR", help="folder; files go to DIR/<series>/ (required)"
     )
-    pull.set_defaults(func=_pull)
+    push = verb(
+        "push", "store files and folders (recursively) on the PACS",
+        "Store DICOM files and folders (walked recursively). Instances the PACS already holds are not sent "
+        "again; files that are not DICOM are skipped and named; broken DICOM fails with the reason. Exit 1 "
+        "when anything failed. Pushing to an embedded store that does not exist creates it.",
+        _push,
+    )
+    push.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="DICOM files or folders")
 
-    push = sub.add_parser("push", help="store files and folders (recursively) on the PACS")
-    common(push)
-    push.add_argument("paths", nargs="+", type=Path, metavar="PATH")
-    push.set_defaults(func=_push)
+
+_PACS_NOTE = (
+    "Exit codes: 0 success; 1 an error (one line on stderr) or, for push, some inputs failed; 2 a usage error; "
+    "141 the output was closed early (e.g. piped into head)."
+)
 
 
-def _connect(args: argparse.Namespace) -> Any:
+def _quiet_on_closed_pipe(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """``func`` ending quietly with exit 141 (128 + SIGPIPE, as a Unix tool killed by SIGPIPE reports it) when
+    its standard output is closed early, e.g. ``pacsai pacs search | head -1``, instead of an internal error."""
+
+    @functools.wraps(func)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            code = func(args)
+            sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+            return code
+        except BrokenPipeError:
+            # Whatever is still buffered can never be written; point stdout at /dev/null so that Python's own
+            # flush at exit does not raise (and print) the same error again.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+            return EXIT_CLOSED_PIPE
+
+    return run
+
+
+EXIT_CLOSED_PIPE = 141
+
+
+def _connect(args: argparse.Namespace) -> Pacs:
     from pacsai.pacs import connect
 
     if not getattr(args, "verbose", 0):
@@ -154,7 +215,7 @@ def _jsonable(value: Any) -> Any:
 def _search(args: argparse.Namespace) -> int:
     filters = parse_filters(args.filter)
     with _connect(args) as pacs:
-        frame = getattr(pacs, f"search_{args.level}")(**filters)
+        frame = pacs.search(args.level, filters)
     if args.json:
         rows = [{k: _jsonable(v) for k, v in row.items()} for row in frame.to_dict(orient="records")]
         json.dump(rows, sys.stdout)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 from pacsai.errors import ConfigError
+from pacsai.pacs.address import redact_url
 
 if TYPE_CHECKING:  # pragma: no cover
     from pacsai.config import Settings
@@ -126,8 +127,6 @@ def credentials_out_of_url(url: str) -> Iterator[str]:
     metrics.json and MLflow, so it must not carry the password: the kernel inherits it from the environment
     instead, the way it would inherit ``PACSAI_PACS_PASSWORD`` from the user.
     """
-    from pacsai.pacs.client import redact_url
-
     parts = urlsplit(url) if "://" in url else None
     if parts is None or parts.username is None:
         yield url

@@ -22,19 +22,15 @@ import functools
 import logging
 import math
 import re
-import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import pandas as pd
 from pydicom.datadict import dictionary_VM, dictionary_VR, keyword_dict, keyword_for_tag, tag_for_keyword
 
 from pacsai.errors import PacsError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from pacsai.pacs.client import Pacs
 
 logger = logging.getLogger(__name__)
 
@@ -349,18 +345,26 @@ def apply_filters(frame: pd.DataFrame, filters: Sequence[Filter], *, source: str
     return frame[keep].reset_index(drop=True)
 
 
-# -- back ends -----------------------------------------------------------------------------------------------
-def search(pacs: Pacs, level: str, filters: Mapping[str, Any], *, limit: int | None = None) -> pd.DataFrame:
+# -- one search, any back end ---------------------------------------------------------------------------------
+#: A back end's raw search: ``(level, filters) → DICOM JSON objects`` (a superset of the matches is fine).
+Fetch = Callable[[str, Sequence[Filter]], list[dict[str, Any]]]
+
+
+def run_search(
+    level: str, filters: Mapping[str, Any], fetch: Fetch, *, source: str, limit: int | None = None
+) -> pd.DataFrame:
     """Search ``level`` (``"studies"``, ``"series"`` or ``"instances"``) with DICOM-keyword filters.
 
     Parameters
     ----------
-    pacs
-        The connection.
     level
         Query level.
     filters
         ``{keyword: value}``; see the module docstring for matching rules.
+    fetch
+        The back end's search; every filter is applied again here whatever it did.
+    source
+        The PACS as messages name it.
     limit
         At most this many rows (after filtering).
 
@@ -377,21 +381,30 @@ def search(pacs: Pacs, level: str, filters: Mapping[str, Any], *, limit: int | N
     if level not in LEVELS:
         raise PacsError(f"unknown query level {level!r}; use one of {', '.join(LEVELS)}")
     flts = make_filters(filters, level=level)
-    if pacs.is_embedded:
-        items = _search_embedded(pacs, level, flts)
-        source = f"the embedded store {pacs.url}"
-    else:
-        items = _search_dicomweb(pacs, level, flts)
-        source = pacs.url
-    frame = apply_filters(to_dataframe(items, level=level), flts, source=source)
+    frame = apply_filters(to_dataframe(fetch(level, flts), level=level), flts, source=source)
     if limit is not None:
         frame = frame.head(limit)
-    logger.debug("%s search on %s: %d rows", level, pacs.url, len(frame))
+    logger.debug("%s search on %s: %d rows", level, source, len(frame))
     return frame
 
 
-def _search_embedded(pacs: Pacs, level: str, flts: Sequence[Filter]) -> list[dict[str, Any]]:
-    server = {
+def qido_query(level: str, flts: Sequence[Filter]) -> list[tuple[str, str]]:
+    """QIDO-RS query parameters for ``flts``: the values a server can take literally (see the module docstring),
+    and ``includefield`` for every attribute the client must check or show."""
+    params: list[tuple[str, str]] = []
+    for flt in flts:
+        value = flt.server_value()
+        if value is not None:
+            params.append((flt.keyword, value))
+    include = {f.keyword for f in flts} | set(COLUMNS[level])
+    tags = sorted(f"{tag:08X}" for tag in (tag_for_keyword(k) for k in include) if tag is not None)
+    params.append(("includefield", ",".join(tags)))
+    return params
+
+
+def index_filters(level: str, flts: Sequence[Filter]) -> dict[str, str]:
+    """The filters the embedded store's SQLite index may apply itself: exact UID / ID / modality matches."""
+    return {
         f.keyword: f.value
         for f in flts
         if f.keyword in _EMBEDDED_EXACT
@@ -399,49 +412,19 @@ def _search_embedded(pacs: Pacs, level: str, flts: Sequence[Filter]) -> list[dic
         and not any(c in f.value for c in "*?\\")
         and not (level == "studies" and f.keyword == "Modality")
     }
-    method = {
-        "studies": pacs.client.search_for_studies,
-        "series": pacs.client.search_for_series,
-        "instances": pacs.client.search_for_instances,
-    }[level]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return list(method(search_filters=server or None))
 
 
-def _search_dicomweb(pacs: Pacs, level: str, flts: Sequence[Filter]) -> list[dict[str, Any]]:
-    assert pacs.session is not None
-    params: list[tuple[str, str]] = []
-    for flt in flts:
-        value = flt.server_value()
-        if value is not None:
-            params.append((flt.keyword, value))
-    include = {f.keyword for f in flts} | set(COLUMNS[level])
-    include_tags = sorted(f"{tag_for_keyword(k):08X}" for k in include if tag_for_keyword(k) is not None)
-    params.append(("includefield", ",".join(include_tags)))
-    items: list[dict[str, Any]] = []
-    offset = 0
-    # The query string is assembled by hand: every value is already restricted to URL-safe characters, and
-    # requests would otherwise percent-encode "*", which Orthanc 1.10 then takes literally.
-    while True:
-        query = "&".join(f"{k}={v}" for k, v in params + ([("offset", str(offset))] if offset else []))
-        url = f"{pacs.url}/{level}?{query}"
-        with pacs.errors(f"search {level}"):
-            answer = pacs.session.get(url, headers={"Accept": "application/dicom+json"})
-            answer.raise_for_status()
-        if answer.status_code == 204 or not answer.content:
-            break
-        try:
-            page = answer.json()
-        except ValueError as err:
-            raise PacsError(f"{pacs.url} sent an answer to a {level} search that is not JSON") from err
-        if not isinstance(page, list):
-            raise PacsError(f"{pacs.url} sent an answer to a {level} search that is not a JSON array")
-        items.extend(page)
-        warning = answer.headers.get("Warning", "")
-        # PS3.18 8.3.4.4: a server that truncates says so in a Warning header; then page on.
-        if page and "additional results" in warning.lower():
-            offset += len(page)
-            continue
-        break
-    return items
+__all__ = [
+    "COLUMNS",
+    "LEVELS",
+    "Fetch",
+    "Filter",
+    "Level",
+    "apply_filters",
+    "index_filters",
+    "make_filters",
+    "normalize_keyword",
+    "qido_query",
+    "run_search",
+    "to_dataframe",
+]

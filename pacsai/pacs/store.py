@@ -1,9 +1,12 @@
 """Send DICOM to a PACS (STOW-RS, or the embedded store): files, folders (walked recursively) or datasets.
 
+The back-end-independent half of storing: every input is classified before anything is sent, and
+:func:`store_items` runs a store given the back end's two primitives (which instances it holds, send a batch).
+
 Every input is classified before anything is sent:
 
 * **not DICOM** (no ``DICM`` at byte 128, and no SOP Class/Instance UID when read with ``force=True``: a
-  LICENSE, a README) → *skipped* and counted;
+  LICENSE, a README) → *skipped*, and named in the summary;
 * **DICOM without preamble / file meta** → file meta added, then sent;
 * **broken DICOM** (unreadable, missing UIDs, pixel data shorter than Rows × Columns × SamplesPerPixel ×
   frames × BitsAllocated / 8, encapsulated pixel data with fewer fragments than frames) → *failed* with the
@@ -19,24 +22,19 @@ from __future__ import annotations
 import copy
 import io
 import logging
-import uuid
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Union
 
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from tqdm.auto import tqdm
 
-from pacsai.errors import PacsAuthError, PacsConnectionError, StoreError
-from pacsai.pacs.client import dicom_json_value
-
-if TYPE_CHECKING:  # pragma: no cover
-    from pacsai.pacs.client import Pacs
+from pacsai.pacs.dicomjson import dicom_json_value
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +42,11 @@ BATCH_INSTANCES = 50
 BATCH_BYTES = 50 << 20
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 DEFLATED = "1.2.840.10008.1.2.1.99"
+
+#: What :meth:`pacsai.pacs.Pacs.store` takes: a path, a dataset, or an iterable of them.
+StoreItems = Union[str, Path, Dataset, Iterable[Union[str, Path, Dataset]]]
+#: ``(stored SOP UIDs, [(name, reason)])`` for one batch sent.
+BatchOutcome = tuple[list[str], list[tuple[str, str]]]
 
 
 @dataclass(frozen=True)
@@ -77,11 +80,17 @@ class StoreSummary:
             f"stored {len(self.stored)}, already present {len(self.already_present)}, "
             f"skipped {len(self.skipped)} (not DICOM), failed {len(self.failed)}"
         )
-        return "\n".join([line, *(f"  failed: {name}: {reason}" for name, reason in self.failed)])
+        return "\n".join(
+            [
+                line,
+                *(f"  skipped (not DICOM): {name}" for name in self.skipped),
+                *(f"  failed: {name}: {reason}" for name, reason in self.failed),
+            ]
+        )
 
 
 @dataclass
-class _Prepared:
+class Prepared:
     name: str
     sop_uid: str
     study_uid: str
@@ -97,7 +106,7 @@ class _Broken(Exception):
     """DICOM, but not storable; the message is the reason."""
 
 
-def iter_inputs(items: Any) -> Iterator[tuple[str, Path | Dataset | None]]:
+def iter_inputs(items: StoreItems) -> Iterator[tuple[str, Path | Dataset | None]]:
     """``(name, file or dataset)`` for every input; folders are walked recursively (sorted); a path that does not
     exist yields ``(name, None)``."""
     if isinstance(items, (str, Path, Dataset)):
@@ -129,7 +138,10 @@ def _pixel_problem(ds: Dataset) -> str | None:
     except (AttributeError, TypeError, ValueError) as err:
         return f"pixel data without usable Rows/Columns/BitsAllocated ({err})"
     if min(rows, cols, samples, frames, bits) < 1:
-        return f"Rows/Columns/SamplesPerPixel/NumberOfFrames/BitsAllocated {rows}/{cols}/{samples}/{frames}/{bits} is not an image"
+        return (
+            f"Rows/Columns/SamplesPerPixel/NumberOfFrames/BitsAllocated {rows}/{cols}/{samples}/{frames}/{bits} "
+            "is not an image"
+        )
     if bits != 1 and bits % 8:
         # PS3.5 8.1.1: BitsAllocated is 1 or a multiple of 8; anything else cannot be decoded by anyone.
         return f"BitsAllocated {bits} is neither 1 nor a multiple of 8 (corrupt header?)"
@@ -159,7 +171,7 @@ def _pixel_problem(ds: Dataset) -> str | None:
     return None
 
 
-def _count_items(value: bytes) -> int | None:
+def _count_items(value: bytes | bytearray) -> int | None:
     """Items in encapsulated pixel data (offset table included), or ``None`` when the last one is cut short."""
     offset, count, size = 0, 0, len(value)
     while offset < size:
@@ -182,7 +194,7 @@ def _truncation(ds: Dataset, size: int) -> str | None:
     return None
 
 
-def prepare_file(path: Path) -> _Prepared:
+def prepare_file(path: Path) -> Prepared:
     """Read and check one file; raises ``_Skip`` (not DICOM) or ``_Broken`` (with the reason)."""
     try:
         with open(path, "rb") as handle:
@@ -191,7 +203,7 @@ def prepare_file(path: Path) -> _Prepared:
         raise _Broken(f"cannot read: {err.strerror or err}") from err
     marker = head[128:132] == b"DICM"
     try:
-        with warnings.catch_warnings(), nullcontext() if marker else _quiet_pydicom():
+        with warnings.catch_warnings(), nullcontext() if marker else quiet_pydicom():
             # Reading a README with force=True makes pydicom warn and log about nonsense; the verdict is ours.
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(path, force=True)
@@ -222,19 +234,19 @@ def prepare_file(path: Path) -> _Prepared:
         data = _encode(ds)
     else:
         data = path.read_bytes()
-    return _Prepared(
+    return Prepared(
         name=str(path), sop_uid=str(ds.SOPInstanceUID), study_uid=str(ds.StudyInstanceUID), data=data
     )
 
 
-def prepare_dataset(ds: Dataset, *, name: str) -> _Prepared:
+def prepare_dataset(ds: Dataset, *, name: str) -> Prepared:
     """Check a dataset and encode it as a Part-10 file (file meta added where missing)."""
     _check(ds)
     meta = getattr(ds, "file_meta", None)
     if meta is None or "TransferSyntaxUID" not in meta:
         ds = copy.copy(ds)  # the caller's dataset stays as it was
         _add_file_meta(ds)
-    return _Prepared(
+    return Prepared(
         name=name,
         sop_uid=str(ds.SOPInstanceUID),
         study_uid=str(ds.StudyInstanceUID),
@@ -279,15 +291,52 @@ def _encode(ds: Dataset) -> bytes:
     return buffer.getvalue()
 
 
-def store(pacs: Pacs, items: Any, *, progress: bool = True) -> StoreSummary:
-    """Store files, folders (recursively) and datasets on ``pacs``.
+def classify(items: StoreItems) -> tuple[list[Prepared], list[str], list[tuple[str, str]]]:
+    """Read and check every input: ``(storable, skipped names, [(name, reason)] of failed)``."""
+    prepared: list[Prepared] = []
+    skipped: list[str] = []
+    failed: list[tuple[str, str]] = []
+    for name, item in iter_inputs(items):
+        try:
+            if item is None:
+                raise _Broken("no such file or folder")
+            if isinstance(item, Dataset):
+                prepared.append(prepare_dataset(item, name=name))
+            else:
+                prepared.append(prepare_file(item))
+        except _Skip:
+            logger.info("not storing %s: not DICOM", name)
+            skipped.append(name)
+        except _Broken as err:
+            logger.info("not storing %s: %s", name, err)
+            failed.append((name, str(err)))
+    return prepared, skipped, failed
+
+
+def store_items(
+    items: StoreItems,
+    *,
+    label: str,
+    held: Callable[[set[str]], set[str]],
+    send: Callable[[list[Prepared]], BatchOutcome],
+    verify: bool,
+    progress: bool = True,
+) -> StoreSummary:
+    """Store files, folders (recursively) and datasets through a back end's primitives.
 
     Parameters
     ----------
-    pacs
-        The connection.
     items
         A path, a dataset, or an iterable of them.
+    label
+        The PACS as messages name it.
+    held
+        SOPInstanceUIDs the PACS holds in the given studies.
+    send
+        Send one batch; returns what it stored and what failed, with reasons.
+    verify
+        Check the answers against what the PACS holds afterwards (a server may claim to store what a filter
+        dropped; the embedded store's answer is the truth).
     progress
         Show a progress bar.
 
@@ -301,27 +350,10 @@ def store(pacs: Pacs, items: Any, *, progress: bool = True) -> StoreSummary:
     PacsAuthError, PacsConnectionError
         The PACS refused the credentials or cannot be reached: nothing more can be sent.
     """
-    prepared: list[_Prepared] = []
-    skipped: list[str] = []
-    failed: list[tuple[str, str]] = []
-    for name, item in iter_inputs(items):
-        try:
-            if item is None:
-                raise _Broken("no such file or folder")
-            if isinstance(item, Dataset):
-                prepared.append(prepare_dataset(item, name=name))
-            else:
-                prepared.append(prepare_file(item))
-        except _Skip:
-            skipped.append(name)
-        except _Broken as err:
-            failed.append((name, str(err)))
-    for name, reason in failed:
-        logger.info("not storing %s: %s", name, reason)
-
-    present = _present(pacs, {p.study_uid for p in prepared})
+    prepared, skipped, failed = classify(items)
+    present = held({p.study_uid for p in prepared}) if prepared else set()
     already: list[str] = []
-    to_send: list[_Prepared] = []
+    to_send: list[Prepared] = []
     seen: set[str] = set()
     for item in prepared:
         if item.sop_uid in present or item.sop_uid in seen:
@@ -332,22 +364,23 @@ def store(pacs: Pacs, items: Any, *, progress: bool = True) -> StoreSummary:
 
     stored: list[str] = []
     with tqdm(total=len(to_send), unit="inst", desc="store", disable=not progress, leave=False) as bar:
-        for batch in _batches(to_send):
-            ok, bad = _send(pacs, batch)
+        for batch in batches(to_send):
+            ok, bad = send(batch)
             stored.extend(ok)
             failed.extend(bad)
             bar.update(len(batch))
-    if to_send and not pacs.is_embedded:  # the embedded store has no filters: its answer is the truth
-        stored, failed = _verify(pacs, to_send, stored, failed)
+    if to_send and verify:
+        now = held({item.study_uid for item in to_send})
+        stored, failed = _verify(label, now, to_send, stored, failed)
     summary = StoreSummary(
         stored=tuple(stored), already_present=tuple(already), skipped=tuple(skipped), failed=tuple(failed)
     )
-    logger.info("store to %s: %s", pacs.url, summary)
+    logger.info("store to %s: %s", label, summary)
     return summary
 
 
 def _verify(
-    pacs: Pacs, sent: list[_Prepared], stored: list[str], failed: list[tuple[str, str]]
+    label: str, held: set[str], sent: list[Prepared], stored: list[str], failed: list[tuple[str, str]]
 ) -> tuple[list[str], list[tuple[str, str]]]:
     """Check the STOW answer against what the PACS now holds (one QIDO per study).
 
@@ -355,7 +388,6 @@ def _verify(
     ones (HTTP 200, empty FailedSOPSequence) although it keeps nothing, and when a filter raises it silently drops
     that instance and every later one of the request. Only the server's contents tell the truth.
     """
-    held = _present(pacs, {item.study_uid for item in sent})
     by_uid = {item.sop_uid: item for item in sent}
     really: list[str] = []
     for uid in stored:
@@ -363,7 +395,7 @@ def _verify(
             really.append(uid)
         else:
             failed.append((by_uid[uid].name, (
-                f"{pacs.url} answered that it stored SOP instance {uid} but does not hold it: a filter on "
+                f"{label} answered that it stored SOP instance {uid} but does not hold it: a filter on "
                 "the PACS refused it (e.g. an Orthanc ReceivedInstanceFilter Lua script); ask its "
                 "administrator why, then push again (instances already stored are skipped)"
             )))
@@ -374,8 +406,8 @@ def _verify(
     return really, [(name, reason) for name, reason in failed if name not in rescued]
 
 
-def _batches(items: list[_Prepared]) -> Iterator[list[_Prepared]]:
-    batch: list[_Prepared] = []
+def _batches(items: list[Prepared]) -> Iterator[list[Prepared]]:
+    batch: list[Prepared] = []
     size = 0
     for item in items:
         if batch and (len(batch) >= BATCH_INSTANCES or size + len(item.data) > BATCH_BYTES):
@@ -387,83 +419,21 @@ def _batches(items: list[_Prepared]) -> Iterator[list[_Prepared]]:
         yield batch
 
 
-def _present(pacs: Pacs, study_uids: Iterable[str]) -> set[str]:
-    """SOPInstanceUIDs the PACS holds in these studies (one QIDO per study)."""
-    present: set[str] = set()
-    for study_uid in sorted(study_uids):
-        if pacs.is_embedded:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                items = pacs.client.search_for_instances(search_filters={"StudyInstanceUID": study_uid})
-        else:
-            items = _study_instances(pacs, study_uid)
-        present.update(str(v) for v in (dicom_json_value(i, "00080018") for i in items) if v)
-    return present
+def batches(items: list[Prepared]) -> Iterator[list[Prepared]]:
+    batch: list[Prepared] = []
+    size = 0
+    for item in items:
+        if batch and (len(batch) >= BATCH_INSTANCES or size + len(item.data) > BATCH_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(item)
+        size += len(item.data)
+    if batch:
+        yield batch
 
 
-QIDO_PAGE = 1000  # many PACS cap a QIDO answer (dcm4chee, cloud stores): page through a study's instances
-
-
-def _study_instances(pacs: Pacs, study_uid: str) -> list[Any]:
-    """Every instance of a study on a DICOMweb PACS (QIDO with limit/offset paging), or [] if it is absent."""
-    assert pacs.session is not None
-    items: list[Any] = []
-    seen: set[str] = set()
-    offset = 0
-    while True:
-        url = (f"{pacs.url}/studies/{study_uid}/instances?includefield=00080018"
-               f"&limit={QIDO_PAGE}&offset={offset}")
-        with pacs.errors(f"check which instances of study {study_uid} are stored"):
-            answer = pacs.session.get(url, headers={"Accept": "application/dicom+json"})
-            if answer.status_code == 404:
-                return items
-            answer.raise_for_status()
-        page = answer.json() if answer.content and answer.status_code != 204 else []
-        uids = {str(dicom_json_value(i, "00080018")) for i in page}
-        if len(page) < QIDO_PAGE or uids <= seen:  # the last page (or a server that ignores offset)
-            items.extend(i for i in page if str(dicom_json_value(i, "00080018")) not in seen)
-            return items
-        items.extend(page)
-        seen |= uids
-        offset += len(page)
-
-
-def _send(pacs: Pacs, batch: list[_Prepared]) -> tuple[list[str], list[tuple[str, str]]]:
-    """Send one batch; returns (stored SOP UIDs, [(name, reason)])."""
-    if pacs.is_embedded:
-        return _send_embedded(pacs, batch)
-    assert pacs.session is not None
-    boundary = uuid.uuid4().hex
-    head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-    body = bytearray()
-    for item in batch:
-        body += head
-        body += item.data
-        body += b"\r\n"
-    body += f"--{boundary}--\r\n".encode()
-    headers = {
-        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-        "Accept": "application/dicom+json",
-    }
-    what = f"store {len(batch)} instance(s) (STOW-RS)"
-    with pacs.errors(what):
-        answer = pacs.session.post(f"{pacs.url}/studies", data=bytes(body), headers=headers)
-    if answer.status_code in (401, 403):
-        from pacsai.pacs.client import http_error
-
-        raise http_error(answer, pacs.url, what=what, user=getattr(pacs, "_user", None))
-    try:
-        doc = answer.json() if answer.content else {}
-    except ValueError:
-        doc = {}
-    if not answer.ok and not doc:
-        reason = f"HTTP {answer.status_code} from {pacs.url}: {' '.join(answer.text[:200].split())}"
-        return [], [(item.name, reason) for item in batch]
-    return _outcome(batch, doc, source=pacs.url)
-
-
-def _outcome(
-    batch: list[_Prepared], doc: dict[str, Any], *, source: str
+def stow_outcome(
+    batch: list[Prepared], doc: dict[str, Any], *, source: str
 ) -> tuple[list[str], list[tuple[str, str]]]:
     accepted = {
         str(dicom_json_value(i, "00081155")) for i in (doc.get("00081199") or {}).get("Value", []) if i
@@ -478,7 +448,7 @@ def _outcome(
     for item in batch:
         if item.sop_uid in rejected:
             bad.append((item.name, f"{source} rejected SOP instance {item.sop_uid} "
-                        f"({_failure_reason(rejected[item.sop_uid])}); see the PACS log for why"))
+                        f"({failure_reason(rejected[item.sop_uid])}); see the PACS log for why"))
         elif item.sop_uid in accepted:
             ok.append(item.sop_uid)
         else:
@@ -505,7 +475,7 @@ _FAILURE_REASONS = {
 }
 
 
-def _failure_reason(code: Any) -> str:
+def failure_reason(code: Any) -> str:
     """``failure reason 0x0110 (processing failure)`` for a FailureReason value (an int, or absent)."""
     if code is None:
         return "no failure reason given"
@@ -529,7 +499,7 @@ class _DropRecords(logging.Filter):
 
 
 @contextmanager
-def _quiet_pydicom(text: str | None = None) -> Iterator[None]:
+def quiet_pydicom(text: str | None = None) -> Iterator[None]:
     """Drop pydicom log records (those containing ``text``, or all) for the duration."""
     pydicom_logger = logging.getLogger("pydicom")
     dropper = _DropRecords(text)
@@ -540,23 +510,15 @@ def _quiet_pydicom(text: str | None = None) -> Iterator[None]:
         pydicom_logger.removeFilter(dropper)
 
 
-def _send_embedded(pacs: Pacs, batch: list[_Prepared]) -> tuple[list[str], list[tuple[str, str]]]:
-    datasets = []
-    for item in batch:
-        ds = item.dataset if item.dataset is not None else pydicom.dcmread(io.BytesIO(item.data))
-        datasets.append(ds)
-    try:
-        with warnings.catch_warnings(), _quiet_pydicom("is deprecated"):
-            # dicomweb-client 0.61 calls dcmwrite(write_like_original=...), which pydicom 3 logs as deprecated.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            response = pacs.client.store_instances(datasets)
-    except Exception as err:
-        if isinstance(err, (PacsAuthError, PacsConnectionError)):
-            raise
-        raise StoreError(
-            f"the embedded store {pacs.url} failed to store {len(batch)} instance(s): {err}"
-        ) from err
-    return _outcome(batch, response.to_json_dict(), source=f"the embedded store {pacs.url}")
-
-
-__all__ = ["BATCH_BYTES", "BATCH_INSTANCES", "StoreSummary", "store"]
+__all__ = [
+    "BATCH_BYTES",
+    "BATCH_INSTANCES",
+    "BatchOutcome",
+    "Prepared",
+    "StoreItems",
+    "StoreSummary",
+    "classify",
+    "quiet_pydicom",
+    "stow_outcome",
+    "store_items",
+]

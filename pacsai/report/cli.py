@@ -128,7 +128,7 @@ def _cohort(args: argparse.Namespace, params_for: Callable[[str], ReportParamete
     print(table.to_string(index=False))
     failed = table[~table.ok]
     if not failed.empty:
-        from pacsai.pacs.client import redact_url
+        from pacsai.pacs.address import redact_url
 
         pacs = f" --pacs {redact_url(args.pacs)}" if args.pacs else ""  # never echo a password
         print(f"{len(failed)} of {len(table)} reports failed ({', '.join(failed.patient_id)}); once the cause is "

@@ -722,7 +722,7 @@ def _find(masks: Mapping[str, Any], name: str) -> str | None:
 
 def _redact(url: str) -> str:
     """Never write credentials embedded in a URL (user:password@host) anywhere."""
-    from pacsai.pacs.client import redact_url
+    from pacsai.pacs.address import redact_url
 
     return redact_url(url) if "://" in url else url
 

@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model and rules.report.structures_from != "model":
         raise ConfigError("--model needs rules with report.structures_from: model")
     from pacsai.config import load_settings
-    from pacsai.pacs.client import redact_url
+    from pacsai.pacs.address import redact_url
 
     url = args.pacs or load_settings().pacs_url
     with credentials_out_of_url(url) as clean_url:

@@ -32,6 +32,8 @@ import pandas as pd
 
 from pacsai.errors import PacsError
 from pacsai.pacs import Pacs
+from pacsai.pacs.dicomweb import DicomWebPacs
+from pacsai.pacs.embedded import EmbeddedPacs
 from pacsai.watch.rules import StudyFacts, is_pacsai_output
 from pacsai.watch.state import WatchState
 
@@ -71,7 +73,7 @@ class Source(Protocol):
 
 def orthanc_rest_root(pacs: Pacs) -> str | None:
     """Orthanc's REST root when ``pacs`` is an Orthanc DICOMweb endpoint (``.../dicom-web``), else ``None``."""
-    if pacs.is_embedded or pacs.session is None:
+    if not isinstance(pacs, DicomWebPacs):
         return None
     url = pacs.url.rstrip("/")
     root = url.rsplit("/", 1)[0] if "/" in url.split("://", 1)[-1] else url
@@ -116,7 +118,7 @@ class OrthancChanges:
         self._pending = self.cursor
 
     def _get(self, path: str, **params: Any) -> Any:
-        assert self.pacs.session is not None
+        assert isinstance(self.pacs, DicomWebPacs)  # probe() chose this source for a DICOMweb PACS only
         with self.pacs.errors(f"read Orthanc {path.split('/')[1]}"):
             answer = self.pacs.session.get(f"{self.root}{path}", params=params or None,
                                            headers={"Accept": "application/json"})
@@ -250,7 +252,7 @@ class EmbeddedIndex(QidoPoll):
 
     def __init__(self, pacs: Pacs, state: WatchState, *, backfill: bool = False) -> None:
         super().__init__(pacs, state, backfill=backfill)
-        assert pacs.path is not None
+        assert isinstance(pacs, EmbeddedPacs)  # probe() chose this source for the embedded store only
         self.index = Path(pacs.path) / ".dicom-file-client.db"
         self._signature: tuple[int, ...] | None = None
 
@@ -279,7 +281,7 @@ class EmbeddedIndex(QidoPoll):
 def probe(pacs: Pacs, state: WatchState, *, backfill: bool = False,
           filters: Mapping[str, str] | None = None) -> Source:
     """The best noticing mode ``pacs`` offers (module docstring)."""
-    if pacs.is_embedded:
+    if isinstance(pacs, EmbeddedPacs):
         return EmbeddedIndex(pacs, state, backfill=backfill)
     root = orthanc_rest_root(pacs)
     if root is not None and not filters:

@@ -248,7 +248,7 @@ class WatchState:
 def default_state_path(pacs_url: str) -> Path:
     """Beside the embedded store (``./pacs`` → ``./pacs.watch.sqlite``); for a DICOMweb PACS in the working
     directory, one file per server (``pacsai-watch-<hash>.sqlite``)."""
-    from pacsai.pacs.client import embedded_path
+    from pacsai.pacs.address import embedded_path
 
     if pacs_url.startswith("file:"):
         store = embedded_path(pacs_url)
