@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)" || $(PIP) install -q "torch>=2.2"
-	$(PIP) install -q -e ".[learning,viewer,test]"
+	$(PIP) install -q "nnunetv2>=2.8" "$$($(PY) -c 'import torch; print("torch==" + torch.__version__)')"
+	$(PIP) install -q -e ".[learning,viewer,test,dask]"
 	$(PY) -m ipykernel install --sys-prefix --name pacsai --display-name "pacsai (Python 3)" >/dev/null
 	@touch $(STAMP)
 

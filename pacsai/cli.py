@@ -26,6 +26,7 @@ VERBS: dict[str, str] = {
     "report": "pacsai.report.cli",
     "watch": "pacsai.watch.cli",
     "ui": "pacsai.tracking_cli",
+    "export": "pacsai.export.cli",
     "demo": "pacsai.demo",
 }
 

@@ -19,17 +19,6 @@ def _load(path: Path, name: str):
     return module
 
 
-def test_demo_figures_in_the_readme_are_generated_from_the_demo_summary():
-    figures = _load(REPO / "scripts" / "readme_figures.py", "readme_figures")
-    doc = json.loads(figures.DEMO_RESULT.read_text())
-    assert doc["git"] and not doc["smoke"], "the demo result must come from a full `make demo` run at a commit"
-    assert "setup" in doc["stages_s"], "the demo result must count the set-up (run it as `make demo`)"
-    text = figures.README.read_text()
-    i, j = figures.section(text)
-    assert text[i:j].strip() == figures.render_demo(doc).strip(), (
-        "README demo figures differ from benchmarks/results/demo.json: run `python scripts/readme_figures.py`")
-
-
 def test_bench_table_in_the_readme_is_generated_from_the_results():
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
