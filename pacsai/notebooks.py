@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 from pacsai.errors import PacsaiError
+from pacsai.pacs.address import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -90,17 +91,6 @@ def template(name: str) -> Path:
         )
     # A regular install (wheel or editable) keeps package data as files; papermill reads a path.
     return Path(str(resource))
-
-
-def redact_url(url: str) -> str:
-    """``url`` without any ``user:password@`` part."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
 
 
 def credentials_to_environment(url: str) -> tuple[str, dict[str, str]]:

@@ -6,7 +6,7 @@ papermill logs every cell it runs with the report's parameters. :class:`NoIdenti
 records from a handler; the ``pacsai`` CLI installs it on its handlers when ``-vv`` turns DEBUG on.
 
 Credentials never reach these records: the URL is stripped of ``user:password@`` before any request
-(:func:`pacsai.pacs.client.redact_url`), and neither library logs request headers.
+(:func:`pacsai.pacs.address.redact_url`), and neither library logs request headers.
 
 What pacsai records in MLflow holds no DICOM UID and no calendar date by default either: anyone with access to
 the PACS could link a Study/Series/SOP Instance UID back to the patient, and dates are identifiers under HIPAA.
