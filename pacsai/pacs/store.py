@@ -406,19 +406,6 @@ def _verify(
     return really, [(name, reason) for name, reason in failed if name not in rescued]
 
 
-def _batches(items: list[Prepared]) -> Iterator[list[Prepared]]:
-    batch: list[Prepared] = []
-    size = 0
-    for item in items:
-        if batch and (len(batch) >= BATCH_INSTANCES or size + len(item.data) > BATCH_BYTES):
-            yield batch
-            batch, size = [], 0
-        batch.append(item)
-        size += len(item.data)
-    if batch:
-        yield batch
-
-
 def batches(items: list[Prepared]) -> Iterator[list[Prepared]]:
     batch: list[Prepared] = []
     size = 0

@@ -48,28 +48,18 @@ def gather_to_file(params: ReportParameters, pacs: Pacs, folder: Path) -> Path:
         The hand-off file, for the template's ``inputs_file`` parameter.
     """
     from pacsai.report.inputs import gather
+    from pacsai.report.summary import data_notes
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", PacsaiWarning)
         data = gather(params, pacs=pacs)
-    gathered = Gathered(data=data, notes=tuple(_data_notes(caught)), pacs_url=params.pacs_url)
+    gathered = Gathered(data=data, notes=tuple(data_notes(caught)), pacs_url=params.pacs_url)
     path = folder / INPUTS_FILE
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as sink:
         pickle.dump(gathered, sink, protocol=pickle.HIGHEST_PROTOCOL)
     tmp.replace(path)
     return path
-
-
-def _data_notes(caught: list[warnings.WarningMessage]) -> list[str]:
-    """The messages of PacsaiWarnings (data notes, as build_summary keeps them); other warnings are re-issued."""
-    notes = []
-    for w in caught:
-        if issubclass(w.category, PacsaiWarning):
-            notes.append(str(w.message))
-        else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return notes
 
 
 def summary_from_file(path: Path, params: ReportParameters) -> PlanSummary:

@@ -162,10 +162,10 @@ def build_summary(params: ReportParameters, *, pacs: Any | None = None) -> PlanS
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", PacsaiWarning)
         data = gather(params, pacs=pacs)
-    return summarize(data, params, pacs_url=str(getattr(pacs, "url", "")), notes=_notes(caught))
+    return summarize(data, params, pacs_url=str(getattr(pacs, "url", "")), notes=data_notes(caught))
 
 
-def _notes(caught: Sequence[warnings.WarningMessage]) -> list[str]:
+def data_notes(caught: Sequence[warnings.WarningMessage]) -> list[str]:
     """The messages of PacsaiWarnings (data notes); other warnings are re-issued."""
     notes = []
     for w in caught:
@@ -188,7 +188,7 @@ def summarize(
         warnings.simplefilter("always", PacsaiWarning)
         summary = _summarize(data, params, pacs_url=pacs_url)
     reasons = [Reason.from_dict(r) for r in summary.qa["reasons"]]
-    reasons += [Reason("DATA_NOTE", "note", message) for message in [*notes, *_notes(caught)]]
+    reasons += [Reason("DATA_NOTE", "note", message) for message in [*notes, *data_notes(caught)]]
     summary.qa = gate.gate(reasons)
     return summary
 
