@@ -141,6 +141,7 @@ def _write_summary(path: Path, *, stages: dict[str, float], held_out: dict[str, 
     No patient identifier goes in: the figures are about the model and the machine.
     """
     import datetime as dt
+    import math
     import os
     import platform
     import subprocess
@@ -158,12 +159,13 @@ def _write_summary(path: Path, *, stages: dict[str, float], held_out: dict[str, 
         "stages_s": {k: round(v, 1) for k, v in stages.items()},
         "total_s": round(sum(stages.values()), 1),
         "structures": structures,
-        "held_out": {k: round(v, 4) for k, v in sorted(held_out.items())},
+        # NaN (a structure the model never found) is not JSON: it is written as null.
+        "held_out": {k: round(v, 4) if math.isfinite(v) else None for k, v in sorted(held_out.items())},
         "qa_status": qa,
         "model": model,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
     tmp.replace(path)
     print(f"Figures:       {path}")

@@ -29,6 +29,11 @@ def _duration(seconds: float) -> str:
     return f"{minutes} min {rest} s" if minutes else f"{rest} s"
 
 
+def _value(value: float | None, digits: int) -> str:
+    """A figure, or "—" where the demo measured none (null in the summary)."""
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
 def render_demo(doc: Mapping[str, Any]) -> str:
     """The README's demo paragraph and held-out table from a demo summary."""
     stages = dict(doc.get("stages_s") or {})
@@ -50,11 +55,11 @@ def render_demo(doc: Mapping[str, Any]) -> str:
             "",
             "| | " + " | ".join(names) + " |",
             "|---|" + "---|" * len(names),
-            "| Dice | " + " | ".join(f"{held[f'dice_{n}']:.3f}" for n in names) + " |",
+            "| Dice | " + " | ".join(_value(held[f"dice_{n}"], 3) for n in names) + " |",
         ]
         if any(f"hd95_{n}" in held for n in names):
             lines.append("| HD95 (mm) | " + " | ".join(
-                f"{held[f'hd95_{n}']:.1f}" if f"hd95_{n}" in held else "—" for n in names) + " |")
+                _value(held.get(f"hd95_{n}"), 1) for n in names) + " |")
     return "\n".join(lines)
 
 

@@ -41,3 +41,11 @@ def test_render_demo_states_scope_commit_and_metrics():
     assert "set-up included: **5 min 33 s** on 2 cores" in out
     assert "set-up 2 min 10 s" in out and "git abc1234" in out
     assert "| Dice | 0.999 | 0.846 |" in out and "| HD95 (mm) | — | 3.6 |" in out
+
+
+def test_render_demo_shows_a_structure_never_found_as_a_dash():
+    figures = _load(REPO / "scripts" / "readme_figures.py", "readme_figures")
+    doc = {"stages_s": {"training": 3.0}, "total_s": 3.0, "structures": ["BODY", "GTV"],
+           "held_out": {"dice_BODY": 0.79, "dice_GTV": None, "hd95_BODY": 54.8, "hd95_GTV": None}}
+    out = figures.render_demo(doc)
+    assert "| Dice | 0.790 | — |" in out and "| HD95 (mm) | 54.8 | — |" in out
