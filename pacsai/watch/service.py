@@ -119,7 +119,7 @@ class _Running:
 
 @dataclass
 class Watcher:
-    """A running watch. Build it with :func:`pacsai.watch.cli` or directly; :meth:`run` until stopped."""
+    """A running watch. Build it with `pacsai watch` (:mod:`pacsai.commands.watch`) or directly; :meth:`run` until stopped."""
 
     pacs: Pacs
     rules: WatchRules
@@ -176,9 +176,13 @@ class Watcher:
         if recovered:
             log.warning("%d report(s) interrupted by an earlier stop or crash will run again", recovered)
         shutil.rmtree(self.out_root / STAGING_DIR, ignore_errors=True)  # partial reports of a killed watch
+        # The first poll (on a fresh state: the baseline of studies already there) runs before "watching" is
+        # announced, so that a study stored after the announcement is always a new one, never part of the baseline.
+        self._poll()
         log.warning("watching %s: mode %s; %d worker(s), stable after %.0f s",
                     self.pacs.url, self.source.describe(), self.workers, self.rules.stable_seconds)
-        next_poll = next_health = time.monotonic()
+        next_health = time.monotonic()
+        next_poll = next_health + self.rules.poll_seconds
         while True:
             now = time.monotonic()
             if self._stop_requests:
