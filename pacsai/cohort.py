@@ -1,10 +1,15 @@
 """② A cohort: a PACS query plus selection rules → (patient, study, image series, RTSTRUCT) rows.
 
 A :class:`Cohort` is what a training or validation run reads. It is built once from the PACS
-(:func:`select_cohort`), has a stable :attr:`Cohort.content_hash` (sha256 over its sorted UIDs, so the same
-data gives the same hash whatever the order of the query answers), is saved and restored as a parquet manifest,
-and splits deterministically by patient (:func:`split_patients`: a hash of seed and patient ID orders the
-patients, so adding a patient never moves the others between splits... except where the split sizes change).
+(:func:`select_cohort`; each image series gets the RTSTRUCT that :func:`pacsai.structure_sets.choose` picks, the
+rule the report and notebook 01 use), has a stable :attr:`Cohort.content_hash` (sha256 over its sorted UIDs, so
+the same data gives the same hash whatever the order of the query answers), is saved and restored as a parquet
+manifest, and splits deterministically by patient (:func:`split_patients`: a hash of seed and patient ID orders
+the patients, so adding a patient never moves the others between splits... except where the split sizes change).
+
+What goes into MLflow is :meth:`Cohort.pseudonymised`: patients as pseudonyms, UIDs as keyed hashes
+(:func:`pacsai.privacy.hash_uid`), the content hash of the real cohort kept. A run that needs the images again
+(the validation notebook) re-finds them in the PACS by those hashes (:func:`resolve_cohort`).
 """
 
 from __future__ import annotations
@@ -13,7 +18,6 @@ import hashlib
 import json
 import logging
 import math
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +25,12 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from pacsai.errors import ConfigError, PacsaiError, PacsaiWarning, StructureError
+from pacsai import privacy
+from pacsai.errors import ConfigError, PacsaiError
 
 if TYPE_CHECKING:  # pragma: no cover
     from pacsai.pacs import Pacs
+    from pacsai.structure_sets import StructureSet
 
 logger = logging.getLogger(__name__)
 
@@ -100,15 +106,30 @@ class CohortQuery:
 class Cohort:
     """A selected cohort: the query and one row per image series (columns :data:`COLUMNS`).
 
-    The table may hold identifiers (``patient_id``, ``patient_name``); everything that leaves the machine
-    goes through :meth:`manifest` / :meth:`to_parquet` with a ``patient_label`` that pseudonymises them.
-    ``pseudonymized`` marks a cohort read back from such a manifest: its ``patient_id`` are pseudonyms already
-    and are not relabelled again.
+    The table may hold identifiers (``patient_id``, ``patient_name``, the UIDs); what goes into MLflow is
+    :meth:`pseudonymised`, or goes through :meth:`manifest` / :meth:`to_parquet` with a ``patient_label``.
+
+    Attributes
+    ----------
+    pseudonymized
+        ``patient_id`` are pseudonyms already (a cohort read back from MLflow) and are not relabelled again.
+    uids_hashed
+        The UID columns hold keyed hashes (:func:`pacsai.privacy.hash_uid`), not UIDs: the PACS cannot be asked
+        for them; :func:`resolve_cohort` finds the series again.
+    source_hash
+        For a cohort with hashed UIDs: :attr:`content_hash` of the real cohort it stands for (empty: none known,
+        e.g. after :meth:`subset`).
+    withheld
+        The real cohort's identifiers, kept in memory only so that :func:`pacsai.tracking.start_run` can check
+        parameters and tags against them (:meth:`identifiers`); never written anywhere.
     """
 
     query: CohortQuery
     table: pd.DataFrame
     pseudonymized: bool = False
+    uids_hashed: bool = False
+    source_hash: str = ""
+    withheld: tuple[str, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         missing = [c for c in COLUMNS if c not in self.table.columns]
@@ -130,7 +151,13 @@ class Cohort:
 
     @property
     def content_hash(self) -> str:
-        """sha256 (hex) over the sorted UID tuples of every row, and the structure list."""
+        """sha256 (hex) over the sorted UID tuples of every row, and the structure list.
+
+        A cohort with hashed UIDs answers the hash of the real cohort it stands for (:attr:`source_hash`), so a
+        run's ``pacsai.cohort_hash`` and its logged manifest agree with the data trained on.
+        """
+        if self.source_hash:
+            return self.source_hash
         h = hashlib.sha256()
         rows = sorted(tuple(str(r[c]) for c in UID_COLUMNS) for _, r in self.table.iterrows())
         for row in rows:
@@ -142,7 +169,7 @@ class Cohort:
     def identifiers(self) -> list[str]:
         """Every patient ID and name in the table (what must never reach MLflow without opt-in)."""
         if self.pseudonymized:
-            return []
+            return list(self.withheld)
         ids = {str(v) for v in self.table["patient_id"] if v}
         for name in self.table["patient_name"]:
             if name:
@@ -173,8 +200,38 @@ class Cohort:
         ]
         return {"query": self.query.to_dict(), "content_hash": self.content_hash, "rows": rows}
 
+    def pseudonymised(self, key: str | bytes) -> Cohort:
+        """The cohort as it goes into MLflow: patients as pseudonyms, no names, UIDs as keyed hashes.
+
+        The same labels as everything else a run logs (:func:`pacsai.tracking.pseudonymize`,
+        :func:`pacsai.privacy.hash_uid` under the store's key), so a series is ``u-...`` in the parquet, the
+        manifest, ``split.json`` and the report alike. :attr:`content_hash` stays that of this cohort.
+
+        Parameters
+        ----------
+        key
+            The store's pseudonym key (:func:`pacsai.tracking.pseudonym_key`).
+        """
+        from pacsai.tracking import pseudonymize
+
+        table = self.labelled(lambda patient_id: pseudonymize(patient_id, key))
+        if not self.uids_hashed:
+            for column in UID_COLUMNS:  # "" (no RTSTRUCT) stays empty: it names nothing
+                table[column] = [privacy.hash_uid(str(u), key) if u else "" for u in table[column]]
+        return Cohort(
+            query=self.query,
+            table=table,
+            pseudonymized=True,
+            uids_hashed=True,
+            source_hash=self.content_hash,
+            withheld=tuple(self.identifiers()),
+        )
+
     def to_parquet(self, path: str | Path, *, patient_label: Callable[[str], str] | None = None) -> Path:
-        """Write the table (pseudonymised with ``patient_label`` if given) with the query in the file metadata."""
+        """Write the table (pseudonymised with ``patient_label`` if given) with the query in the file metadata.
+
+        A cohort with hashed UIDs records that, and the content hash of the cohort it stands for.
+        """
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -183,7 +240,9 @@ class Cohort:
         arrow = pa.Table.from_pandas(table, preserve_index=False)
         meta = dict(arrow.schema.metadata or {})
         pseudo = self.pseudonymized or patient_label is not None
-        meta[PARQUET_KEY] = json.dumps({**self.query.to_dict(), "pseudonymized": pseudo}).encode()
+        record = {**self.query.to_dict(), "pseudonymized": pseudo, "uids_hashed": self.uids_hashed,
+                  "source_hash": self.source_hash}
+        meta[PARQUET_KEY] = json.dumps(record).encode()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(arrow.replace_schema_metadata(meta), path)
@@ -212,15 +271,27 @@ class Cohort:
         table = arrow.to_pandas()
         table["roi_names"] = [tuple(str(x) for x in v) for v in table["roi_names"]]
         table["patient_name"] = table["patient_name"].fillna("").astype(str)
-        return cls(query=query, table=table, pseudonymized=bool(q.get("pseudonymized", False)))
+        for column in UID_COLUMNS:
+            table[column] = table[column].fillna("").astype(str)
+        return cls(
+            query=query,
+            table=table,
+            pseudonymized=bool(q.get("pseudonymized", False)),
+            uids_hashed=bool(q.get("uids_hashed", False)),
+            source_hash=str(q.get("source_hash") or ""),
+        )
 
     def subset(self, patients: Iterable[str]) -> Cohort:
-        """The rows of the given patients."""
+        """The rows of the given patients (a subset of a cohort with hashed UIDs knows no real content hash)."""
         keep = set(patients)
+        table = self.table[self.table["patient_id"].isin(keep)]
         return Cohort(
             query=self.query,
-            table=self.table[self.table["patient_id"].isin(keep)],
+            table=table,
             pseudonymized=self.pseudonymized,
+            uids_hashed=self.uids_hashed,
+            source_hash=self.source_hash if len(table) == len(self.table) else "",
+            withheld=self.withheld,
         )
 
     def split(self, *, seed: int = 0, fractions: Mapping[str, float] | None = None) -> dict[str, list[str]]:
@@ -288,32 +359,90 @@ def _col(frame: pd.DataFrame, *names: str) -> pd.Series:
     raise PacsaiError(f"PACS search answer lacks any of the columns {names}; got {list(frame.columns)}")
 
 
-def read_rtstruct_header(path: str | Path) -> tuple[tuple[str, ...], set[str]]:
-    """ROI names of an RTSTRUCT and the image series UIDs it references (no contour data decoded)."""
-    import pydicom
+@dataclass(frozen=True)
+class _Study:
+    """One study as selection sees it: its image series of the query's modality and the structure sets that hold
+    every wanted ROI (headers only, no contour decoded)."""
 
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-    except Exception as err:
-        raise StructureError(f"cannot read RTSTRUCT {path}: {err}") from err
-    names = tuple(str(item.get("ROIName", "")) for item in ds.get("StructureSetROISequence", []))
-    series: set[str] = set()
-    for ref in ds.get("ReferencedFrameOfReferenceSequence", []):
-        for study in ref.get("RTReferencedStudySequence", []):
-            for s in study.get("RTReferencedSeriesSequence", []):
-                if "SeriesInstanceUID" in s:
-                    series.add(str(s.SeriesInstanceUID))
-    return names, series
+    study_instance_uid: str
+    patient_id: str
+    patient_name: str
+    image_series: tuple[str, ...]
+    structure_sets: tuple[StructureSet, ...]
+
+
+def _read_study(pacs: Pacs, study: pd.Series, query: CohortQuery, skipped: list[str]) -> _Study | None:
+    """The study's image series and usable RTSTRUCT headers (retrieved into the instance cache; they are small);
+    None when it has no image series of ``query.modality``. RTSTRUCTs lacking a wanted ROI go to ``skipped``."""
+    from pacsai import structure_sets
+
+    study_uid = str(study["StudyInstanceUID"])
+    series = pacs.search_series(StudyInstanceUID=study_uid)
+    if series.empty:
+        return None
+    modality = _col(series, "Modality").astype(str)
+    images = tuple(str(uid) for uid in _col(series[modality == query.modality], "SeriesInstanceUID"))
+    if not images:
+        return None
+    wanted = {s.lower() for s in query.structures}
+    headers: list[StructureSet] = []
+    for rt_series_uid in _col(series[modality == "RTSTRUCT"], "SeriesInstanceUID"):
+        for path in pacs.retrieve_series(study_uid, str(rt_series_uid), progress=False):
+            header = structure_sets.read_header(path)
+            missing = wanted - {n.lower() for n in header.roi_names}
+            if missing:
+                skipped.append(f"RTSTRUCT {header.sop_instance_uid} lacks {sorted(missing)}")
+                continue
+            headers.append(header)
+    return _Study(study_uid, _text(study.get("PatientID")), _text(study.get("PatientName")), images, tuple(headers))
+
+
+def _structure_set_for(study: _Study, image_series_uid: str) -> StructureSet | None:
+    """The RTSTRUCT of ``image_series_uid`` by :func:`pacsai.structure_sets.choose`, the rule of the report and
+    notebook 01 (docs/structure_set_selection.md), or None.
+
+    One more condition for a training label: a structure set that references no series is paired only in a
+    study with one image series; with several, nothing says which image its contours were drawn on.
+    """
+    from pacsai import structure_sets
+
+    chosen = structure_sets.choose(study.structure_sets, image_series_uid=image_series_uid)
+    if chosen is not None and not chosen.referenced_series and len(study.image_series) > 1:
+        return None
+    return chosen
+
+
+def _row(study: _Study, image_series_uid: str, chosen: StructureSet | None) -> dict[str, Any]:
+    return {
+        "patient_id": study.patient_id,
+        "patient_name": study.patient_name,
+        "study_instance_uid": study.study_instance_uid,
+        "series_instance_uid": image_series_uid,
+        "rtstruct_series_uid": chosen.series_instance_uid if chosen is not None else "",
+        "rtstruct_sop_instance_uid": chosen.sop_instance_uid if chosen is not None else "",
+        "roi_names": chosen.roi_names if chosen is not None else (),
+    }
+
+
+def _search_studies(pacs: Pacs, query: CohortQuery) -> pd.DataFrame:
+    studies = pacs.search_studies(**dict(query.study_filters))
+    if studies.empty:
+        raise PacsaiError(
+            f"no study on {pacs.url} matches {dict(query.study_filters)}; seed or push data first"
+        )
+    _col(studies, "StudyInstanceUID")
+    return studies.drop_duplicates("StudyInstanceUID")
 
 
 def select_cohort(pacs: Pacs, query: CohortQuery, *, progress: bool = False) -> Cohort:
     """Run ``query`` against ``pacs`` → :class:`Cohort`.
 
-    Image series of ``query.modality`` are paired with an RTSTRUCT of the same study that references them
-    (or, where the RTSTRUCT names no series, the study's only image series) and whose ROI names include every
-    name in ``query.structures`` (case-insensitive). Several candidate RTSTRUCTs: the one with the most ROIs,
-    then the lowest SOP instance UID, with a :class:`PacsaiWarning`. RTSTRUCT headers are retrieved into the
-    instance cache (they are small).
+    Each image series of ``query.modality`` is paired with the RTSTRUCT of its study that
+    :func:`pacsai.structure_sets.choose` picks among those whose ROI names include every name in
+    ``query.structures`` (case-insensitive): one that references the series (one that references none only in a
+    study with a single image series), the latest by StructureSetDate/Time, then most ROIs, then the lowest SOP
+    Instance UID; pacsai's own never. The report and notebook 01 pick by the same rule
+    (docs/structure_set_selection.md).
 
     Raises
     ------
@@ -322,67 +451,18 @@ def select_cohort(pacs: Pacs, query: CohortQuery, *, progress: bool = False) -> 
     """
     from tqdm.auto import tqdm
 
-    studies = pacs.search_studies(**dict(query.study_filters))
-    if studies.empty:
-        raise PacsaiError(
-            f"no study on {pacs.url} matches {dict(query.study_filters)}; seed or push data first"
-        )
-    study_uids = list(_col(studies, "StudyInstanceUID"))
-    wanted = {s.lower() for s in query.structures}
+    studies = _search_studies(pacs, query)
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
-    for study_uid in tqdm(study_uids, desc="cohort", unit="study", disable=not progress):
-        series = pacs.search_series(StudyInstanceUID=study_uid)
-        if series.empty:
+    for _, study_row in tqdm(list(studies.iterrows()), desc="cohort", unit="study", disable=not progress):
+        study = _read_study(pacs, study_row, query, skipped)
+        if study is None:
             continue
-        modality = _col(series, "Modality").astype(str)
-        images = series[modality == query.modality]
-        rts = series[modality == "RTSTRUCT"]
-        if images.empty:
-            continue
-        study_row = studies[_col(studies, "StudyInstanceUID") == study_uid].iloc[0]
-        patient_id = _text(study_row.get("PatientID"))
-        patient_name = _text(study_row.get("PatientName"))
-        candidates: dict[str, list[tuple[str, str, tuple[str, ...]]]] = {}
-        for rt_series_uid in _col(rts, "SeriesInstanceUID"):
-            for path in pacs.retrieve_series(study_uid, rt_series_uid, progress=False):
-                names, refs = read_rtstruct_header(path)
-                if wanted and not wanted <= {n.lower() for n in names}:
-                    skipped.append(
-                        f"RTSTRUCT {Path(path).stem} lacks {sorted(wanted - {n.lower() for n in names})}"
-                    )
-                    continue
-                image_uids = set(_col(images, "SeriesInstanceUID"))
-                targets = refs & image_uids or (image_uids if len(images) == 1 and not refs else set())
-                sop_uid = _sop_uid(path)
-                for target in targets:
-                    candidates.setdefault(target, []).append((rt_series_uid, sop_uid, names))
-        for img_uid in _col(images, "SeriesInstanceUID"):
-            found = candidates.get(img_uid, [])
-            if not found:
-                if query.require_rtstruct:
-                    continue
-                found = [("", "", ())]
-            found.sort(key=lambda c: (-len(c[2]), c[1]))
-            if len(found) > 1:
-                warnings.warn(
-                    f"image series {img_uid} has {len(found)} matching RTSTRUCTs; using {found[0][1]} "
-                    "(most ROIs, then lowest SOP instance UID)",
-                    PacsaiWarning,
-                    stacklevel=2,
-                )
-            rt_series, rt_sop, names = found[0]
-            rows.append(
-                {
-                    "patient_id": patient_id,
-                    "patient_name": patient_name,
-                    "study_instance_uid": str(study_uid),
-                    "series_instance_uid": str(img_uid),
-                    "rtstruct_series_uid": rt_series,
-                    "rtstruct_sop_instance_uid": rt_sop,
-                    "roi_names": tuple(names),
-                }
-            )
+        for image_uid in study.image_series:
+            chosen = _structure_set_for(study, image_uid)
+            if chosen is None and query.require_rtstruct:
+                continue
+            rows.append(_row(study, image_uid, chosen))
     if not rows:
         detail = "; ".join(skipped[:3]) or f"no {query.modality} series with an RTSTRUCT"
         raise PacsaiError(f"no series on {pacs.url} matches the cohort query {query.to_dict()}: {detail}")
@@ -400,14 +480,77 @@ def select_cohort(pacs: Pacs, query: CohortQuery, *, progress: bool = False) -> 
     return cohort
 
 
+def resolve_cohort(pacs: Pacs, logged: Cohort, *, key: str | bytes, progress: bool = False) -> Cohort:
+    """The cohort behind ``logged`` (hashed UIDs, as MLflow keeps it) with its real UIDs, found again in ``pacs``.
+
+    The studies matching the logged query are hashed under ``key`` and compared with the logged hashes; in each
+    study found, the image series and the very RTSTRUCT instance that were logged (not the rule's choice today: a
+    revision added since must not change the reference) are looked up the same way. Patients stay as logged
+    (pseudonyms); the real IDs and names are kept only for :meth:`Cohort.identifiers`.
+
+    Parameters
+    ----------
+    pacs
+        The PACS the cohort was selected from.
+    logged
+        A cohort read back from a run (:meth:`Cohort.from_parquet`). One whose UIDs are not hashed (a run that
+        logged identifiers, ``PACSAI_LOG_PHI=true``, or one from before UIDs were hashed) is returned as it is.
+    key
+        The pseudonym key of the MLflow store the cohort was logged to (:func:`pacsai.tracking.pseudonym_key`).
+
+    Raises
+    ------
+    PacsaiError
+        A logged series or its RTSTRUCT is not in ``pacs`` (or ``key`` is not the store's): the message counts
+        them and says what to check.
+    """
+    if not logged.uids_hashed:
+        return logged
+    from tqdm.auto import tqdm
+
+    def label(uid: str) -> str:
+        return privacy.hash_uid(uid, key)
+
+    studies = {label(str(r["StudyInstanceUID"])): r for _, r in _search_studies(pacs, logged.query).iterrows()}
+    rows: list[dict[str, Any]] = []
+    identifiers: set[str] = set()
+    missing: list[str] = []
+    groups = list(logged.table.groupby("study_instance_uid", sort=True))
+    for study_hash, logged_rows in tqdm(groups, desc="cohort", unit="study", disable=not progress):
+        study_row = studies.get(str(study_hash))
+        study = None if study_row is None else _read_study(pacs, study_row, logged.query, [])
+        for r in logged_rows.itertuples():
+            row = None if study is None else _find_logged_row(study, r, label)
+            if row is None:
+                missing.append(f"series {r.series_instance_uid} of {r.patient_id}")
+                continue
+            identifiers |= {v for v in (row.pop("patient_id"), row.pop("patient_name")) if v}
+            rows.append({**row, "patient_id": str(r.patient_id), "patient_name": ""})
+    if missing:
+        raise PacsaiError(
+            f"{len(missing)} of {len(logged)} logged series are not in {pacs.url} ({'; '.join(missing[:3])}) or "
+            "their RTSTRUCT is gone: use the PACS the cohort was selected from, and the pseudonym key of the MLflow "
+            "store it was logged to (PACSAI_PSEUDONYM_KEY, or mlruns/.pseudonym_key beside the store)"
+        )
+    names = {n for name in identifiers for n in (name, name.replace("^", " ").strip())}
+    return Cohort(query=logged.query, table=pd.DataFrame(rows, columns=list(COLUMNS)),
+                  pseudonymized=logged.pseudonymized, withheld=tuple(sorted(names)))
+
+
+def _find_logged_row(study: _Study, logged: Any, label: Callable[[str], str]) -> dict[str, Any] | None:
+    """The row of ``study`` whose image series and RTSTRUCT hash to those of ``logged``, or None."""
+    image = next((uid for uid in study.image_series if label(uid) == logged.series_instance_uid), None)
+    if image is None:
+        return None
+    if not logged.rtstruct_sop_instance_uid:
+        return _row(study, image, None)
+    chosen = next(
+        (h for h in study.structure_sets if label(h.sop_instance_uid) == logged.rtstruct_sop_instance_uid), None
+    )
+    return None if chosen is None else _row(study, image, chosen)
+
+
 def _text(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):  # None or NaN from pandas
         return ""
     return str(value)
-
-
-def _sop_uid(path: str | Path) -> str:
-    import pydicom
-
-    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
-    return str(ds.SOPInstanceUID)
