@@ -1,8 +1,13 @@
 """The ``pacsai`` command: one verb per job; exit code 0 only on success; one-line errors, no tracebacks.
 
-Each verb lives next to the code it drives, in a module with ``register(subparsers)``; that function adds its
-parser and sets ``func`` (taking the parsed ``argparse.Namespace`` and returning an exit code). Modules are
-imported only when their verb is asked for in ``--help`` listings or runs, so the CLI starts fast.
+Each verb is a module of :mod:`pacsai.commands` named after it, with ``register(subparsers)``; that function adds
+its parser and sets ``func`` (taking the parsed ``argparse.Namespace`` and returning an exit code). The verbs are
+found by listing that package, so a new module is a new verb. A verb module is imported only when its verb is
+asked for or ``pacsai --help`` lists them all, so the CLI starts fast; one that fails to import fails loudly.
+
+Exit codes: 0 success; 1 an error (one line on stderr); 2 a usage error; 3 an internal error or a broken install;
+130 interrupted; 141 standard output was closed early (``pacsai ... | head -1``), quietly, as a Unix tool killed by
+SIGPIPE reports it.
 """
 
 from __future__ import annotations
@@ -11,24 +16,24 @@ import argparse
 import importlib
 import logging
 import os
+import pkgutil
 import sys
 from collections.abc import Sequence
 
-from pacsai import __version__
+from pacsai import __version__, commands
 from pacsai.errors import PacsaiError
 
-# verb -> module whose register(subparsers) adds it
-VERBS: dict[str, str] = {
-    "pacs": "pacsai.pacs.cli",
-    "seed": "pacsai.synthetic_cli",
-    "train": "pacsai.learning.cli",
-    "validate": "pacsai.learning.cli_validate",
-    "report": "pacsai.report.cli",
-    "watch": "pacsai.watch.cli",
-    "ui": "pacsai.tracking_cli",
-    "export": "pacsai.export.cli",
-    "demo": "pacsai.demo",
-}
+#: 128 + SIGPIPE: what a shell reports for a Unix tool whose reader went away.
+EXIT_CLOSED_PIPE = 141
+
+
+def _verbs() -> dict[str, str]:
+    """verb -> module whose ``register(subparsers)`` adds it: every module of :mod:`pacsai.commands`."""
+    names = sorted(m.name for m in pkgutil.iter_modules(commands.__path__) if not m.name.startswith("_"))
+    return {name: f"{commands.__name__}.{name}" for name in names}
+
+
+VERBS: dict[str, str] = _verbs()
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -60,6 +65,33 @@ def _configure_logging(verbosity: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``pacsai ARGV``; the exit code (see the module docstring)."""
+    try:
+        try:
+            code = _run(argv)
+        finally:  # --help ends in SystemExit: its text too must reach the pipe now, not at interpreter exit
+            sys.stdout.flush()  # a closed pipe shows here
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_CLOSED_PIPE
+    return code
+
+
+def _silence_stdout() -> None:
+    """Point standard output at /dev/null: what is still buffered can never be written, and Python's own flush at
+    exit must not raise (and print) the same BrokenPipeError again."""
+    try:
+        fd = sys.stdout.fileno()
+    except (OSError, ValueError):  # not a real file (a test's capture): nothing will flush it at exit
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
+def _run(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verb = next((a for a in argv if not a.startswith("-")), None)
     try:
@@ -76,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _configure_logging(args.verbose)  # reads the settings at -vv: a bad one is a user error too
         return int(args.func(args) or 0)
+    except BrokenPipeError:
+        raise  # the reader went away (`| head`): main() ends quietly with 141, not an internal error
     except PacsaiError as err:
         print(f"pacsai {args.verb}: error: {err}", file=sys.stderr)
         return 1

@@ -19,7 +19,7 @@ from pacsai.cli import VERBS
 from pacsai.cli import main as cli_main
 from pacsai.cohort import CohortQuery, select_cohort
 from pacsai.export import Deidentifier, ExportError, export_cohort
-from pacsai.export.cli import register
+from pacsai.commands.export import register
 from pacsai.pacs import Pacs, connect
 
 SHAPE = (16, 64, 64)

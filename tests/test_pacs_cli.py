@@ -12,7 +12,7 @@ import pydicom
 import pytest
 
 from pacsai.errors import PacsError
-from pacsai.pacs.cli import parse_filters
+from pacsai.commands.pacs import parse_filters
 
 CT3 = "dcmqi_ct_seg/ct_3slice"
 CT_STUDY = "1.2.392.200103.20080913.113635.0.2009.6.22.21.43.10.22941.1"
@@ -211,7 +211,7 @@ def test_plain_folder_path_and_descriptions(env, tmp_path: Path):
 def test_every_verb_and_option_is_described():
     import argparse
 
-    from pacsai.pacs.cli import register
+    from pacsai.commands.pacs import register
 
     top = argparse.ArgumentParser(prog="pacsai")
     register(top.add_subparsers(dest="verb"))

@@ -156,7 +156,7 @@ def test_train_validate_promote_and_load_through_the_alias_over_http(
     aliases = postgres.query(team.server.database, "SELECT name, alias, version FROM registered_model_aliases")
     assert (MODEL, "champion", int(team.version)) in aliases
     # the team's UI is the server's own: it answers, and pacsai's links point into it
-    from pacsai.tracking_cli import ui_links
+    from pacsai.commands.ui import ui_links
 
     assert requests.get(team.server.url, timeout=30).status_code == 200
     links = ui_links(team.server.url)

@@ -170,7 +170,7 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_ui_serves_the_embedded_store(store):
-    from pacsai.tracking_cli import server_command
+    from pacsai.commands.ui import server_command
 
     port = _free_port()
     cmd = server_command(port=port)

@@ -14,7 +14,8 @@ Modules, in data-flow order (each imports only modules above it; ``tests/test_pa
   run), ``multipart`` (WADO-RS multipart → cache files), ``storeindex`` (the embedded index's descriptions);
 * ``retrieve`` (series retrieval over any :class:`~pacsai.pacs.retrieve.SeriesSource`), ``base`` (the protocol);
 * back ends: ``wado`` + ``dicomweb`` (DICOMweb), ``embedded`` (the embedded store);
-* ``factory`` (``connect``: the one place that picks a back end); ``cli``; ``orthanc`` (a local server).
+* ``factory`` (``connect``: the one place that picks a back end); ``orthanc`` (a local server). The verb is
+  :mod:`pacsai.commands.pacs`.
 
 Names other than ``connect`` and ``Pacs`` are imported on first use, so that ``pacsai pacs ping`` starts fast.
 """

@@ -2,5 +2,6 @@
 
 :mod:`~pacsai.watch.rules` (which studies, how), :mod:`~pacsai.watch.sources` (how changes are noticed),
 :mod:`~pacsai.watch.state` (what was done, SQLite), :mod:`~pacsai.watch.service` (the loop),
-:mod:`~pacsai.watch.job` (one report, in its own process), :mod:`~pacsai.watch.cli` (the verb). See docs/watch.md.
+:mod:`~pacsai.watch.job` (one report, in its own process); the verb is :mod:`pacsai.commands.watch`.
+See docs/watch.md.
 """

@@ -119,7 +119,7 @@ class _Running:
 
 @dataclass
 class Watcher:
-    """A running watch. Build it with `pacsai watch` (:mod:`pacsai.commands.watch`) or directly; :meth:`run` until stopped."""
+    """A running watch, built by `pacsai watch` (:mod:`pacsai.commands.watch`) or directly; :meth:`run` runs it."""
 
     pacs: Pacs
     rules: WatchRules

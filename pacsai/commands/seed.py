@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     shape = tuple(args.shape or DEFAULT_SHAPE)
     spacing = tuple(args.spacing or DEFAULT_SPACING)
     try:
-        check_grid(shape, spacing)  # type: ignore[arg-type]
+        check_grid(shape, spacing)
     except ValueError as err:  # a usage error, like argparse's own (exit code 2)
         print(f"pacsai seed: error: --shape/--spacing: {err}", file=sys.stderr)
         return 2
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             shape=shape,
             spacing=spacing,
-        )  # type: ignore[arg-type]
+        )
         failed = 0
         for result in results:
             s = result.summary

@@ -1,15 +1,14 @@
 """``pacsai pacs ping|search|pull|push``: talk to a PACS from the command line.
 
 Exit code 0 only on full success; 141 when standard output was closed early (``| head``). Errors are one line
-on stderr (``pacsai.cli`` turns :class:`PacsaiError` into that). The password is read only from the environment,
-``.env`` (``PACSAI_PACS_PASSWORD``) or a netrc file, never from the command line, where other users could see it
-in the process list.
+on stderr (:mod:`pacsai.cli` does both, for every verb). The password is read only from the environment, ``.env``
+(``PACSAI_PACS_PASSWORD``) or a netrc file, never from the command line, where other users could see it in the
+process list.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import math
@@ -76,7 +75,7 @@ def register(subparsers: Any) -> None:
             "--insecure", action="store_true", help="do not verify TLS certificates (testing only)"
         )
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
-        p.set_defaults(func=_quiet_on_closed_pipe(func))
+        p.set_defaults(func=func)
         return p
 
     verb(
@@ -134,30 +133,6 @@ _PACS_NOTE = (
     "Exit codes: 0 success; 1 an error (one line on stderr) or, for push, some inputs failed; 2 a usage error; "
     "141 the output was closed early (e.g. piped into head)."
 )
-
-
-def _quiet_on_closed_pipe(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """``func`` ending quietly with exit 141 (128 + SIGPIPE, as a Unix tool killed by SIGPIPE reports it) when
-    its standard output is closed early, e.g. ``pacsai pacs search | head -1``, instead of an internal error."""
-
-    @functools.wraps(func)
-    def run(args: argparse.Namespace) -> int:
-        try:
-            code = func(args)
-            sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
-            return code
-        except BrokenPipeError:
-            # Whatever is still buffered can never be written; point stdout at /dev/null so that Python's own
-            # flush at exit does not raise (and print) the same error again.
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            os.close(devnull)
-            return EXIT_CLOSED_PIPE
-
-    return run
-
-
-EXIT_CLOSED_PIPE = 141
 
 
 def _connect(args: argparse.Namespace) -> Pacs:

@@ -11,7 +11,7 @@ import logging
 logger = logging.getLogger(__name__)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``train`` verb."""
     p = subparsers.add_parser(
         "train",
