@@ -24,9 +24,6 @@ if TYPE_CHECKING:  # pragma: no cover
 #: The demo experiment ships in the package (``experiments/demo.yaml`` of the source tree links to it), so the
 #: demo runs from any working folder and from a wheel.
 DEMO_EXPERIMENT = "templates/demo.yaml"
-#: The model the demo registers and promotes; every help text and example names this one.
-DEMO_MODEL = "pacsai-thorax"
-DEMO_MODEL_URI = f"models:/{DEMO_MODEL}@champion"
 # The report patient is seeded after training, from seeds the training cohort never saw, with a prior study.
 REPORT_SEED = 900
 SUMMARY_FILE = "reports/demo_summary.json"

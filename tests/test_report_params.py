@@ -26,7 +26,7 @@ def _report(args: list[str], cwd) -> subprocess.CompletedProcess[str]:
         (["SYN-1", "--ctv-margin", "-1"], "ctv_margin_mm (--ctv-margin): margins are ≥ 0 mm (got -1.0)"),
         (["SYN-1", "--structures-from", "model"],
          "structures from a model need the model: give model_uri (pacsai report --model), e.g. "
-         "models:/demo-thorax@champion"),
+         "models:/pacsai-thorax@champion"),
     ],
 )
 def test_cli_names_the_option_and_the_value(args, message, tmp_path):

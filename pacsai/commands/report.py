@@ -31,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pacs", default=None, help="DICOMweb URL or file:// store (default: PACSAI_PACS_URL or ./pacs)")
     p.add_argument("--study", default="", help="StudyInstanceUID (default: the latest study with a CT)")
     p.add_argument("--structures-from", choices=("pacs", "model"), default="pacs")
-    p.add_argument("--model", default="", help="model URI, e.g. models:/demo-thorax@champion")
+    p.add_argument("--model", default="",
+                   help="model URI, e.g. models:/pacsai-thorax@champion (the model the demo registers)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default reports/<PatientID>)")
     p.add_argument("--push", action=argparse.BooleanOptionalAction, default=False,
                    help="store SEG/RTSTRUCT/SR/PDF in the patient's study (on a QA FAIL only the PDF)")

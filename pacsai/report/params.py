@@ -47,7 +47,7 @@ class ReportParameters(BaseModel):
         if self.structures_from == "model" and not self.model_uri:
             raise ValueError(
                 "structures from a model need the model: give model_uri (pacsai report --model), e.g. "
-                "models:/demo-thorax@champion"
+                "models:/pacsai-thorax@champion"
             )
         return self
 
