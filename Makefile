@@ -24,8 +24,9 @@ $(STAMP): pyproject.toml Makefile
 demo:
 	@start=$$(date +%s); $(MAKE) --no-print-directory setup && $(VENV)/bin/pacsai demo --started-at $$start
 
+# Lint (ruff: style, import order, complexity, bugbear) and types (mypy) first: they take seconds, the suite minutes.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m ruff check pacsai && $(PY) -m mypy pacsai && $(PY) -m pytest -q
 
 bench: setup
 	$(PY) benchmarks/run_all.py
