@@ -113,7 +113,11 @@ class Pacs(Protocol):
         ...
 
     def close(self) -> None:
-        """Release what the connection holds (HTTP connections); it may not be used afterwards."""
+        """Release what the connection holds (HTTP connections, the embedded index's SQLite connection).
+
+        A later verb opens them again; the watch closes before it forks a report, because an SQLite connection
+        must not be carried across ``fork()``.
+        """
         ...
 
     # -- defined once, on top of the verbs ---------------------------------------------------------------------

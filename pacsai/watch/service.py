@@ -309,6 +309,11 @@ class Watcher:
         fd = os.open(str(spec_path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it names the patient
         with os.fdopen(fd, "w") as fh:
             json.dump(spec, fh)
+        # SQLite forbids carrying an open connection across fork(): the child inherits the parent's view of the
+        # embedded index's locks and shared-memory file and, closing it, can truncate that file under every other
+        # process mapping it (seen as a SIGBUS in a process storing into the same store). The watch's PACS
+        # connections are closed first (they reopen on the next poll); the child opens its own.
+        self.pacs.close()
         process = _fork_job(spec_path, result_path, work / f"{row.key}.log", close=self.state.lock_fds)
         now = time.time()
         self.state.update(row.study_uid, status="running", started=now, attempts=attempts + 1, trigger=trigger,
