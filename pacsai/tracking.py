@@ -5,7 +5,10 @@ Store
     tracking and the registry, artifacts in ``mlruns/artifacts/`` (MLflow 3 refuses its old file store, so it is
     never used). ``MLFLOW_TRACKING_URI`` or ``PACSAI_MLFLOW_URI`` (``Settings.mlflow_uri``) point elsewhere, e.g.
     a tracking server. Telemetry is switched off (``MLFLOW_ENABLE_TELEMETRY=false``, ``DO_NOT_TRACK=1``) before
-    mlflow is first imported through this module.
+    mlflow is first imported through this module. Before a process first uses the embedded store,
+    :func:`_prepare_store` creates it (schema and all) under a file lock, so two processes starting on a fresh
+    project (e.g. two Dask workers) do not race in MLflow's schema set-up, and rewrites its absolute artifact
+    locations if the project folder was copied or moved (:func:`pacsai.mlstore.relocate`).
 
 Experiments
     Every experiment pacsai creates or serves carries ``mlflow.experimentKind=custom_model_development``: the MLflow 3
@@ -39,27 +42,30 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import hmac
 import json
 import logging
 import os
 import secrets
+import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
 from pacsai import __version__, privacy
 from pacsai.errors import TrackingError
+from pacsai.mlstore import relocate
 
 if TYPE_CHECKING:  # pragma: no cover
-    import mlflow
-
     from pacsai.cohort import Cohort
     from pacsai.config import Settings
 
@@ -70,12 +76,14 @@ CHAMPION = "champion"
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 STORE_DIR = "mlruns"
 KEY_FILE = ".pseudonym_key"
+#: Lock file in the embedded store's folder: processes creating or relocating the store take turns on it.
+LOCK_FILE = ".pacsai-store.lock"
 #: The experiment tag the MLflow 3 UI reads to choose its view, and the value of the classic machine-learning view.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 CLASSIC_ML_KIND = "custom_model_development"
 
 
-def _mlflow() -> mlflow:  # type: ignore[valid-type]
+def _mlflow() -> ModuleType:
     """Import mlflow with telemetry off (the variables must be set before its first import)."""
     os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -129,10 +137,70 @@ def _sqlite_path(uri: str) -> Path | None:
     return Path(unquote(uri[len("sqlite:///") :])).resolve()
 
 
+# SQLite files of embedded stores this process has prepared (created if new, relocated if moved).
+_PREPARED: set[Path] = set()
+_PREPARED_GUARD = threading.Lock()
+
+
 def _prepare_store(uri: str) -> None:
-    local = _sqlite_path(uri)
-    if local is not None:
-        (local.parent / "artifacts").mkdir(parents=True, exist_ok=True)
+    """Make the embedded store of ``uri`` ready before MLflow opens it; nothing for a tracking server.
+
+    Once per process and store: create the folder, ``artifacts/`` and the database with MLflow's full schema,
+    under an exclusive lock on ``LOCK_FILE`` in that folder (MLflow creates a missing schema lazily and without a
+    lock: two processes doing so at the same moment fail with "table alembic_version already exists"); then,
+    under the same lock, point its absolute artifact locations at this folder if the project was copied or moved
+    (:func:`pacsai.mlstore.relocate`), so a moved project never writes into its old folder.
+    """
+    db = _sqlite_path(uri)
+    if db is None:
+        return
+    with _PREPARED_GUARD:
+        if db in _PREPARED and db.is_file():
+            return
+        try:
+            (db.parent / "artifacts").mkdir(parents=True, exist_ok=True)
+            with _store_lock(db.parent):
+                if not _has_schema(db):
+                    _create_schema(uri)
+                relocate(db)
+        except (OSError, sqlite3.Error) as err:
+            raise TrackingError(
+                f"cannot prepare the MLflow store {db.parent}: {err}; check that the folder is writable, or "
+                "point PACSAI_MLFLOW_URI elsewhere"
+            ) from err
+        _PREPARED.add(db)
+
+
+@contextlib.contextmanager
+def _store_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder/LOCK_FILE`` (across processes and threads: one open file each)."""
+    with open(folder / LOCK_FILE, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _has_schema(db: Path) -> bool:
+    """Whether ``db`` holds an MLflow schema (its alembic revision table); a missing file holds none."""
+    if not db.is_file():
+        return False
+    with contextlib.closing(sqlite3.connect(db, timeout=30)) as conn:
+        found = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alembic_version'"
+        ).fetchone()
+        return found is not None and conn.execute("SELECT 1 FROM alembic_version").fetchone() is not None
+
+
+def _create_schema(uri: str) -> None:
+    """Create the embedded store's database (tracking and registry tables, the Default experiment) now."""
+    _mlflow()  # telemetry off before mlflow's first import
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    store = SqlAlchemyStore(uri, artifact_location(uri))
+    store.engine.dispose()
+    logger.info("created the MLflow store %s", uri)
 
 
 @contextlib.contextmanager
@@ -267,16 +335,21 @@ def pseudonym_key(*, settings: Settings | None = None, root: str | Path | None =
     folder.mkdir(parents=True, exist_ok=True)
     key = secrets.token_hex(32)
     try:
-        # O_EXCL: two processes creating the key at once must not end up with different keys
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_text().strip()
+        # Written whole under a temporary name (mode 0600), then linked into place: two processes creating the key
+        # at once end up with the same key (the first link wins) and neither reads a half-written file.
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{KEY_FILE}.")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(key + "\n")
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return path.read_text().strip()
+        finally:
+            os.unlink(tmp)
     except OSError as err:
         raise TrackingError(
             f"cannot create the pseudonym key {path}: {err}; set PACSAI_PSEUDONYM_KEY instead"
         ) from err
-    with os.fdopen(fd, "w") as fh:
-        fh.write(key + "\n")
     logger.info("created a pseudonym key for this store at %s", path)
     return key
 

@@ -7,6 +7,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,7 @@ def test_a_moved_store_reads_and_writes_its_own_artifacts(tmp_path: Path, with_m
     # The moved project is used by a new process (MLflow caches a run's artifact location per process).
     script = f"""
 import sys
+import time
 from pathlib import Path
 import mlflow
 from pacsai import tracking
@@ -81,3 +83,114 @@ def test_an_unmoved_store_is_left_alone(tmp_path: Path):
     stamp = os.stat(db).st_mtime_ns
     assert relocate(db) is None
     assert _locations(db) == before and os.stat(db).st_mtime_ns == stamp
+
+
+# --- pacsai.tracking prepares the embedded store: relocated when moved, created under a lock ----------------------
+
+
+def _clean_env() -> dict[str, str]:
+    """This environment without a configured store: the project's own mlruns/ of the working folder is used."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith("PACSAI_") and k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+
+
+def _run_in(folder: Path, script: str) -> str:
+    out = subprocess.run([sys.executable, "-c", script], cwd=folder, env=_clean_env(), capture_output=True,
+                         text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def _tree(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``folder`` with its size and modification time: a changed or new file shows."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_copied_project_logs_into_its_own_folder(tmp_path: Path):
+    """Copy a project with a tracked run and a registered model version; continuing that run, starting a new one
+    and reading the model from the copy writes nothing in the original folder (pacsai.tracking relocates)."""
+    old, new = tmp_path / "project", tmp_path / "copy"
+    old.mkdir()
+    first = _run_in(old, """
+import mlflow
+from pacsai import tracking
+with tracking.start_run("training", experiment="moving", run_name="trained") as ctx:
+    mlflow.log_text("weights\\n", "model/weights.txt")
+c = tracking.client()
+c.create_registered_model("moving-model")
+run = c.get_run(ctx.run_id)
+mv = c.create_model_version("moving-model", source=run.info.artifact_uri + "/model", run_id=ctx.run_id)
+print("RUN", ctx.run_id, mv.version)
+""")
+    run_id, version = first.split("RUN ")[1].split()
+    shutil.copytree(old, new)
+    before = _tree(old)
+
+    second = _run_in(new, f"""
+from pathlib import Path
+import mlflow
+from pacsai import tracking
+with tracking.start_run("training", experiment="moving", run_id={run_id!r}):
+    mlflow.log_text("continued\\n", "continued.txt")
+with tracking.start_run("validation", experiment="moving") as ctx:
+    mlflow.log_text("new run\\n", "validation.txt")
+c = tracking.client()
+print("SOURCE", c.get_model_version_download_uri("moving-model", {version!r}))
+got = c.download_artifacts({run_id!r}, "model/weights.txt", dst_path=str(Path("dl").resolve()))
+print("READ", Path(got).read_text().strip())
+""")
+    assert _tree(old) == before, "the copy wrote into the original project"
+    store = (new / "mlruns").resolve()
+    assert f"SOURCE file://{store}/artifacts/" in second, second
+    assert "READ weights" in second
+    assert len(list((store / "artifacts").rglob("continued.txt"))) == 1
+    assert len(list((store / "artifacts").rglob("validation.txt"))) == 1
+    assert not list((old / "mlruns").rglob("continued.txt"))
+    assert all(str(store) in location for location in _locations(store / "mlflow.db")), _locations(store / "mlflow.db")
+
+
+RACER = """
+import sys, time
+from pathlib import Path
+import mlflow  # imported before the start signal: the processes then reach the store together
+from pacsai import tracking
+ready, go = Path(sys.argv[1]), Path(sys.argv[2])
+ready.touch()
+while not go.exists():
+    time.sleep(0.002)
+experiment = tracking.ensure_experiment("race")
+print("EXPERIMENT", experiment, len(tracking.client().search_experiments()))
+"""
+
+
+def test_processes_creating_a_fresh_store_at_once_all_succeed(tmp_path: Path):
+    """Before: two processes (e.g. Dask workers) creating the embedded store at the same moment raced in MLflow's
+    schema set-up ("duplicate column name", "table alembic_version already exists") and one failed; 3 of 3 trials
+    with 3 processes failed so. Now the store is created under a file lock beside it."""
+    project = tmp_path / "project"
+    project.mkdir()
+    script = tmp_path / "racer.py"
+    script.write_text(RACER)
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / f"ready{i}"), str(go)], cwd=project,
+                              env=_clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(3)]
+    try:
+        deadline = time.monotonic() + 120
+        while not all((tmp_path / f"ready{i}").exists() for i in range(3)):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "a racer did not start"
+            time.sleep(0.02)
+        go.touch()
+        results = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(procs, results, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    ids = {out.split()[1] for out, _ in results}
+    assert len(ids) == 1, results  # one experiment "race", found or created by each
+    assert (project / "mlruns" / tracking.LOCK_FILE).is_file()
+    with sqlite3.connect(project / "mlruns" / "mlflow.db") as conn:
+        assert conn.execute("SELECT count(*) FROM experiments WHERE name = 'race'").fetchone() == (1,)
