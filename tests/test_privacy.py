@@ -62,11 +62,24 @@ def markers() -> list[str]:
     return out
 
 
+def readable(path: Path) -> bytes:
+    """A file's bytes; for a parquet file also its values and metadata decoded (its pages are compressed, so a UID
+    in them need not appear in the bytes)."""
+    data = path.read_bytes()
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        arrow = pq.read_table(path)
+        meta = b" ".join(k + b"=" + v for k, v in (arrow.schema.metadata or {}).items())
+        data += arrow.to_pandas().to_json(orient="records").encode() + meta
+    return data
+
+
 def hits(paths: list[Path], needles: list[str]) -> list[tuple[str, str]]:
-    """(file, needle) for every needle found in the bytes of the files."""
+    """(file, needle) for every needle found in the files (:func:`readable`)."""
     found = []
     for path in paths:
-        data = path.read_bytes()
+        data = readable(path)
         found += [(str(path), n) for n in needles if n.encode() in data]
     return found
 
@@ -207,12 +220,6 @@ def test_no_identifier_in_mlflow_logs_or_output_by_default(world):
     assert hits(mlruns + logs, markers()) == []
 
 
-# Written by pacsai/learning/train.py straight to MLflow: UIDs until it passes them through RunContext.scrub
-# (the coordinator's integration step for issue 18); cohort.parquet keeps UIDs on purpose (the validation notebook
-# pulls the held-out patients by them, see pacsai.tracking).
-NOT_YET_SCRUBBED = {"split.json", "instances.json", "cohort.parquet"}
-
-
 def uid_and_date_markers(world: World) -> list[str]:
     """Patient 0's Study/Series/SOP Instance UIDs and study date (DICOM and ISO): what links back to the PACS."""
     first = world.ct0[0]
@@ -221,12 +228,20 @@ def uid_and_date_markers(world: World) -> list[str]:
             date, f"{date[:4]}-{date[4:6]}-{date[6:]}"]
 
 
-def test_no_dicom_uid_or_calendar_date_in_mlflow_by_default(world):
-    from pacsai import privacy, tracking
+def test_no_dicom_uid_or_calendar_date_in_mlflow_by_default(world, tmp_path):
+    import pandas as pd
 
-    mlruns = [p for p in files_under(world.work / "mlruns") if p.name not in NOT_YET_SCRUBBED]
+    from pacsai import privacy, tracking
+    from pacsai.cohort import Cohort
+
+    mlruns = files_under(world.work / "mlruns")
     names = {p.name for p in mlruns}
-    assert {"mlflow.db", "manifest.json", "metrics.json"} <= names  # both runs' records are searched
+    # both runs' records are searched, the training inputs with their contents (the cohort table, its dataset)
+    assert {"mlflow.db", "manifest.json", "metrics.json", "cohort.parquet", "split.json", "instances.json"} <= names
+    # the search reads what a parquet holds: the real cohort table, written as it was logged before, is a hit
+    plain = tmp_path / "cohort.parquet"
+    pd.DataFrame({"study_instance_uid": [str(world.ct0[0].StudyInstanceUID)] * 200}).to_parquet(plain)
+    assert hits([plain], uid_and_date_markers(world)) == [(str(plain), str(world.ct0[0].StudyInstanceUID))]
     assert hits(mlruns, uid_and_date_markers(world)) == []
 
     # what stands in their place: keyed hashes (the report's key) and days since the first study
@@ -240,6 +255,16 @@ def test_no_dicom_uid_or_calendar_date_in_mlflow_by_default(world):
     assert run.info.run_name == f"report {tracking.pseudonymize(pid(0), KEY1)}"
     training = c.get_run(world.train_run_id)
     assert training.info.run_name.startswith("train ") and training.inputs.dataset_inputs
+    # the training cohort under the store's key (training had none configured), as in split.json: the same series
+    # is the same u-... in both, and the validation notebook finds it again in the PACS by it
+    store_key = tracking.pseudonym_key(root=world.work)
+    (parquet,) = [p for p in mlruns if p.name == "cohort.parquet"]
+    cohort = Cohort.from_parquet(parquet)
+    series = privacy.hash_uid(str(world.ct0[0].SeriesInstanceUID), store_key)
+    assert cohort.uids_hashed and series in set(cohort.table.series_instance_uid)
+    split = json.loads(next(p for p in mlruns if p.name == "split.json").read_text())
+    assert series in {u for part in split["series"].values() for u in part}
+    assert cohort.content_hash == training.data.tags["pacsai.cohort_hash"]
 
 
 def test_pseudonyms_are_hmacs_under_the_configured_key(world):

@@ -34,7 +34,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -46,6 +46,10 @@ from pacsai.learning.dataset import Augment, Case, PatchSampler, PreprocessSpec,
 from pacsai.learning.modelio import load_state_dict, save_state_dict
 from pacsai.learning.networks import build_network, divisor
 from pacsai.learning.postprocess import Rule, apply_rules, parse_rules, rules_to_dict
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pacsai.cohort import Cohort
+    from pacsai.config import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -726,7 +730,7 @@ def train(
         run_cm = tracking.start_run(
             "training",
             experiment=str(cfg["name"]),
-            cohort=cohort if run_id is None else None,
+            cohort=_logged_cohort(cohort, settings) if run_id is None else None,
             params=params if run_id is None else None,
             run_id=run_id,
             settings=settings,
@@ -911,11 +915,21 @@ def register(
     mlflow.log_text(card, "model_card.md")
     mlflow.set_tag("pacsai.model_version", version)
     try:  # the card as the version's description, shown on the registry page
-        tracking.client().update_model_version(name, version, description=card)
-    except Exception as err:  # the model is registered and usable; the description is a convenience
-        logger.warning("could not set the description of %s v%s: %s", name, version, err)
+        tracking.set_model_card(name, version, card)
+    except TrackingError as err:  # the model is registered and usable; the description is a convenience
+        logger.warning("%s", err)
     return version
 
+
+def _logged_cohort(cohort: Cohort, settings: Settings) -> Cohort:
+    """The cohort as the training run logs it: pseudonyms and UIDs as keyed hashes under the store's key (as in
+    ``split.json`` and the manifest), unless the user allowed identifiers (``PACSAI_LOG_PHI``). The validation
+    notebook finds the held-out series again by those hashes (:func:`pacsai.cohort.resolve_cohort`)."""
+    from pacsai import tracking
+
+    if settings.log_phi:
+        return cohort
+    return cohort.pseudonymised(tracking.pseudonym_key(settings=settings))
 
 
 def _split_record(split: Mapping[str, list[str]], cohort: Any, ctx: Any, *, seed: int) -> dict[str, Any]:

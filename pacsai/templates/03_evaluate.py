@@ -53,12 +53,14 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from pacsai import tracking
-from pacsai.cohort import Cohort
+from pacsai.cohort import Cohort, resolve_cohort
+from pacsai.config import load_settings
 from pacsai.learning.evaluate import summarize, summary_metrics
 from pacsai.learning.infer import evaluate_cohort, load_model
 from pacsai.learning.validate import gate_rows
 from pacsai.pacs import connect
 
+settings = load_settings()
 ref = tracking.resolve_model(model_uri)
 mlflow = tracking._mlflow()
 mlflow.set_tracking_uri(tracking.tracking_uri())
@@ -67,20 +69,24 @@ print(f"model {ref.name} version {ref.version}, training run {ref.run_id}")
 
 # %% [markdown]
 # ## Held-out patients
-# The training run recorded its cohort (pseudonymised) and its split by patient; only the `test` part is used.
+# The training run recorded its cohort and its split by patient; only the `test` part is used. MLflow keeps
+# patients as pseudonyms and DICOM UIDs as keyed hashes: the held-out series are found again in the PACS by those
+# hashes (`pacsai.cohort.resolve_cohort`, under the store's pseudonym key), with the very RTSTRUCT trained on.
 
 # %%
 folder = Path(mlflow.artifacts.download_artifacts(run_id=ref.run_id, artifact_path="inputs/cohort.parquet"))
 cohort = Cohort.from_parquet(folder)
 split = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=ref.run_id, artifact_path="split.json")).read_text())
 held_out = split["patients"]["test"] or split["patients"]["val"]
-test_cohort = cohort.subset(held_out)
+logged_test = cohort.subset(held_out)
 if smoke:
-    test_cohort = test_cohort.subset(test_cohort.patients[:1])
+    logged_test = logged_test.subset(logged_test.patients[:1])
+pacs = connect(pacs_url or None)
+key = tracking.pseudonym_key(settings=settings)
+test_cohort = resolve_cohort(pacs, logged_test, key=key)
 print(f"{len(test_cohort)} series of {len(test_cohort.patients)} held-out patients")
 
 # %%
-pacs = connect(pacs_url or None)
 model = load_model(ref.uri)
 outputs = list(model.spec.structures)
 table = evaluate_cohort(pacs, test_cohort, model=model, tolerance_mm=float(tolerance_mm))
@@ -122,7 +128,9 @@ experiment = mlflow.get_experiment(training.info.experiment_id).name
 with tracking.start_run(
     "validation",
     experiment=experiment,
-    cohort=test_cohort,
+    # what MLflow keeps of the cohort: pseudonyms and hashed UIDs, as for the training run
+    cohort=test_cohort if settings.log_phi else test_cohort.pseudonymised(key),
+    source="03_evaluate.ipynb",  # the template, not the kernel's ipykernel_launcher.py (papermill, Jupyter alike)
     params={"model_uri": ref.uri, "tolerance_mm": float(tolerance_mm), "smoke": bool(smoke),
             "thresholds": json.dumps(thresholds, sort_keys=True)},
     tags={"pacsai.model_name": ref.name, "pacsai.model_version": ref.version, "pacsai.training_run": ref.run_id},
