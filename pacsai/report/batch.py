@@ -116,6 +116,8 @@ def run_cohort(
         Validated parameters, one per patient.
     out_root
         Reports go to ``out_root/<PatientID>/`` (only once complete); failed ones to ``out_root/.failed/``.
+        A relative folder is taken from this process's working directory: the workers (Dask workers run in
+        folders of their own) are given it as an absolute path, as they are an embedded store's folder.
     workers, dask_address
         Local process pool size, or a Dask scheduler to run on instead.
     push, track, push_anyway
@@ -126,6 +128,9 @@ def run_cohort(
     on_result
         Called in this process with each patient's result as it comes in (progress display, monitoring).
     """
+    # paths as this process means them: a Dask worker's working directory is its own
+    out_root = Path(out_root).expanduser().resolve()
+    patients = [_absolute_store(p) for p in patients]
     out_root.mkdir(parents=True, exist_ok=True)
     items: list[CohortItem] = []
 
@@ -167,6 +172,15 @@ def run_cohort(
     table.to_csv(tmp, index=False)
     os.replace(tmp, out_root / SUMMARY_FILE)
     return table
+
+
+def _absolute_store(params: ReportParameters) -> ReportParameters:
+    """``params`` with an embedded store given by a relative path (``./pacs``) named by its absolute URL."""
+    from pacsai.pacs.address import embedded_path, is_folder, store_url
+
+    if not params.pacs_url or not is_folder(params.pacs_url):
+        return params
+    return params.model_copy(update={"pacs_url": store_url(embedded_path(params.pacs_url))})
 
 
 def read_summary(path: Path) -> pd.DataFrame:
