@@ -13,7 +13,7 @@ import pacsai.pacs
 PACKAGE = Path(pacsai.pacs.__file__).parent
 
 #: Modules in data-flow order: a module may import only modules of earlier layers (the package's __init__, which
-#: re-exports, comes last). A new module must be placed here.
+#: re-exports, comes last). A new module must be placed here. The ``pacsai pacs`` verb is pacsai.commands.pacs.
 LAYERS: list[set[str]] = [
     {"address", "dicomjson", "transport", "cache", "query", "storeindex", "orthanc"},
     {"credentials", "store", "multipart", "retrieve"},
@@ -21,7 +21,6 @@ LAYERS: list[set[str]] = [
     {"dicomweb", "embedded"},
     {"factory"},
     {"__init__"},
-    {"cli"},
 ]
 
 
