@@ -128,6 +128,20 @@ def test_split_and_manifest_record_uids_under_pseudonyms(trained):
     assert series == {s for v in split["series"].values() for s in v}
     assert set(instances) == set(split["series"]["train"]) | set(split["series"]["val"])
     assert all(len(v) == 16 for v in instances.values())  # one UID per CT slice of the smoke grid
+    # the cohort table: the same pseudonyms and hashes, the real cohort's hash, and it resolves in the PACS
+    from pacsai.cohort import Cohort, resolve_cohort
+    from pacsai.pacs import connect
+
+    with tracking.using_store(tracking.tracking_uri()):
+        logged = Cohort.from_parquet(
+            mlflow.artifacts.download_artifacts(f"runs:/{trained['run_id']}/inputs/cohort.parquet")
+        )
+    assert logged.uids_hashed and set(logged.table.series_instance_uid) == series
+    assert sorted(logged.patients) == sorted(p for v in split["patients"].values() for p in v)
+    run = tracking.client().get_run(trained["run_id"])
+    assert logged.content_hash == run.data.tags["pacsai.cohort_hash"]
+    resolved = resolve_cohort(connect(trained["pacs_url"]), logged, key=tracking.pseudonym_key())
+    assert resolved.content_hash == logged.content_hash and not resolved.uids_hashed
 
 
 def test_model_is_registered_with_metadata_and_signature(trained):
@@ -164,6 +178,11 @@ def test_model_is_registered_with_metadata_and_signature(trained):
     assert meta["experiment"]["name"] == "demo-thorax" and "thresholds" in meta["experiment"]["validation"]
     assert meta["postprocess"]["BODY"] == {"fill_holes": True, "largest_component": True, "min_component_cc": 0.0}
     assert meta["network"]["architecture"] == "UNet"
+    # the model card on the version (tracking.set_model_card), as logged with the run
+    with tracking.using_store(tracking.tracking_uri()):
+        card = mlflow.artifacts.load_text(f"runs:/{trained['run_id']}/model_card.md")
+    description = tracking.client().get_model_version(MODEL_NAME, trained["version"]).description
+    assert description.startswith(card.rstrip()) and f"{MODEL_NAME} v{trained['version']}" in card
 
 
 def test_registered_version_loads_without_unpickling(trained, monkeypatch):
@@ -468,7 +487,7 @@ def test_network_init_leaves_the_global_random_state_alone():
     net_a, *_ = build_training(cfg, Head("softmax", ("A",)), torch.device("cpu"))
     assert torch.equal(torch.random.get_rng_state(), state)
     net_b, *_ = build_training(cfg, Head("softmax", ("A",)), torch.device("cpu"))
-    for a, b in zip(net_a.state_dict().values(), net_b.state_dict().values()):
+    for a, b in zip(net_a.state_dict().values(), net_b.state_dict().values(), strict=True):
         assert torch.equal(a, b)  # the same seed gives the same network
 
 
