@@ -18,7 +18,7 @@ import logging
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pydicom
@@ -304,7 +304,9 @@ def expand_source(source: Source) -> list[PathLike | pydicom.Dataset]:
             "raw bytes are not a DICOM source; wrap them in pydicom.dcmread(io.BytesIO(...))"
         )
     try:
-        items: Sequence[PathLike | pydicom.Dataset] = list(source)
+        # A Dataset was returned above; mypy's narrowing keeps it in the union (pydicom's Dataset has a
+        # dynamic __getattr__), so say what is left.
+        items: Sequence[PathLike | pydicom.Dataset] = list(cast(Iterable[PathLike | pydicom.Dataset], source))
     except TypeError as err:
         raise DicomFileError(
             f"cannot read DICOM from a {type(source).__name__}; pass a folder, paths or pydicom datasets"

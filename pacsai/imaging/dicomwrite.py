@@ -333,7 +333,7 @@ def _planes(
                 return source[keyword][0]
         raise StructureError(f"{what}: frame {f + 1} of source {name} has no {keyword}")
 
-    planes = []
+    planes: list[tuple[int | None, np.ndarray, np.ndarray, float, float]] = []
     for f in range(n_frames):
         row, col = (float(v) for v in group(f, "PixelMeasuresSequence").PixelSpacing)
         planes.append(

@@ -20,7 +20,7 @@ for older readers; they do not follow ``.isel`` — read ``vol.geo`` instead. Wh
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 import numpy as np
@@ -54,7 +54,7 @@ def make_volume(
     array: np.ndarray,
     affine: np.ndarray,
     *,
-    name: str | None = None,
+    name: Hashable | None = None,
     attrs: Mapping[str, Any] | None = None,
 ) -> xr.DataArray:
     """Wrap a ``(z, y, x)`` array and its affine into a pacsai volume.
@@ -122,7 +122,9 @@ def is_axis_aligned(direction: np.ndarray, atol: float = 1e-6) -> bool:
     return bool(np.allclose(np.abs(direction), np.eye(3), atol=atol))
 
 
-def like(template: xr.DataArray, array: np.ndarray, *, name: str | None = None, **attrs: Any) -> xr.DataArray:
+def like(
+    template: xr.DataArray, array: np.ndarray, *, name: Hashable | None = None, **attrs: Any
+) -> xr.DataArray:
     """A new volume on the grid of ``template`` (same geometry and frame of reference)."""
     keep = {k: template.attrs[k] for k in ("frame_of_reference_uid",) if k in template.attrs}
     keep.update(attrs)

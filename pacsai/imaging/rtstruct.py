@@ -329,7 +329,9 @@ def _contour_data(contour: Dataset, where: str) -> np.ndarray:
                 "corrupt: export it again"
             ) from err
     if not np.isfinite(data).all() or (np.abs(data) > MAX_MM).any():
-        raise StructureError(f"{where}: ContourData holds non-finite or implausibly large coordinates; the RTSTRUCT is corrupt")
+        raise StructureError(
+            f"{where}: ContourData holds non-finite or implausibly large coordinates; the RTSTRUCT is corrupt"
+        )
     return data
 
 
@@ -590,8 +592,8 @@ def _referenced_frame(
 def _mask_contours(
     mask: np.ndarray, affine: np.ndarray, frames: Sequence[dicomwrite.SourceFrame]
 ) -> DicomSequence:
-    items = []
-    for k in np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1)):
+    items: list[Dataset] = []
+    for k in map(int, np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))):
         for polygon in mask_to_polygons(mask[k]):
             ijk = np.column_stack([polygon, np.full(len(polygon), float(k))])
             points = index_to_world(affine, ijk)

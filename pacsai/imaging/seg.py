@@ -480,7 +480,7 @@ def write_seg(
         # One multi-frame source: highdicom pairs pixel_array[n] with source frame n + 1, so put slices in
         # frame order (source_frames guarantees one frame per slice).
         source_images = [first]
-        stack = stack[np.argsort([f.frame_number for f in frames])]
+        stack = stack[np.argsort(np.array([f.frame_number for f in frames], dtype=int))]
     if kind == "LABELMAP":
         if (stack.sum(axis=-1) > 1).any():
             raise StructureError(

@@ -612,7 +612,7 @@ def _read_native_into(ds: pydicom.Dataset, target: np.ndarray) -> bool:
         )
     with open(filename, "rb") as fh:
         fh.seek(elem.value_tell)
-        got = fh.readinto(memoryview(target).cast("B"))
+        got = fh.readinto(target.data.cast("B"))  # target.data: the array's own buffer (memoryview)
     if got != need:
         raise DicomFileError(f"{filename} is truncated: PixelData ends after {got} of {need} bytes")
     return True

@@ -2,9 +2,9 @@
 
 ``import pacsai.learning`` itself stays light; the names below load their module when first touched:
 :func:`load_experiment` (:mod:`.train`; the training function is ``pacsai.learning.train.train``: a
-lazy name ``train`` would clash with the submodule), :func:`segment` (:mod:`.infer`), :func:`evaluate_structures` (:mod:`.evaluate`),
-:func:`build_network` (:mod:`.networks`), :class:`PreprocessSpec` (:mod:`.dataset`), :func:`run_validation`
-(:mod:`.validate`).
+lazy name ``train`` would clash with the submodule), :func:`segment` (:mod:`.infer`),
+:func:`evaluate_structures` (:mod:`.evaluate`), :func:`build_network` (:mod:`.networks`), :class:`PreprocessSpec`
+(:mod:`.dataset`), :func:`run_validation` (:mod:`.validate`).
 """
 
 from __future__ import annotations

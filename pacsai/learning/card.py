@@ -58,14 +58,14 @@ def _domain_lines(domain: Mapping[str, Any]) -> list[str]:
             lines += _table(("figure", "range"), [(k, v) for k, v in sorted(inner.items())]) + [""]
     structures = domain.get("structure_volumes_cc")
     if isinstance(structures, Mapping) and structures:
-        rows = []
+        volume_rows: list[tuple[Any, Any, Any, Any]] = []
         for s, v in structures.items():
             if isinstance(v, Mapping):
-                rows.append((s, v.get("min"), v.get("median"), v.get("max")))
+                volume_rows.append((s, v.get("min"), v.get("median"), v.get("max")))
             else:
-                rows.append((s, v, "", ""))
+                volume_rows.append((s, v, "", ""))
         lines += ["**Reference structure volumes (cc)**", ""]
-        lines += _table(("structure", "min", "median", "max"), rows) + [""]
+        lines += _table(("structure", "min", "median", "max"), volume_rows) + [""]
     return lines
 
 

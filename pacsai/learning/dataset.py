@@ -94,7 +94,8 @@ class PreprocessSpec:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PreprocessSpec:
         known = {"spacing_mm", "window", "structures", "body_threshold_hu", "margin_mm", "antialias"}
-        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known})
+        fields: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known}
+        return cls(**fields)
 
     def key(self) -> str:
         """A short hash of every field (the cache key part that says *how* a case was preprocessed)."""
@@ -142,7 +143,8 @@ def sample(
     lin = p @ m[:3, :3] @ p
     off = p @ m[:3, 3]
     if np.allclose(lin, np.diag(np.diag(lin)), atol=1e-9):
-        if order == 1 and np.issubdtype(np.asarray(array).dtype, np.floating):  # axis-aligned: trilinear is separable, three 1D passes (several times faster)
+        # axis-aligned: trilinear is separable, three 1D passes (several times faster)
+        if order == 1 and np.issubdtype(np.asarray(array).dtype, np.floating):
             return _separable_linear(np.asarray(array), np.diag(lin), off, tuple(dst_shape), cval)
         lin = np.diag(lin)  # scipy's fast path for axis-aligned scaling
     padded = np.pad(np.asarray(array), 1, mode="edge")
@@ -205,12 +207,15 @@ def body_box(
         warnings.warn(
             "no voxel above the body threshold; the image is not cropped", PacsaiWarning, stacklevel=2
         )
-        return tuple(slice(0, s) for s in image_hu.shape)  # type: ignore[return-value]
+        nz, ny, nx = image_hu.shape
+        return slice(0, nz), slice(0, ny), slice(0, nx)
     sizes = ndimage.sum_labels(body, labels, index=np.arange(1, n + 1))
     box = ndimage.find_objects((labels == int(np.argmax(sizes)) + 1).astype(np.int8))[0]
-    return tuple(  # type: ignore[return-value]
-        slice(max(0, b.start - m), min(s, b.stop + m)) for b, m, s in zip(box, margin_vox, image_hu.shape)
+    z, y, x = (
+        slice(max(0, b.start - m), min(s, b.stop + m))
+        for b, m, s in zip(box, margin_vox, image_hu.shape, strict=True)
     )
+    return z, y, x
 
 
 def _shift(affine: np.ndarray, box: tuple[slice, slice, slice]) -> np.ndarray:
@@ -253,7 +258,7 @@ def antialiased(
 ) -> np.ndarray:
     """Gaussian prefilter before downsampling from ``spacing_zyx`` to ``target_zyx`` (σ = (factor − 1) / 2 voxels
     along each axis that gets coarser); the input itself where no axis does."""
-    sigma = [max(0.0, (t / s - 1.0) / 2.0) for s, t in zip(spacing_zyx, target_zyx)]
+    sigma = [max(0.0, (t / s - 1.0) / 2.0) for s, t in zip(spacing_zyx, target_zyx, strict=True)]
     if max(sigma) < 0.1:
         return hu
     return ndimage.gaussian_filter(hu, sigma=sigma, truncate=3.0)
@@ -270,7 +275,8 @@ def preprocess_case(
         if name not in masks:
             raise StructureError(f"structure {name!r} missing; available: {sorted(masks)}")
         m = masks[name]
-        prob = sample(np.asarray(m.values, np.float32), affine_of(m), dst, image.shape, order=1)
+        nz, ny, nx = image.shape
+        prob = sample(np.asarray(m.values, np.float32), affine_of(m), dst, (nz, ny, nx), order=1)
         channels.append(prob >= 0.5)
     label = np.stack(channels).astype(np.uint8) if channels else np.zeros((0, *image.shape), np.uint8)
     return image, label
@@ -557,7 +563,7 @@ class PatchSampler:
         self._labels: list[np.ndarray] = []
         self._centres: list[list[np.ndarray]] = []
         for case in cases:
-            pad = [(0, 0)] + [(0, max(0, p - s)) for p, s in zip(self.patch, case.image.shape[1:])]
+            pad = [(0, 0)] + [(0, max(0, p - s)) for p, s in zip(self.patch, case.image.shape[1:], strict=True)]
             image = np.pad(case.image, pad) if any(p[1] for p in pad) else case.image
             label = np.pad(case.label, pad) if any(p[1] for p in pad) else case.label
             classes = class_map(label).ravel()
@@ -579,15 +585,16 @@ class PatchSampler:
         k = int(self.rng.choice(len(w), p=w / w.sum()))
         flat = int(centres[k][int(self.rng.integers(len(centres[k])))])
         shape = self._images[c].shape[1:]
-        centre = np.unravel_index(flat, shape)
+        centre = tuple(int(v) for v in np.unravel_index(flat, shape))
         f = self.augment.zoom_factor(self.rng)
         if f != 1.0:
             image, label = self._zoomed(c, centre, f)
         else:
-            start = [int(np.clip(ci - p // 2, 0, s - p)) for ci, p, s in zip(centre, self.patch, shape)]
-            box = tuple(slice(s0, s0 + p) for s0, p in zip(start, self.patch))
-            image = self._images[c][(slice(None), *box)]
-            label = self._labels[c][(slice(None), *box)].astype(np.float32)
+            start = [int(np.clip(ci - p // 2, 0, s - p)) for ci, p, s in zip(centre, self.patch, shape, strict=True)]
+            box = tuple(slice(s0, s0 + p) for s0, p in zip(start, self.patch, strict=True))
+            index = (slice(None), *box)
+            image = self._images[c][index]
+            label = self._labels[c][index].astype(np.float32)
         return self.augment(image, self.rng), label
 
     def _zoomed(self, c: int, centre: Sequence[int], f: float) -> tuple[np.ndarray, np.ndarray]:
@@ -598,7 +605,7 @@ class PatchSampler:
         extent = np.array(self.patch) * scale
         start = [
             float(np.clip(ci - e / 2.0, min(0.0, s - e), max(0.0, s - e)))
-            for ci, e, s in zip(centre, extent, shape)
+            for ci, e, s in zip(centre, extent, shape, strict=True)
         ]
         offset = np.array(start) + (scale - 1.0) / 2.0  # voxel centres of the patch in source indices
         image = _separable_linear(self._images[c][0], scale, offset, self.patch, 0.0)[None]

@@ -35,6 +35,7 @@ import math
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -46,6 +47,9 @@ from pacsai.imaging.dose import check_plan_dose
 from pacsai.imaging.geometry import affine_of, same_grid, spacing_of, voxel_volume_cc
 from pacsai.planning.constraints import MAX_UNCOVERED_CC, MAX_UNCOVERED_PCT
 from pacsai.planning.dvh import dose_coverage, dvh
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pacsai.pacs import Pacs
 
 logger = logging.getLogger(__name__)
 
@@ -582,7 +586,7 @@ def summary_metrics(summary: pd.DataFrame) -> dict[str, float]:
     return metrics
 
 
-def plan_dose_of_study(pacs: object, study_uid: str) -> tuple[xr.DataArray | None, str]:
+def plan_dose_of_study(pacs: Pacs, study_uid: str) -> tuple[xr.DataArray | None, str]:
     """The total plan dose of a study on the PACS, or ``None`` and why not.
 
     Every RTDOSE series of the study is read; the last one that :func:`check_plan_dose` accepts is used (a
@@ -591,7 +595,7 @@ def plan_dose_of_study(pacs: object, study_uid: str) -> tuple[xr.DataArray | Non
     from pacsai.errors import PacsaiError
     from pacsai.imaging import read_dose
 
-    series = pacs.search_series(StudyInstanceUID=study_uid)  # type: ignore[attr-defined]
+    series = pacs.search_series(StudyInstanceUID=study_uid)
     if series.empty or "Modality" not in series:
         return None, f"study {study_uid} has no RTDOSE"
     doses = series[series.Modality == "RTDOSE"]
@@ -600,7 +604,7 @@ def plan_dose_of_study(pacs: object, study_uid: str) -> tuple[xr.DataArray | Non
     refused = []
     chosen = None
     for uid in doses.SeriesInstanceUID:
-        for path in pacs.retrieve_series(study_uid, str(uid), progress=False):  # type: ignore[attr-defined]
+        for path in pacs.retrieve_series(study_uid, str(uid), progress=False):
             try:
                 dose = read_dose(path)
                 check_plan_dose(dose)

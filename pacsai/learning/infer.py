@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -29,6 +29,11 @@ from pacsai.imaging.geometry import affine_of, like, voxel_volume_cc
 from pacsai.learning.dataset import PreprocessSpec, match_structures, preprocess_image, sample
 from pacsai.learning.postprocess import Rule, apply_rule
 from pacsai.learning.train import Head, predict_probabilities, tta_probabilities
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pacsai.cohort import Cohort
+    from pacsai.config import Settings
+    from pacsai.pacs import Pacs
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +78,9 @@ class LoadedModel:
         return Rule.from_dict(self.postprocess.get(structure) or {}, structure=structure)
 
 
-def load_model(model: str, *, device: str | torch.device | None = None, settings: Any = None) -> LoadedModel:
+def load_model(
+    model: str, *, device: str | torch.device | None = None, settings: Settings | None = None
+) -> LoadedModel:
     """Load a model logged by pacsai from ``models:/name@alias``, ``models:/name/3`` or ``runs:/ID/model``.
 
     The network is rebuilt from code and its weights read from ``.npz`` (``allow_pickle=False``): nothing in the
@@ -110,11 +117,12 @@ def load_model(model: str, *, device: str | torch.device | None = None, settings
     card = card_path.read_text() if card_path.is_file() else ""
     if ref is not None and card.startswith(f"# Model card: {ref.name}\n"):  # written before it had a version
         card = f"# Model card: {ref.name} v{ref.version}" + card[len(f"# Model card: {ref.name}") :]
+    pz, py, px = (int(p) for p in config["patch_size"])  # a 3D network's patch (z, y, x)
     return LoadedModel(
         net=net,
         spec=spec,
         head=Head.from_dict(config.get("head") or {}, spec.structures),
-        patch_size=tuple(int(p) for p in config["patch_size"]),  # type: ignore[arg-type]
+        patch_size=(pz, py, px),
         overlap=float(config.get("overlap", 0.25)),
         uri=model,
         name=ref.name if ref else "",
@@ -138,7 +146,7 @@ def segment(
     structures: Sequence[str] | None = None,
     return_uncertainty: bool = False,
     threshold: float = 0.5,
-    settings: Any = None,
+    settings: Settings | None = None,
 ) -> dict[str, xr.DataArray] | tuple[dict[str, xr.DataArray], dict[str, xr.DataArray]]:
     """Segment ``volume`` (HU) → ``{structure: bool mask}`` on ``volume``'s grid.
 
@@ -177,12 +185,15 @@ def segment(
     image, _ = preprocess_image(volume, loaded.spec)
     device = _device(loaded.net)
     x = image.values[None]
-    kwargs = {"patch_size": loaded.patch_size, "device": device, "overlap": loaded.overlap, "head": loaded.head}
     spread = None
     if return_uncertainty:
-        probs, spread = tta_probabilities(loaded.net, x, **kwargs)
+        probs, spread = tta_probabilities(
+            loaded.net, x, patch_size=loaded.patch_size, device=device, overlap=loaded.overlap, head=loaded.head
+        )
     else:
-        probs = predict_probabilities(loaded.net, x, **kwargs)
+        probs = predict_probabilities(
+            loaded.net, x, patch_size=loaded.patch_size, device=device, overlap=loaded.overlap, head=loaded.head
+        )
     src, dst = affine_of(image), affine_of(volume)
     voxel_cc = float(voxel_volume_cc(volume))
     masks: dict[str, xr.DataArray] = {}
@@ -210,7 +221,8 @@ def _support(region: np.ndarray) -> tuple[slice, slice, slice] | None:
     if not region.any():
         return None
     box = ndimage.find_objects(region.astype(np.int8))[0]
-    return tuple(slice(max(0, b.start - 1), min(n, b.stop + 1)) for b, n in zip(box, region.shape))  # type: ignore[return-value]
+    z, y, x = (slice(max(0, b.start - 1), min(n, b.stop + 1)) for b, n in zip(box, region.shape, strict=True))
+    return z, y, x
 
 
 def _to_input_grid(
@@ -219,7 +231,7 @@ def _to_input_grid(
     dst_affine: np.ndarray,
     dst_shape: tuple[int, ...],
     *,
-    box: tuple[slice, slice, slice] | None | str = "all",
+    box: tuple[slice, slice, slice] | None | Literal["all"] = "all",
 ) -> np.ndarray:
     """Trilinear probability on the training grid → the input grid (0 outside the training crop).
 
@@ -231,9 +243,9 @@ def _to_input_grid(
         return out
     if box != "all":
         shift = np.eye(4)
-        shift[:3, 3] = [box[2].start, box[1].start, box[0].start]  # type: ignore[index]
+        shift[:3, 3] = [box[2].start, box[1].start, box[0].start]
         src_affine = np.asarray(src_affine) @ shift
-        prob = prob[box]  # type: ignore[index]
+        prob = prob[box]
     nz, ny, nx = prob.shape
     corners = np.array([[i, j, k, 1.0] for i in (-1, nx) for j in (-1, ny) for k in (-1, nz)])
     to_dst = np.linalg.inv(dst_affine) @ src_affine
@@ -252,13 +264,13 @@ def _to_input_grid(
 
 
 def evaluate_cohort(
-    pacs: Any,
-    cohort: Any,
+    pacs: Pacs,
+    cohort: Cohort,
     *,
     model: str | LoadedModel,
     tolerance_mm: float = 2.0,
     with_dose: bool = True,
-    settings: Any = None,
+    settings: Settings | None = None,
     progress: bool = False,
 ) -> pd.DataFrame:
     """Segment every image series of ``cohort`` and compare with its RTSTRUCT (and plan dose) on its own grid.
@@ -309,8 +321,9 @@ def evaluate_cohort(
 
 
 def segment_many(
-    volumes: Mapping[str, xr.DataArray], *, model: str, settings: Any = None, **options: Any
-) -> dict[str, dict[str, xr.DataArray]]:
-    """:func:`segment` for several volumes, loading the model once."""
+    volumes: Mapping[str, xr.DataArray], *, model: str, settings: Settings | None = None, **options: Any
+) -> dict[str, dict[str, xr.DataArray] | tuple[dict[str, xr.DataArray], dict[str, xr.DataArray]]]:
+    """:func:`segment` for several volumes, loading the model once (each value as :func:`segment` returns it:
+    masks, or (masks, uncertainty) with ``return_uncertainty=True``)."""
     loaded = load_model(model, settings=settings)
-    return {key: segment(vol, model=loaded, **options) for key, vol in volumes.items()}  # type: ignore[misc]
+    return {key: segment(vol, model=loaded, **options) for key, vol in volumes.items()}

@@ -43,7 +43,7 @@ def save_state_dict(state: Mapping[str, torch.Tensor], path: str | Path) -> Path
     arrays = {k: v.detach().cpu().numpy() for k, v in state.items()}
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
     with os.fdopen(fd, "wb") as fh:
-        np.savez(fh, **arrays)
+        np.savez(fh, allow_pickle=False, **arrays)
     os.replace(tmp, path)
     return path
 

@@ -121,7 +121,7 @@ def apply_rule(mask: np.ndarray, rule: Rule, *, voxel_cc: float) -> np.ndarray:
         return mask
     box = ndimage.find_objects(mask.astype(np.int8))[0]
     # one voxel of room so that holes touching the box edge are not mistaken for open ones
-    box = tuple(slice(max(0, s.start - 1), min(n, s.stop + 1)) for s, n in zip(box, mask.shape))
+    box = tuple(slice(max(0, s.start - 1), min(n, s.stop + 1)) for s, n in zip(box, mask.shape, strict=True))
     sub = mask[box]
     if rule.fill_holes:
         sub = fill_holes_axial(sub)

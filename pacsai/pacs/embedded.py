@@ -267,6 +267,7 @@ def _reset_sqlite(client: object) -> None:
         conn.commit()
         conn.close()
     finally:
+        # dicomweb-client's private handles (found with getattr above; not part of its types)
         manager._db_cursor_handle = None  # type: ignore[attr-defined]
         manager._db_connection_handle = None  # type: ignore[attr-defined]
 

@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -217,7 +218,7 @@ def start_orthanc(
 
 
 @contextmanager
-def local_orthanc(workdir: str | Path, *, keep: bool = True, **options: object) -> Iterator[OrthancServer]:
+def local_orthanc(workdir: str | Path, *, keep: bool = True, **options: Any) -> Iterator[OrthancServer]:
     """Context manager around :func:`start_orthanc`; stops the server on exit.
 
     Parameters
@@ -229,7 +230,7 @@ def local_orthanc(workdir: str | Path, *, keep: bool = True, **options: object) 
     options
         Passed to :func:`start_orthanc`.
     """
-    server = start_orthanc(workdir, **options)  # type: ignore[arg-type]
+    server = start_orthanc(workdir, **options)
     try:
         yield server
     finally:

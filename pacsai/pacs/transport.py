@@ -94,13 +94,26 @@ class _TimeoutAdapter(HTTPAdapter):
         self._verify = verify
         super().__init__(**kwargs)
 
-    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:  # type: ignore[override]
-        if kwargs.get("timeout") is None:
-            kwargs["timeout"] = self._timeout
+    def send(
+        self,
+        request: requests.PreparedRequest,
+        stream: bool = False,
+        timeout: float | tuple[float | None, float | None] | None = None,
+        verify: bool | str = True,
+        cert: str | tuple[str, str] | None = None,
+        proxies: dict[str, str] | None = None,
+    ) -> requests.Response:
         # requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE override session.verify (even verify=False);
-        # the caller's choice must win, so it is applied here, after requests merged the environment in.
-        kwargs["verify"] = self._verify
-        return super().send(request, **kwargs)
+        # the caller's choice must win, so it is applied here (``verify`` is ignored), after requests merged the
+        # environment in.
+        return super().send(
+            request,
+            stream=stream,
+            timeout=self._timeout if timeout is None else timeout,
+            verify=self._verify,
+            cert=cert,
+            proxies=proxies,
+        )
 
 
 def build_session(

@@ -107,7 +107,8 @@ _METRIC = re.compile(
 
 
 def normalise_name(name: str) -> str:
-    """Structure name for matching: lower case, without spaces, ``_``, ``-``, ``+``, ``.`` (``"Lung_L"`` → ``"lungl"``)."""
+    """Structure name for matching: lower case, without spaces, ``_``, ``-``, ``+``, ``.``
+    (``"Lung_L"`` → ``"lungl"``)."""
     return re.sub(r"[\s_\-+.]", "", str(name)).lower()
 
 
@@ -190,7 +191,8 @@ def load_constraints(site: str | Path) -> ConstraintSet:
             raise ConfigError(f"cannot read constraint table {path}: {err}") from err
         where = str(path)
     else:
-        resource = resources.files("pacsai.planning").joinpath("constraints", f"{site}.yaml")
+        # One part per joinpath call: Python 3.10's Traversable takes one.
+        resource = resources.files("pacsai.planning").joinpath("constraints").joinpath(f"{site}.yaml")
         if not resource.is_file():
             raise ConfigError(
                 f"no constraint table for site {site!r}; shipped sites: {', '.join(available_sites())}, "
@@ -369,10 +371,11 @@ def _measure(c: Constraint, dvh: DVH, fractions: int | None, prescription_gy: fl
     text, convert, refusal = _conversion(c, fractions, prescription_gy)
     if refusal:
         return {"reason": refusal}
-    if convert:
+    # _conversion converts only where the fractions and the α/β are known (stated again for the type checker)
+    if convert and fractions is not None and c.alpha_beta_gy is not None:
         from pacsai.planning.fractionation import eqd2_dvh  # fractionation imports dvh; not at module load
 
-        dvh = eqd2_dvh(dvh, n_fractions=int(fractions), alpha_beta=float(c.alpha_beta_gy))  # type: ignore[arg-type]
+        dvh = eqd2_dvh(dvh, n_fractions=int(fractions), alpha_beta=float(c.alpha_beta_gy))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", PacsaiWarning)
         value = c.measure(dvh)
@@ -672,15 +675,20 @@ def derive_structures(
         if problem:
             warnings.warn(problem[1], PacsaiWarning, stacklevel=2)
             continue
-        union_keys = [_resolve(table, part, available, mapping)[0] for part in derive.get("union", [])]
-        minus_keys = [_resolve(table, part, available, mapping)[0] for part in derive.get("minus", [])]
+        # every component resolves here (_component_problem said so); the filter states it for the type checker
+        union_keys = [
+            k for part in derive.get("union", []) if (k := _resolve(table, part, available, mapping)[0]) is not None
+        ]
+        minus_keys = [
+            k for part in derive.get("minus", []) if (k := _resolve(table, part, available, mapping)[0]) is not None
+        ]
         if not union_keys:
             continue
-        first = masks[union_keys[0]]  # type: ignore[index]
+        first = masks[union_keys[0]]
         values = np.zeros(first.shape, dtype=bool)
         used = []
         for key, sign in [*((k, "+") for k in union_keys), *((k, "-") for k in minus_keys)]:
-            part = masks[key]  # type: ignore[index]
+            part = masks[key]
             if not same_grid(first, part):
                 raise PlanningError(
                     f"cannot derive {canonical!r}: {key!r} is on another grid than {union_keys[0]!r}"

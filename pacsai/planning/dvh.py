@@ -278,7 +278,7 @@ class DVH:
 def _outside(shape: tuple[int, ...], kji: np.ndarray) -> np.ndarray:
     """Points (3, N) beyond the outer voxel faces of a grid of ``shape`` (half a voxel past the last centre)."""
     bounds = np.asarray(shape, dtype=float)[:, None]
-    return np.any((kji < -0.5) | (kji > bounds - 0.5), axis=0)  # type: ignore[no-any-return]
+    return np.any((kji < -0.5) | (kji > bounds - 0.5), axis=0)
 
 
 def _sample(dose: np.ndarray, kji: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -397,11 +397,11 @@ def dose_coverage(
     values = _check_inputs(dose, mask, label)
     if not values.any():
         raise PlanningError(f"structure {label!r} is empty: its dose coverage is undefined")
-    method = _resolve_method(dose, mask, method, subsamples, label)  # type: ignore[assignment]
-    if method == "voxel":
+    resolved = _resolve_method(dose, mask, method, subsamples, label)
+    if resolved == "voxel":
         return 0.0, 0.0
     total = uncovered = 0.0
-    for points, weight in _sample_points(dose, mask, values, method, subsamples):
+    for points, weight in _sample_points(dose, mask, values, resolved, subsamples):
         outside = int(_outside(dose.shape, points).sum())
         uncovered += outside * weight
         total += points.shape[1] * weight
@@ -463,8 +463,8 @@ def dvh(
     values = _check_inputs(dose, mask, label)
     if not values.any():
         raise PlanningError(f"structure {label!r} is empty: no DVH can be computed")
-    method = _resolve_method(dose, mask, method, subsamples, label)  # type: ignore[assignment]
-    if method == "voxel":
+    resolved = _resolve_method(dose, mask, method, subsamples, label)
+    if resolved == "voxel":
         return DVH.from_samples(
             np.asarray(dose.values, dtype=float)[values],
             voxel_volume_cc(mask),
@@ -477,7 +477,7 @@ def dvh(
     doses: list[np.ndarray] = []
     weights: list[np.ndarray] = []
     uncovered = total = 0.0
-    for points, weight in _sample_points(dose, mask, values, method, subsamples):
+    for points, weight in _sample_points(dose, mask, values, resolved, subsamples):
         sampled, out = _sample(dose_values, points)
         n_out = int(out.sum())
         uncovered += n_out * weight
@@ -488,7 +488,7 @@ def dvh(
             sampled = sampled[~out]
         doses.append(sampled)
         weights.append(np.full(sampled.size, weight))
-    if method == "centre" or subsamples == 1:
+    if resolved == "centre" or subsamples == 1:
         text = "dose grid interpolated trilinearly at the structure's voxel centres (structure grid)"
     else:
         text = (

@@ -198,7 +198,8 @@ def centroid(mask: xr.DataArray) -> tuple[float, float, float]:
     kji = np.argwhere(values)
     if kji.size == 0:
         raise PlanningError(f"structure {mask.name!r} is empty: it has no centroid")
-    return tuple(float(v) for v in mask.geo.world(kji.mean(axis=0)))  # type: ignore[return-value]
+    a, b, c = (float(v) for v in mask.geo.world(kji.mean(axis=0)))
+    return a, b, c
 
 
 def _row_extreme_corners(values: np.ndarray, *, through_slices: bool = True) -> np.ndarray:
@@ -282,6 +283,7 @@ def axial_diameters(mask: xr.DataArray) -> np.ndarray:
     values = _as_mask(mask)
     # i and j columns (pixel steps in mm) expressed in an orthonormal basis of the slice plane: 2-D points with
     # the same distances, which Qhull needs (3-D coplanar points make it fail).
+    # numpy's stubs type qr() as the (Q, R) pair for every mode; mode="r" returns R alone.
     in_plane = np.linalg.qr(np.asarray(mask.geo.affine, dtype=float)[:3, :2], mode="r")
     out = np.zeros(values.shape[0])
     corners = _row_extreme_corners(values, through_slices=False)
@@ -292,7 +294,7 @@ def axial_diameters(mask: xr.DataArray) -> np.ndarray:
     corners, slice_of = corners[order], slice_of[order]
     bounds = np.flatnonzero(np.diff(slice_of)) + 1
     for block, ij in zip(np.split(slice_of, bounds), np.split(corners[:, :2], bounds), strict=True):
-        out[block[0]] = _max_pairwise(ij @ in_plane.T)
+        out[block[0]] = _max_pairwise(ij @ in_plane.T)  # type: ignore[attr-defined]  # R, see above
     return out
 
 
@@ -311,7 +313,7 @@ def touches_edge(mask: xr.DataArray) -> bool:
 
 
 def _labels(values: np.ndarray) -> tuple[np.ndarray, int]:
-    return ndimage.label(values, structure=ndimage.generate_binary_structure(3, 3))  # type: ignore[no-any-return]
+    return ndimage.label(values, structure=ndimage.generate_binary_structure(3, 3))
 
 
 def component_volumes_cc(mask: xr.DataArray) -> list[float]:
@@ -425,17 +427,16 @@ def parse_margin(margin: MarginLike) -> tuple[float, float, float]:
             if axis is None:
                 raise PlanningError(f"unknown margin axis {key!r}; use lr, ap and si (mm per side)")
             out[axis] = float(value)
-        values = tuple(out[a] for a in _PATIENT_AXES)
+        values = [out[a] for a in _PATIENT_AXES]
     elif isinstance(margin, (int, float, np.integer, np.floating)):
-        values = (float(margin),) * 3
+        values = [float(margin)] * 3
     else:
-        seq = [float(v) for v in margin]
-        if len(seq) != 3:
+        values = [float(v) for v in margin]
+        if len(values) != 3:
             raise PlanningError(f"a per-axis margin needs 3 values (lr, ap, si) in mm; got {margin!r}")
-        values = tuple(seq)
     if not all(math.isfinite(v) and v >= 0 for v in values):
         raise PlanningError(f"margins must be finite and ≥ 0 mm; got {margin!r} (shrinking is not supported)")
-    return values  # type: ignore[return-value]
+    return values[0], values[1], values[2]
 
 
 def _grid_margins(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -32,6 +32,10 @@ from pacsai.report.params import ReportParameters
 from pacsai.structure_sets import PACSAI_MANUFACTURER as PACSAI_MANUFACTURER
 from pacsai.structure_sets import SYNTHETIC_PLANNER_MODEL as SYNTHETIC_PLANNER_MODEL
 from pacsai.structure_sets import written_by_pacsai as written_by_pacsai
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pacsai.learning.infer import LoadedModel  # torch: imported at run time only on the model path
+    from pacsai.pacs import Pacs
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +116,7 @@ class PatientData:
     dose_header: dict[str, Any] = field(default_factory=dict)
     #: 4×4 matrix mapping the prior's patient coordinates (LPS mm) into the current study's, from a DICOM
     #: Spatial Registration on the PACS; None where the frames are the same or no registration links them.
-    registration: Any = None
+    registration: np.ndarray | None = None
     registration_note: str = ""
 
     @property
@@ -124,7 +128,7 @@ class PatientData:
         return refs
 
 
-def gather(params: ReportParameters, *, pacs: Any) -> PatientData:
+def gather(params: ReportParameters, *, pacs: Pacs) -> PatientData:
     """Pull a patient's planning study (and the most recent prior) from ``pacs`` and read it.
 
     The planning study is ``params.study_uid`` or the latest study with a CT (or MR). Structures come from the
@@ -231,7 +235,7 @@ def _frame(image: xr.DataArray) -> str:
 
 
 def find_registration(
-    pacs: Any, study_uids: list[str], *, prior: str, current: str
+    pacs: Pacs, study_uids: list[str], *, prior: str, current: str
 ) -> tuple[np.ndarray | None, str, SeriesRef | None]:
     """The rigid/affine matrix prior → current (LPS mm) from a DICOM Spatial Registration (REG) in the studies.
 
@@ -280,7 +284,7 @@ def registration_matrix(reg: pydicom.Dataset, *, prior: str, current: str) -> np
     return np.linalg.inv(matrices[current]) @ matrices[prior]
 
 
-def _studies_with_image(pacs: Any, patient_id: str) -> pd.DataFrame:
+def _studies_with_image(pacs: Pacs, patient_id: str) -> pd.DataFrame:
     studies = pacs.search_studies(PatientID=patient_id)
     if studies.empty:
         raise ReportError(f"no studies of patient {patient_id!r} on {pacs.url}; check the PatientID")
@@ -299,7 +303,7 @@ def _studies_with_image(pacs: Any, patient_id: str) -> pd.DataFrame:
     return studies.reset_index(drop=True)
 
 
-def _series(pacs: Any, study_uid: str) -> pd.DataFrame:
+def _series(pacs: Pacs, study_uid: str) -> pd.DataFrame:
     series = pacs.search_series(StudyInstanceUID=study_uid)
     for col in ("SeriesDescription", "SeriesNumber", "NumberOfSeriesRelatedInstances"):
         if col not in series:
@@ -307,7 +311,7 @@ def _series(pacs: Any, study_uid: str) -> pd.DataFrame:
     return series
 
 
-def _pull(pacs: Any, study_uid: str, row: Any) -> tuple[list[Path], SeriesRef]:
+def _pull(pacs: Pacs, study_uid: str, row: Any) -> tuple[list[Path], SeriesRef]:
     paths = [Path(p) for p in pacs.retrieve_series(study_uid, row.SeriesInstanceUID, progress=False)]
     # The cache names every file by its SOPInstanceUID (pacsai.pacs.cache): no need to read the headers again.
     sops = sorted(path.stem for path in paths)
@@ -332,7 +336,7 @@ def _date(ds: pydicom.Dataset) -> str:
 
 
 def _planner_rtstruct(
-    pacs: Any, study_uid: str, series: pd.DataFrame, image_series_uid: str
+    pacs: Pacs, study_uid: str, series: pd.DataFrame, image_series_uid: str
 ) -> tuple[Path, SeriesRef, pydicom.Dataset] | None:
     """The study's planner RTSTRUCT for the image series by :func:`pacsai.structure_sets.choose` (pacsai's own
     skipped; referencing the image; latest StructureSetDate/Time; most ROIs), or None."""
@@ -352,7 +356,7 @@ def _planner_rtstruct(
     return chosen.path, found[chosen.path], chosen.header
 
 
-def _read_study(pacs: Any, row: Any, *, structures_from: str) -> StudyData:
+def _read_study(pacs: Pacs, row: Any, *, structures_from: str) -> StudyData:
     """Read a study's planning image and its planner RTSTRUCT.
 
     ``structures_from="pacs"``: the planner RTSTRUCT is required. ``"reference"``: read where there is one (the
@@ -398,14 +402,14 @@ def _read_study(pacs: Any, row: Any, *, structures_from: str) -> StudyData:
     return study
 
 
-def _load_model(uri: str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+def _load_model(uri: str) -> tuple[LoadedModel, dict[str, Any], dict[str, Any]]:
     from pacsai.learning.infer import load_model  # torch only on this path
 
     loaded = load_model(uri)
     name, version, run_id = loaded.name, loaded.version, loaded.run_id
     if not name or not version:  # a runs:/ URI: no registry entry, the run names the model
         name, version = name or uri, version or "unregistered"
-    info = {"uri": uri, "name": name, "version": str(version), "run_id": run_id,
+    info: dict[str, Any] = {"uri": uri, "name": name, "version": str(version), "run_id": run_id,
             "structures": list(loaded.spec.structures)}
     if loaded.postprocess:
         info["postprocess"] = dict(loaded.postprocess)
@@ -438,7 +442,7 @@ def _segment_into(study: StudyData, loaded: Any, model_info: dict[str, Any]) -> 
     study.structures_source = study.drawn_by.label
 
 
-def _read_dose(pacs: Any, study: StudyData) -> tuple[xr.DataArray | None, str, dict[str, Any]]:
+def _read_dose(pacs: Pacs, study: StudyData) -> tuple[xr.DataArray | None, str, dict[str, Any]]:
     series = _series(pacs, study.study_instance_uid)
     doses = series[series.Modality == "RTDOSE"]
     if doses.empty:

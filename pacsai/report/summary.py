@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import xarray as xr
@@ -31,6 +31,9 @@ from pacsai.qa import FAIL, Reason
 from pacsai.report import gate
 from pacsai.report.inputs import DrawnBy, PatientData, gather
 from pacsai.report.params import ReportParameters
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pacsai.pacs import Pacs
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +61,11 @@ class PlanSummary:
     response: dict[str, Any]
     qa: dict[str, Any]
     provenance: dict[str, Any]
+    image: xr.DataArray = field(repr=False)  # the planning image (every summary has one)
     states: dict[str, dict[str, Any]] = field(default_factory=dict)
     coverage: dict[str, Any] = field(default_factory=dict)
     reference: dict[str, Any] = field(default_factory=dict)
     agreement: list[dict[str, Any]] = field(default_factory=list)
-    image: xr.DataArray = field(repr=False, default=None)  # type: ignore[assignment]
     masks: dict[str, xr.DataArray] = field(repr=False, default_factory=dict)
     dose: xr.DataArray | None = field(repr=False, default=None)
     prior_image: xr.DataArray | None = field(repr=False, default=None)
@@ -150,7 +153,7 @@ def _num(value: Any) -> str:
     return "—" if value is None or (isinstance(value, float) and not np.isfinite(value)) else f"{float(value):.1f}"
 
 
-def build_summary(params: ReportParameters, *, pacs: Any | None = None) -> PlanSummary:
+def build_summary(params: ReportParameters, *, pacs: Pacs | None = None) -> PlanSummary:
     """Connect (``params.pacs_url`` or settings), gather the patient's data and compute its summary.
 
     Data notes raised while reading (e.g. an ROI without contours) join the QA notes, as those of the computation.

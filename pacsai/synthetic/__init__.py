@@ -206,9 +206,9 @@ def make_patient(
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, not {seed!r}")
     seed = int(seed)
-    shape = tuple(int(v) for v in shape)  # type: ignore[assignment]
-    spacing = tuple(float(v) for v in spacing)  # type: ignore[assignment]
-    phantom.check_grid(shape, spacing)
+    grid, voxel = tuple(int(v) for v in shape), tuple(float(v) for v in spacing)  # lists, numpy numbers → tuples
+    phantom.check_grid(grid, voxel)  # three axes each, or an error
+    shape, spacing = (grid[0], grid[1], grid[2]), (voxel[0], voxel[1], voxel[2])
     variant = f"{GENERATOR_VERSION}|{shape}|{spacing}"
 
     def uid(*parts: object) -> str:

@@ -76,7 +76,7 @@ def ptv_distance(
     pads = [math.ceil(reach_mm / s) + 1 for s in spacing]
     box = tuple(
         slice(max(int(v.min()) - pad, 0), min(int(v.max()) + pad + 1, n))
-        for v, pad, n in zip(idx, pads, gtv.shape)
+        for v, pad, n in zip(idx, pads, gtv.shape, strict=True)
     )
     distance = ndimage.distance_transform_edt(~gtv[box], sampling=spacing)
     return box, distance.astype(np.float32)
@@ -93,7 +93,7 @@ def choose_beams(site: str, rng: np.random.Generator) -> list[float]:
         pool = [0.0, 180.0, 135.0, 225.0, 45.0, 315.0]
     angles = [pool[0], pool[1], *rng.choice(pool[2:], size=n - 2, replace=False).tolist()]
     jitter = rng.uniform(-8.0, 8.0, size=n)
-    return sorted(float((a + j) % 360.0) for a, j in zip(angles, jitter))
+    return sorted(float((a + j) % 360.0) for a, j in zip(angles, jitter, strict=True))
 
 
 def make_dose(
@@ -217,7 +217,7 @@ def make_dose(
         beams.append(
             Beam(
                 angle,
-                tuple(float(v) for v in iso),
+                (float(iso[0]), float(iso[1]), float(iso[2])),
                 (s_lo - APERTURE_MARGIN_MM, s_hi + APERTURE_MARGIN_MM),
                 (z_lo - APERTURE_MARGIN_MM, z_hi + APERTURE_MARGIN_MM),
                 1.0 / len(angles),

@@ -194,14 +194,14 @@ class _Coords:
         for vec, a, b in ((self.z, lo[2], hi[2]), (self.y, lo[1], hi[1]), (self.x, lo[0], hi[0])):
             idx = np.nonzero((vec >= a) & (vec <= b))[0]
             out.append(slice(int(idx[0]), int(idx[-1]) + 1) if idx.size else slice(0, 0))
-        return tuple(out)  # type: ignore[return-value]
+        return out[0], out[1], out[2]
 
     def sub(self, box: tuple[slice, slice, slice]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         zs, ys, xs = box
         return self.X[:, :, xs], self.Y[:, ys, :], self.Z[zs, :, :]
 
 
-def check_grid(shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> None:
+def check_grid(shape: tuple[int, ...], spacing: tuple[float, ...]) -> None:
     """Refuse grids too small for the anatomy (a cut-off body would be a silently wrong patient).
 
     Parameters
@@ -430,9 +430,9 @@ def render_anatomy(
     # lungs = rest of the cavity above the diaphragm, narrowing to cones at the apices
     apex = A.apex_z * inspiration
     lungs = cavity & above & ~mediastinum
-    top = np.nonzero(c.z > apex - 75.0)[0]
-    if top.size:
-        tsl = slice(int(top[0]), int(top[-1]) + 1)
+    apex_rows = np.nonzero(c.z > apex - 75.0)[0]
+    if apex_rows.size:
+        tsl = slice(int(apex_rows[0]), int(apex_rows[-1]) + 1)
         cone = np.clip((apex - Z[tsl]) / 75.0, 0.0, 1.0) ** 0.55
         # at the start of the cone the ellipse covers the whole half-cavity, so the lung narrows smoothly
         q_apex = ((np.abs(X) - ac[tsl] * 0.5) / (ac[tsl] * 0.8 * cone + 1e-3)) ** 2 + (
@@ -680,7 +680,8 @@ def choose_tumour(scene: _Scene, rng: np.random.Generator) -> Tumour:
     """
     c = scene.c
     radius = float(rng.uniform(7.5, 25.0))  # 1.5–5 cm diameter
-    axes = tuple(float(v) for v in rng.uniform(0.85, 1.18, size=3))
+    ax, ay, az = (float(v) for v in rng.uniform(0.85, 1.18, size=3))
+    axes = (ax, ay, az)
     harmonics = []
     for order, amp in ((2, 0.10), (3, 0.07), (3, 0.06), (4, 0.05), (5, 0.035), (6, 0.03), (7, 0.02)):
         v = rng.standard_normal(3)
@@ -719,8 +720,8 @@ def choose_tumour(scene: _Scene, rng: np.random.Generator) -> Tumour:
         candidates = np.argwhere(lung[zs[0] : zs[-1] + 1]) if zs.size else np.empty((0, 3), dtype=int)
         if len(candidates):
             candidates[:, 0] += zs[0]
-            order = rng.permutation(len(candidates))[:400]
-            for n in order:
+            picks = rng.permutation(len(candidates))[:400]
+            for n in picks:
                 k, j, i = candidates[n]
                 centre = np.array([c.x[i], c.y[j], c.z[k]], dtype=float)
                 if fraction_free(centre, radius) >= 0.8:
@@ -731,14 +732,14 @@ def choose_tumour(scene: _Scene, rng: np.random.Generator) -> Tumour:
     # mediastinal: near the carina, the hila or the aorto-pulmonary window
     radius = min(radius, 17.0)
     cav_y = scene.trachea_y
-    for centre in (
+    for spot in (
         (-4.0, cav_y + 14.0, -22.0),  # subcarinal
         (-22.0, cav_y - 6.0, 22.0),  # right paratracheal
         (20.0, cav_y - 14.0, 10.0),  # aorto-pulmonary window
         (-48.0, cav_y + 8.0, -20.0),  # right hilum
         (50.0, cav_y + 10.0, -30.0),  # left hilum
     ):
-        centre_a = np.array(centre, dtype=float)
+        centre_a = np.array(spot, dtype=float)
         if zmin <= centre_a[2] <= zmax and fraction_free(centre_a, radius) >= 0.35:
             return Tumour(
                 "mediastinum", tuple(centre_a), radius, axes, tuple(harmonics), tuple(spicules), texture_seed
@@ -784,12 +785,12 @@ def tumour_mask(
             centre[1] + vy * (r + length * scale),
             centre[2] + vz * (r + length * scale),
         )
-        sbox, spic = _tube(c, tuple(float(v) for v in centre), end, 1.6)
+        sbox, spic = _tube(c, (float(centre[0]), float(centre[1]), float(centre[2])), end, 1.6)
         # translate the spicule's box into the tumour box
-        sl = tuple(slice(max(s.start, b.start), min(s.stop, b.stop)) for s, b in zip(sbox, box))
+        sl = tuple(slice(max(s.start, b.start), min(s.stop, b.stop)) for s, b in zip(sbox, box, strict=True))
         if all(s.stop > s.start for s in sl):
-            src = tuple(slice(s2.start - s1.start, s2.stop - s1.start) for s1, s2 in zip(sbox, sl))
-            dst = tuple(slice(s2.start - b.start, s2.stop - b.start) for b, s2 in zip(box, sl))
+            src = tuple(slice(s2.start - s1.start, s2.stop - s1.start) for s1, s2 in zip(sbox, sl, strict=True))
+            dst = tuple(slice(s2.start - b.start, s2.stop - b.start) for b, s2 in zip(box, sl, strict=True))
             blob[dst] |= spic[src]
     return box, blob, rho
 
