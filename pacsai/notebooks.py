@@ -83,7 +83,7 @@ def template(name: str) -> Path:
     NotebookError
         The installed package lacks it (a wheel built without its package data).
     """
-    resource = resources.files("pacsai").joinpath(TEMPLATES, name)
+    resource = resources.files("pacsai").joinpath(TEMPLATES).joinpath(name)  # one part per call on 3.10
     if not resource.is_file():
         raise NotebookError(
             f"notebook template {name} is missing from the installed package ({resource}); reinstall pacsai "
