@@ -18,14 +18,16 @@ Templates ship inside the package (``pacsai/templates``) and are found with :mod
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 from urllib.parse import unquote, urlsplit
 
 from pacsai.errors import PacsaiError
@@ -127,6 +129,27 @@ def kernel_environment(
     return env
 
 
+def import_jsonschema_without_iri_grammar() -> None:
+    """Import jsonschema (nbformat's validator) without compiling the IRI grammar of ``rfc3987-syntax``.
+
+    jsonschema registers its ``iri``/``iri-reference`` format checks when ``rfc3987-syntax`` is installed (a
+    jupyter-events extra pulls it in), and that package builds an Earley parser from its grammar at import:
+    1-2 s of every report's and validation's wall time on a 2-core machine, before papermill can start a kernel.
+    nbformat's notebook schema uses no IRI format, and format checks run only with a ``FormatChecker``, so
+    nothing pacsai validates changes; the only effect is that this process's jsonschema has no ``iri`` checker.
+    Does nothing when jsonschema is already imported (its checkers are then whatever that import made).
+    """
+    if "jsonschema" in sys.modules or "rfc3987_syntax" in sys.modules:
+        return
+    # A None entry makes `import rfc3987_syntax` raise ImportError, which jsonschema's _format suppresses.
+    sys.modules["rfc3987_syntax"] = None  # type: ignore[assignment]
+    try:
+        importlib.import_module("jsonschema")  # for its side effect: the format checkers, without IRI
+    finally:
+        if sys.modules.get("rfc3987_syntax", 0) is None:
+            del sys.modules["rfc3987_syntax"]
+
+
 def _manager_class(env: Mapping[str, str], cwd: Path, sink: IO[bytes]) -> type[Any]:
     """A kernel manager class that starts its kernel with ``env``, in ``cwd``, logging to ``sink``.
 
@@ -156,6 +179,7 @@ def execute(
     kernel: str = KERNEL,
     timeout_s: int | None = None,
     start_timeout_s: int = 60,
+    shutdown: Literal["graceful", "immediate"] = "graceful",
 ) -> NotebookRun:
     """Run ``template_path`` with ``parameters`` into ``output`` (an executed .ipynb) in a kernel of its own.
 
@@ -180,6 +204,10 @@ def execute(
         Limit per cell in seconds; ``None``: none.
     start_timeout_s
         Limit for the kernel to start.
+    shutdown
+        How the kernel ends after the last cell: ``"graceful"`` (a shutdown request, then waiting for the
+        interpreter to exit: about a second with numpy, xarray and matplotlib loaded) or ``"immediate"`` (killed;
+        for notebooks whose cells leave nothing to finish at exit: no atexit hook, no open run or file).
 
     Raises
     ------
@@ -192,6 +220,7 @@ def execute(
     NotebookError
         A cell ran past ``timeout_s``, or the kernel did not start.
     """
+    import_jsonschema_without_iri_grammar()
     import papermill
     from jupyter_client.kernelspec import NoSuchKernel
     from nbclient.exceptions import CellTimeoutError, DeadKernelError
@@ -215,6 +244,7 @@ def execute(
                 log_output=False,
                 start_timeout=start_timeout_s,
                 execution_timeout=timeout_s,
+                shutdown_kernel=shutdown,
                 kernel_manager_class=_manager_class(kernel_environment() if env is None else env, workdir, sink),
             )
         except papermill.PapermillExecutionError as err:
@@ -277,6 +307,7 @@ __all__ = [
     "NotebookRun",
     "credentials_to_environment",
     "execute",
+    "import_jsonschema_without_iri_grammar",
     "kernel_environment",
     "redact_url",
     "running_cell",

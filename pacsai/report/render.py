@@ -8,15 +8,21 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Mapping
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pacsai import notebooks
 from pacsai.errors import ReportError
 from pacsai.notebooks import KERNEL, REPORT_TEMPLATE, NotebookCellError, NotebookError
 
+if TYPE_CHECKING:  # pragma: no cover
+    from nbconvert import HTMLExporter
+
 log = logging.getLogger(__name__)
+
 
 def project_root() -> Path:
     """The source tree this module sits in; only the demo uses it (its ``experiments/demo.yaml``).
@@ -55,7 +61,10 @@ def execute(
         A cell failed, the kernel died or is not installed (the message says which, and names the notebook).
     """
     try:
-        notebooks.execute(template, output, parameters, env=env, cwd=cwd, kernel=kernel, timeout_s=timeout_s)
+        # Killed after the last cell rather than asked to exit (about a second of interpreter teardown): the
+        # report's cells have written and closed their files by then, and the kernel has nothing to finish.
+        notebooks.execute(template, output, parameters, env=env, cwd=cwd, kernel=kernel, timeout_s=timeout_s,
+                          shutdown="immediate")
     except NotebookCellError as err:
         raise ReportError(
             f"report notebook failed in cell {err.cell}: {err.ename}: {err.evalue} "
@@ -66,16 +75,46 @@ def execute(
     return output
 
 
-def to_html(notebook: Path, html: Path) -> Path:
-    """Export an executed notebook to HTML without code cells or prompts (what a clinician reads)."""
-    import nbformat
+def html_exporter() -> HTMLExporter:
+    """The report's HTML exporter (no code cells, no prompts) with its templates loaded.
+
+    Importing nbconvert and loading its Jinja templates costs about half a second; :func:`prepare_html_exporter`
+    does it while the kernel runs.
+    """
+    notebooks.import_jsonschema_without_iri_grammar()
     from nbconvert import HTMLExporter
 
-    nb = nbformat.read(notebook, as_version=4)
     # nbconvert warns about images without alt text on every figure; the report's figures have captions.
     logging.getLogger("traitlets").setLevel(logging.ERROR)
     exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
-    body, _ = exporter.from_notebook_node(nb)
+    exporter.template  # noqa: B018  (loads and compiles the Jinja templates now, not in to_html)
+    return exporter
+
+
+def prepare_html_exporter() -> Future[HTMLExporter]:
+    """Build :func:`html_exporter` in a thread; the report process only waits while the kernel runs its cells."""
+    future: Future[HTMLExporter] = Future()
+
+    def build() -> None:
+        try:
+            future.set_result(html_exporter())
+        except BaseException as err:  # handed to whoever waits for the exporter
+            future.set_exception(err)
+
+    threading.Thread(target=build, name="pacsai-html-exporter", daemon=True).start()
+    return future
+
+
+def to_html(notebook: Path, html: Path, *, exporter: HTMLExporter | None = None) -> Path:
+    """Export an executed notebook to HTML without code cells or prompts (what a clinician reads).
+
+    ``exporter``: one from :func:`html_exporter` (default a new one); it is not shared between threads.
+    """
+    notebooks.import_jsonschema_without_iri_grammar()
+    import nbformat
+
+    nb = nbformat.read(notebook, as_version=4)
+    body, _ = (exporter or html_exporter()).from_notebook_node(nb)
     _atomic_write(html, body.encode("utf-8"))
     return html
 

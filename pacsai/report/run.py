@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pacsai import notebooks
 from pacsai.errors import ReportError
 from pacsai.notebooks import credentials_to_environment, kernel_environment, redact_url
 from pacsai.report import handoff, render
@@ -127,15 +128,21 @@ def run_report(
     if params.structures_from == "model":
         # Read and segment here, so the kernel never imports torch/MONAI (its start is the PACS path's).
         values["inputs_file"] = _gather_for_kernel(params, pacs, staging, mlflow_uri=mlflow_uri).name
+    env = report_environment(secrets, mlflow_uri=mlflow_uri)
+    # papermill (and nbformat, jsonschema) first in this thread, so that the exporter's thread imports only
+    # nbconvert's own modules while this one waits for the kernel.
+    notebooks.import_jsonschema_without_iri_grammar()
+    import papermill  # noqa: F401
+
+    exporter = render.prepare_html_exporter()
     try:
-        render.execute(render.find_template(), notebook, values, cwd=staging,
-                       env=report_environment(secrets, mlflow_uri=mlflow_uri))
+        render.execute(render.find_template(), notebook, values, cwd=staging, env=env)
     finally:
         handoff.remove(staging)
     metrics_path = staging / METRICS_FILE
     if not metrics_path.is_file():
         raise ReportError(f"the report notebook did not write {metrics_path}; see {notebook}")
-    html = render.to_html(notebook, staging / "report.html")
+    html = render.to_html(notebook, staging / "report.html", exporter=exporter.result())
     pdf_path = render.to_pdf(html, staging / "report.pdf") if pdf else None
     metrics = json.loads(metrics_path.read_text())
     pushed: dict[str, Any] = {}
