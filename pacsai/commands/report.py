@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from pacsai.errors import ReportError
     from pacsai.report.params import validate_parameters
 
-    def params_for(patient_id: str, study: str = ""):
+    def params_for(patient_id: str, study: str = "") -> ReportParameters:
         return validate_parameters(
             patient_id=patient_id, study_uid=study, pacs_url=args.pacs or "",
             structures_from=args.structures_from, model_uri=args.model,

@@ -19,8 +19,12 @@ import sys
 import time
 from collections.abc import Iterator
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from pacsai.errors import TrackingError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pacsai.config import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -42,11 +46,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def server_command(*, port: int, settings: object = None) -> list[str]:
+def server_command(*, port: int, settings: Settings | None = None) -> list[str]:
     """The ``mlflow server`` command line for the store (loopback, one worker)."""
     from pacsai import tracking
 
-    uri = tracking.tracking_uri(settings=settings)  # type: ignore[arg-type]
+    uri = tracking.tracking_uri(settings=settings)
     if uri.startswith(("http://", "https://", "databricks")):
         raise TrackingError(f"the tracking URI is a server ({uri}); open its own UI instead of `pacsai ui`")
     cmd = [
@@ -121,7 +125,7 @@ def _stopping_on_signals() -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def ui_links(base: str, *, settings: object = None) -> list[str]:
+def ui_links(base: str, *, settings: Settings | None = None) -> list[str]:
     """One line per experiment and registered model: its page in the classic machine-learning view.
 
     MLflow 3.17's UI picks the view from the page's ``workflowType`` parameter, else the browser's last choice
@@ -130,7 +134,7 @@ def ui_links(base: str, *, settings: object = None) -> list[str]:
     """
     from pacsai import tracking
 
-    c = tracking.client(settings=settings)  # type: ignore[arg-type]
+    c = tracking.client(settings=settings)
     lines = []
     for experiment in c.search_experiments():
         if experiment.name == "Default" and not c.search_runs([experiment.experiment_id], max_results=1):

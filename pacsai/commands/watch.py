@@ -8,6 +8,11 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pacsai.watch.rules import WatchRules
+    from pacsai.watch.state import WatchState
 
 log = logging.getLogger("pacsai.watch")
 
@@ -40,13 +45,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+class _WatchLogHandler(logging.StreamHandler):
+    """The handler this verb installs (its class tells it apart, so it is installed once per process)."""
+
+
 def _setup_logging() -> None:
     """INFO-level timestamped lines from the watch itself; libraries stay at WARNING (they could log identifiers)."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _WatchLogHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logger = logging.getLogger("pacsai.watch")
-    if not any(getattr(h, "_pacsai_watch", False) for h in logger.handlers):
-        handler._pacsai_watch = True  # type: ignore[attr-defined]
+    if not any(isinstance(h, _WatchLogHandler) for h in logger.handlers):
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
@@ -122,7 +130,7 @@ def _percentile(values: list[float], q: float) -> float:
     return float(statistics.quantiles(ordered, n=100, method="inclusive")[int(q) - 1])
 
 
-def status_text(state, rules, *, recent: int = 20) -> str:  # noqa: ANN001 (WatchState, WatchRules)
+def status_text(state: WatchState, rules: WatchRules, *, recent: int = 20) -> str:
     """What ``--status`` prints: queue, recent outcomes with reasons, latencies; keys and pseudonyms only."""
     now = time.time()
     counts = state.counts()
