@@ -50,6 +50,8 @@ from pacsai.learning.postprocess import Rule, apply_rules, parse_rules, rules_to
 if TYPE_CHECKING:  # pragma: no cover
     from pacsai.cohort import Cohort
     from pacsai.config import Settings
+    from pacsai.pacs import Pacs
+    from pacsai.tracking import RunContext
 
 logger = logging.getLogger(__name__)
 
@@ -410,20 +412,20 @@ def _signature(n_out: int) -> Any:
 class TrainingData:
     """The cohort, its split and the preprocessed cases of one training run."""
 
-    cohort: Any
+    cohort: Cohort
     split: Mapping[str, list[str]]
     spec: PreprocessSpec
     train_cases: list[Case]
     val_cases: list[Case]
 
 
-def cache_root(settings: Any) -> Path:
+def cache_root(settings: Settings) -> Path:
     """Where preprocessed cases and checkpoints live: inside ``PACSAI_CACHE_DIR``, never beside it."""
     return Path(settings.cache_dir)
 
 
 def prepare_data(
-    cfg: Mapping[str, Any], pacs: Any, *, settings: Any, progress: bool = True
+    cfg: Mapping[str, Any], pacs: Pacs, *, settings: Settings, progress: bool = True
 ) -> TrainingData:
     """Select the cohort, split it by patient and load (or preprocess and cache) the training/validation cases."""
     from pacsai.cohort import CohortQuery, select_cohort
@@ -595,7 +597,8 @@ def review_held_out(
     from pacsai.learning.evaluate import agreement
 
     net.eval()
-    spacing_zyx = tuple(spec.spacing_mm[::-1])
+    sx, sy, sz = spec.spacing_mm
+    spacing_zyx = (sz, sy, sx)
     voxel_cc = float(np.prod(spec.spacing_mm)) / 1000.0
     rows: dict[str, list[tuple[float, float]]] = {s: [] for s in spec.structures}
     per_case = []
@@ -609,7 +612,7 @@ def review_held_out(
         for k, s in enumerate(spec.structures):
             ref = case.label[k].astype(bool)
             if ref.any():
-                a = agreement(plain[s], ref, spacing_zyx=spacing_zyx)  # type: ignore[arg-type]
+                a = agreement(plain[s], ref, spacing_zyx=spacing_zyx)
                 rows[s].append((a.dice, a.hd95))
         mean, std = stack.mean(axis=0), stack.std(axis=0)
         masks = apply_rules({s: mean[k] >= 0.5 for k, s in enumerate(spec.structures)}, rules, voxel_cc=voxel_cc)
@@ -630,11 +633,11 @@ def review_held_out(
 def train(
     experiment: str | Path | Mapping[str, Any],
     *,
-    pacs: Any = None,
+    pacs: Pacs | str | None = None,
     overrides: Mapping[str, Any] | None = None,
     smoke: bool = False,
     resume: str | Path | None = None,
-    settings: Any = None,
+    settings: Settings | None = None,
     progress: bool = True,
     callback: Callable[[int, Mapping[str, float]], None] | None = None,
 ) -> TrainResult:
@@ -860,7 +863,7 @@ def register(
     cfg: Mapping[str, Any],
     head: Head,
     rules: Mapping[str, Rule],
-    ctx: Any,
+    ctx: RunContext,
     seconds: float,
     best_epoch: int,
     review: HeldOutReview,
@@ -889,7 +892,7 @@ def register(
     name = str(cfg["model"]["name"])
     table = data.cohort.table
     sources = sorted({str(v) for v in (table["manufacturer"] if "manufacturer" in table else [])} - {"", "nan"})
-    card_args = {
+    card_args: dict[str, Any] = {
         "name": name,
         "run_id": ctx.run_id,
         "experiment": cfg,
@@ -932,7 +935,9 @@ def _logged_cohort(cohort: Cohort, settings: Settings) -> Cohort:
     return cohort.pseudonymised(tracking.pseudonym_key(settings=settings))
 
 
-def _split_record(split: Mapping[str, list[str]], cohort: Any, ctx: Any, *, seed: int) -> dict[str, Any]:
+def _split_record(
+    split: Mapping[str, list[str]], cohort: Cohort, ctx: RunContext, *, seed: int
+) -> dict[str, Any]:
     """The split as an artifact: pseudonymised patients and the (hashed) image series of each part."""
     table = cohort.table
     out: dict[str, Any] = {"seed": seed, "patients": {}, "series": {}}
