@@ -38,7 +38,7 @@ DATA_NOTE
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import xarray as xr
@@ -46,6 +46,9 @@ from scipy import ndimage
 
 from pacsai.imaging.geometry import voxel_volume_cc
 from pacsai.qa import Reason, gate_status
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pacsai.planning.constraints import ConstraintSet
 
 PRESENT, EMPTY, MISSING, NOT_REQUESTED = "present", "empty", "missing", "not requested"
 STATES = (PRESENT, EMPTY, MISSING, NOT_REQUESTED)
@@ -283,7 +286,7 @@ def gate(reasons: Iterable[Reason]) -> dict[str, Any]:
     return {"status": gate_status(unique), "reasons": [r.to_dict() for r in unique]}
 
 
-def constraint_parts(structure: str, table: Any) -> list[str]:
+def constraint_parts(structure: str, table: ConstraintSet) -> list[str]:
     """The structures a constraint's structure is made of: itself, or the union and minus parts it derives from."""
     spec = (getattr(table, "structures", {}) or {}).get(structure) or {}
     derive = spec.get("derive") or {}
@@ -304,7 +307,7 @@ def not_evaluable_reason(name: str, info: Mapping[str, Any]) -> str:
 
 
 def apply_states(
-    rows: Sequence[dict[str, Any]], states: Mapping[str, Mapping[str, Any]], table: Any
+    rows: Sequence[dict[str, Any]], states: Mapping[str, Mapping[str, Any]], table: ConstraintSet
 ) -> list[dict[str, Any]]:
     """Constraint rows whose structure, or a part of a derived one, is not present become ``not evaluable``.
 

@@ -34,6 +34,7 @@ from pacsai.report.params import ReportParameters
 
 if TYPE_CHECKING:  # pragma: no cover
     from pacsai.pacs import Pacs
+    from pacsai.planning.constraints import ConstraintSet
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +216,7 @@ class Analysis:
     reasons: list[Reason]
 
 
-def _required(params: ReportParameters, table: Any) -> dict[str, str]:
+def _required(params: ReportParameters, table: ConstraintSet) -> dict[str, str]:
     """Required structure (canonical name) → what needs it."""
     needs: dict[str, list[str]] = {params.target: ["margins, target coverage and response"]}
     for c in table.constraints:
@@ -231,7 +232,7 @@ def structure_states(
     offered: Sequence[str],
     from_model: bool,
     params: ReportParameters,
-    table: Any,
+    table: ConstraintSet,
 ) -> dict[str, dict[str, Any]]:
     """State and author of every required structure (canonical names) and of every structure the source holds.
 
@@ -270,7 +271,7 @@ def _analyse(
     dose_note: str,
     dose_reasons: Sequence[Reason],
     params: ReportParameters,
-    table: Any,
+    table: ConstraintSet,
 ) -> Analysis:
     masks = dict(masks_in)
     states = structure_states(masks, drawn_by=drawn_by, offered=offered, from_model=from_model, params=params,
@@ -352,7 +353,7 @@ def _dose_analysis(
     masks: Mapping[str, xr.DataArray],
     *,
     body: str | None,
-    table: Any,
+    table: ConstraintSet,
     params: ReportParameters,
     states: Mapping[str, Any],
     target_info: Mapping[str, Any],
@@ -652,7 +653,7 @@ def _volumes(masks: Mapping[str, xr.DataArray]) -> dict[str, float]:
 
 
 def _response(
-    data: PatientData, params: ReportParameters, main: Analysis, table: Any
+    data: PatientData, params: ReportParameters, main: Analysis, table: ConstraintSet
 ) -> tuple[dict[str, Any], dict[str, xr.DataArray], dict[str, xr.DataArray], xr.DataArray | None]:
     """Response against the prior from contours of one source (docs/clinical_definitions.md "Response")."""
     from_model = params.structures_from == "model"
