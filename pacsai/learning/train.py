@@ -314,6 +314,8 @@ def predict_probabilities(
             overlap=overlap,
             mode="gaussian",
         )
+    if not isinstance(logits, torch.Tensor):  # MONAI types it as a tensor, tuple or dict: a plain network gives one
+        raise TypeError(f"the network returned {type(logits).__name__}, not one tensor of logits")
     return head.probabilities(logits.float())[0].cpu().numpy()
 
 
@@ -691,7 +693,7 @@ def train(
     scaler = torch.amp.GradScaler("cuda", enabled=dist.device.type == "cuda")
     epochs, steps = int(tcfg["epochs"]), int(tcfg["steps_per_epoch"])
     start_epoch, best, best_epoch, run_id = 0, -1.0, -1, None
-    rng_state: dict[str, Any] | None = None
+    rng_state: str | None = None  # the generator's state as the checkpoint keeps it (JSON)
     if resume is not None:
         state = load_checkpoint(resume, dist.device)
         net.load_state_dict(state["model"])
