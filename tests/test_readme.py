@@ -49,3 +49,22 @@ def test_render_demo_shows_a_structure_never_found_as_a_dash():
            "held_out": {"dice_BODY": 0.79, "dice_GTV": None, "hd95_BODY": 54.8, "hd95_GTV": None}}
     out = figures.render_demo(doc)
     assert "| Dice | 0.790 | — |" in out and "| HD95 (mm) | 54.8 | — |" in out
+
+
+def test_teams_section_commands_parse():
+    """Every pacsai command line the README's "Teams and scale" section gives is one the CLI accepts (#17)."""
+    import re
+    import shlex
+
+    from pacsai.cli import build_parser
+
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Teams and scale"):text.index("## Privacy defaults")]
+    commands = [c for c in re.findall(r"`([^`]+)`", section) if re.search(r"(^pacsai |-m pacsai )", c)]
+    assert len(commands) >= 4, commands
+    verbs = set()
+    for command in commands:
+        argv = shlex.split(command.split("-m pacsai ", 1)[1] if "-m pacsai " in command else command[len("pacsai "):])
+        args = build_parser(only=argv[0]).parse_args(argv)
+        verbs.add(args.verb)
+    assert {"train", "report", "export"} <= verbs

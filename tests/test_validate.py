@@ -184,6 +184,7 @@ def test_a_model_that_misses_structures_is_not_promoted(validated, monkeypatch):
     assert run.data.tags["pacsai.validated_model"] == validated["uri"]
     assert run.data.tags["pacsai.model_version"] == validated["version"]
     assert run.data.tags["pacsai.training_run"] == validated["run_id"]
+    assert run.data.tags["mlflow.source.name"] == "03_evaluate.ipynb"  # not ipykernel_launcher.py (#18)
     assert 0.0 <= run.data.metrics["dice_BODY"] <= 1.0
     for name in ("hd95_BODY", "surface_dice_BODY", "apl_BODY"):
         assert name in run.data.metrics
