@@ -4,11 +4,14 @@ MLflow records absolute ``file://`` artifact locations in its SQLite database (e
 model versions). A project copied to another folder would then read and write the *old* folder's artifacts, or
 fail where it no longer exists. :func:`relocate` rewrites those locations when the store has moved: the folder the
 store was last used in is kept in ``mlruns/.pacsai-location``; a store without that file (made before it existed)
-is recognised by its artifact URIs, which all point into ``<old store>/artifacts``.
+is recognised by its artifact URIs, which all point into ``<old store>/artifacts``. A database copied *without* its
+artifacts (the old folder still holds artifacts the new one lacks) is left pointing at the old folder: that is
+where its artifacts are.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import sqlite3
@@ -40,11 +43,15 @@ def relocate(db: Path) -> str | None:
         return None
     folder = db.parent.resolve()
     marker = folder / LOCATION_FILE
-    with sqlite3.connect(db, timeout=30) as conn:
+    # closing(): the connection's own context manager only commits or rolls back
+    with contextlib.closing(sqlite3.connect(db, timeout=30)) as conn, conn:
         old = marker.read_text().strip() if marker.is_file() else _recorded_folder(conn)
         moved = old is not None and old != str(folder)
-        if moved:
-            assert old is not None
+        if moved and old is not None and not _artifacts_came_along(conn, old, folder):
+            log.info("MLflow store %s refers to artifacts in %s that were not copied with it; left pointing there",
+                     folder, old)
+            return None
+        if moved and old is not None:
             for table, column in _present(conn):
                 for before, after in ((f"file://{old}/", f"file://{folder}/"), (f"{old}/", f"{folder}/")):
                     conn.execute(
@@ -66,6 +73,21 @@ def _present(conn: sqlite3.Connection) -> list[tuple[str, str]]:
         if column in columns:
             found.append((table, column))
     return found
+
+
+def _artifacts_came_along(conn: sqlite3.Connection, old: str, folder: Path) -> bool:
+    """Whether every artifact path of the database that exists under ``old`` exists under ``folder`` too.
+
+    True when the store was moved (``old`` is gone) or copied whole; False when only the database was copied.
+    """
+    prefix = f"{old}/"
+    for table, column in _present(conn):
+        for (value,) in conn.execute(f"SELECT {column} FROM {table} WHERE {column} LIKE ? LIMIT 200",
+                                     (f"%{prefix}%",)):
+            path = str(value).removeprefix("file://")
+            if path.startswith(prefix) and Path(path).exists() and not (folder / path[len(prefix):]).exists():
+                return False
+    return True
 
 
 def _recorded_folder(conn: sqlite3.Connection) -> str | None:

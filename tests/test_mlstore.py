@@ -76,6 +76,19 @@ client.log_artifact(run_id, str(new / "after.txt"))
     assert relocate(new / "mlruns" / "mlflow.db") is None  # idempotent
 
 
+def test_a_database_copied_without_its_artifacts_keeps_pointing_at_them(tmp_path: Path):
+    """Only mlflow.db copied (e.g. a private copy of a registry for a test): its artifacts stay in the old folder,
+    so the locations are not rewritten to a folder that lacks them."""
+    _make_store(tmp_path / "project")
+    copy = tmp_path / "registry-copy"
+    copy.mkdir()
+    shutil.copy(tmp_path / "project" / "mlruns" / "mlflow.db", copy / "mlflow.db")
+    before = _locations(copy / "mlflow.db")
+    assert relocate(copy / "mlflow.db") is None
+    assert _locations(copy / "mlflow.db") == before
+    assert all(str((tmp_path / "project" / "mlruns").resolve()) in location for location in before)
+
+
 def test_an_unmoved_store_is_left_alone(tmp_path: Path):
     _make_store(tmp_path)
     db = tmp_path / "mlruns" / "mlflow.db"
