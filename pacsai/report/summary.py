@@ -26,7 +26,7 @@ import xarray as xr
 
 import pacsai
 from pacsai import planning
-from pacsai.errors import PacsaiWarning
+from pacsai.errors import PacsaiWarning, PlanningError
 from pacsai.qa import FAIL, Reason
 from pacsai.report import gate
 from pacsai.report.inputs import DrawnBy, PatientData, gather
@@ -388,15 +388,23 @@ def _dose_analysis(
             for name, h in dvhs.items():
                 dvh_rows[name] = h.to_dict()
                 curves[name] = h.curve()
+            quality_problem = ""
             if "PTV" in dvhs:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", PacsaiWarning)  # same sampling notes as the DVHs above
-                    plan_quality = planning.plan_quality(
-                        dose, masks["PTV"], prescription_gy=params.prescription_gy,
-                        body=masks[body] if body else None, target_dvh=dvhs["PTV"], name="PTV",
-                    ).to_dict()
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", PacsaiWarning)  # same sampling notes as the DVHs above
+                        plan_quality = planning.plan_quality(
+                            dose, masks["PTV"], prescription_gy=params.prescription_gy,
+                            body=masks[body] if body else None, target_dvh=dvhs["PTV"], name="PTV",
+                        ).to_dict()
+                except PlanningError as err:
+                    # e.g. a PTV the plan gives no dose (a model's target away from the planned one): no index is
+                    # defined there, so coverage is not evaluable and the gate says why; the report still runs.
+                    quality_problem = f"PTV plan quality not computed: {err}"
+                    reasons.append(Reason("PLAN_QUALITY_UNDEFINED", "review", quality_problem, structure="PTV"))
             dvh_note = dvhs[next(iter(dvhs))].method if dvhs else "no non-empty structure to compute a DVH for"
-            coverage = _coverage(plan_quality, dvh_rows, params, target_info)
+            coverage = ({"state": "not evaluable", "note": quality_problem} if quality_problem
+                        else _coverage(plan_quality, dvh_rows, params, target_info))
             reasons += gate.uncovered_reasons(constraints, coverage=plan_quality)
         else:
             why = "; ".join(r.message for r in dose_reasons)
