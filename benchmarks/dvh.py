@@ -29,8 +29,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from common import Figure, best_of, emit, load_average, note, test_data_root, write_result
 
 PRESCRIPTION_GY = 14.0  # the plan's DoseReference; the TPS's DVH statistics are in % of it (SOURCES.md)

@@ -11,7 +11,11 @@ a temporary embedded store, then runs each measured step in its own child proces
 * ``empty``: the same ``render.execute`` on a notebook with one empty cell and the same kernel: the floor
   every report pays to start a kernel (the line's baseline);
 * ``summary``: ``build_summary`` alone, the numbers without papermill (in the JSON);
-* ``cohort``: ``run_cohort`` over both patients with ``workers=1`` and ``workers=2``.
+* ``cohort``: ``run_cohort`` over both patients with ``workers=1`` and ``workers=2``;
+* ``model``: ``run_report`` with ``structures_from="model"`` (inference in the report process before the kernel,
+  :mod:`pacsai.report.handoff`; HTML and PDF), once, with the demo's model ``models:/pacsai-thorax@champion``
+  from the MLflow store ``pacsai demo`` made (``--model-store``, default ``mlruns/mlflow.db`` of the repository).
+  Without that store or model the line says ``skipped`` and why (run ``pacsai demo`` first).
 
 While a child runs, its process tree (papermill, the kernel, Chromium) is polled with psutil
 (``common.TreePeak``). The report's peak memory is the peak of its tree without Chromium (papermill and the
@@ -20,6 +24,7 @@ same way), over the bytes of the CT volume ``read_series`` returns. Chromium's p
 HTML to PDF and share most of their pages, go into the JSON and the line's details.
 
 Prints ``report_end_to_end: R x papermill_empty_notebook`` (R = report time / empty-notebook time),
+``report_model_end_to_end: R x papermill_empty_notebook`` (the same for the model's structures),
 ``cohort_2_workers: R x 1_worker`` (a speed-up) and ``report_peak_memory: R x volume_bytes``, and writes
 ``benchmarks/results/report.json``. Patients appear only as pseudonyms (``patient-1``...).
 """
@@ -30,6 +35,7 @@ import argparse
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -37,12 +43,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import Figure, TreePeak, emit, load_average, mib, note, write_result
+from common import REPO, Figure, TreePeak, emit, load_average, mib, note, write_result
 
 SHAPE = (96, 256, 256)
 SPACING = (1.8, 1.8, 3.0)
 SEEDS = (101, 102)
 CHILD_TIMEOUT_S = 240
+MODEL_NAME, MODEL_ALIAS = "pacsai-thorax", "champion"  # what `pacsai demo` registers (pacsai/templates/demo.yaml)
+DEMO_STORE = REPO / "mlruns" / "mlflow.db"
 
 
 # ------------------------------------------------------------------------------------------- child side
@@ -81,6 +89,16 @@ def _child(kind: str, args: list[str]) -> dict[str, Any]:
         start = time.perf_counter()
         result = run_report(params, out_dir=Path(args[1]), push=False, track=False)
         return {"seconds": time.perf_counter() - start, "pdf": result.pdf is not None}
+    if kind == "model":
+        from pacsai.report.run import run_report
+
+        store, model_uri = args[2], args[3]
+        params = validate_parameters(patient_id=args[0], pacs_url=url, structures_from="model", model_uri=model_uri)
+        start = time.perf_counter()
+        result = run_report(params, out_dir=Path(args[1]), push=False, track=False, mlflow_uri=store)
+        metrics = json.loads(result.metrics.read_text())
+        return {"seconds": time.perf_counter() - start, "pdf": result.pdf is not None,
+                "model": (metrics.get("provenance") or {}).get("model") or {}}
     if kind == "cohort":
         from pacsai.report.batch import run_cohort
 
@@ -154,6 +172,24 @@ def seed(work: Path) -> tuple[str, list[str], int]:
     return url, ids, volume_bytes
 
 
+def demo_model(db: Path) -> tuple[str | None, str]:
+    """``(MLflow URI, model version)`` of the demo's champion in ``db``, or ``(None, why not)``.
+
+    Read from the store's tables with sqlite3, so that this process does not import mlflow.
+    """
+    if not db.is_file():
+        return None, f"no MLflow store {db}; run `pacsai demo` first"
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+        try:
+            row = con.execute("SELECT version FROM registered_model_aliases WHERE name = ? AND alias = ?",
+                              (MODEL_NAME, MODEL_ALIAS)).fetchone()
+        except sqlite3.Error as err:
+            return None, f"{db} is not an MLflow store ({err})"
+    if row is None:
+        return None, f"no models:/{MODEL_NAME}@{MODEL_ALIAS} in {db}; run `pacsai demo` first"
+    return f"sqlite:///{db.resolve()}", str(row[0])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
@@ -161,7 +197,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--model-store", type=Path, default=DEMO_STORE,
+                        help="MLflow sqlite store with the demo's model (default: the repository's mlruns/mlflow.db)")
+    parser.add_argument("--no-model", action="store_true", help="leave out the report with the model's structures")
     args = parser.parse_args(argv)
+    store, model_version = (None, "--no-model") if args.no_model else demo_model(args.model_store)
+    model_uri = f"models:/{MODEL_NAME}@{MODEL_ALIAS}"
     load = load_average()
 
     work = Path(tempfile.mkdtemp(prefix="pacsai-bench-report-"))
@@ -176,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             summaries.append(run("summary", ids[0]))
         one = run("cohort", "1", str(work / "cohort-1"), *ids)
         two = run("cohort", "2", str(work / "cohort-2"), *ids)
+        model = run("model", ids[0], str(work / "model"), store, model_uri) if store else None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     for result in (one, two):
@@ -210,6 +252,17 @@ def main(argv: list[str] | None = None) -> int:
             f"{mib(peak_report_all - peak_report):.0f} MiB RSS, mostly shared pages",
         )),
     ]
+    if model is not None:
+        card = model["model"]
+        figures.insert(1, emit(Figure(
+            "report_model_end_to_end", model["seconds"] / t_empty, "papermill_empty_notebook",
+            f"{model['seconds']:.1f} s vs {t_empty:.1f} s; structures from the model {model_uri} (version "
+            f"{card.get('version', model_version)}, run {card.get('run_id', '?')}) on the synthetic {ct} CT, "
+            f"HTML{' + PDF' if model['pdf'] else ''}, warm cache, inference before the kernel",
+        )))
+    else:
+        figures.insert(1, emit(Figure("report_model_end_to_end", None, "papermill_empty_notebook",
+                                      model_version)))
     path = write_result(
         "report",
         figures,
@@ -220,7 +273,10 @@ def main(argv: list[str] | None = None) -> int:
             "volume_bytes": volume_bytes,
             "repeats": args.repeats,
             "seconds": {"report": t_report, "papermill_empty_notebook": t_empty, "build_summary": t_summary,
-                        "cohort_1_worker": one["seconds"], "cohort_2_workers": two["seconds"]},
+                        "cohort_1_worker": one["seconds"], "cohort_2_workers": two["seconds"],
+                        "report_structures_from_model": model["seconds"] if model else None},
+            "model": {"uri": model_uri, "store": str(args.model_store), "version": model_version,
+                      "card": model["model"] if model else None},
             "report_vs_build_summary": t_report / t_summary,
             "pdf": pdf,
             "memory": {
@@ -232,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
                 "report_peak_by_process": reports[-1]["peak_by_process"],
                 "method": "psutil polling every 50 ms of the child and all its descendants, RSS summed",
             },
-            "runs": {"empty": empties, "report": reports, "summary": summaries, "cohort_1": one, "cohort_2": two},
+            "runs": {"empty": empties, "report": reports, "summary": summaries, "cohort_1": one, "cohort_2": two,
+                     "model": model},
         },
         started_load=load,
     )

@@ -1,13 +1,17 @@
 """Where one report's wall time goes: kernel start, every notebook cell, HTML, PDF, DICOM outputs, MLflow.
 
-Usage: ``python benchmarks/report_stages.py [--repeats 1] [--push] [--track] [--importtime] [--baseline-ref REF]``
+Usage: ``python benchmarks/report_stages.py [--repeats 1] [--push] [--track] [--importtime] [--baseline-ref REF]
+[--model-store DB]``
 
 Seeds one synthetic patient (``pacsai.synthetic``, 96×256×256 CT with structures, dose and a prior study, the
 patient of ``benchmarks/report.py``) into a temporary embedded store, warms the cache, and runs ``run_report``
 (``structures_from="pacs"``, HTML + PDF) in a child process that times itself after its imports. The child
 wraps the report's steps and stamps each with the wall clock:
 
-* ``before_kernel``: connecting, the patient check, the parameters (``run_report`` up to papermill);
+* ``before_kernel``: connecting, the patient check, the parameters (``run_report`` up to papermill); with
+  ``--model-store`` (structures from the demo's model ``models:/pacsai-thorax@champion`` in that MLflow store),
+  ``model_load`` (torch, MONAI, the checkpoint), ``model_inference`` (every ``segment`` call, test-time
+  augmentation included) and ``gather_rest`` (reading the studies, the hand-off file) instead;
 * ``papermill_setup``: papermill reading and parameterising the template, up to the kernel's ``Popen``;
 * ``kernel_process_start`` (the ``Popen``) and ``kernel_ready`` (ipykernel's own start until the first cell);
 * ``cell: <name>``: each code cell, from papermill's ``metadata.papermill`` times (named by its tag or its
@@ -22,7 +26,9 @@ wraps the report's steps and stamps each with the wall clock:
 modules whose imports cost most inside the kernel. ``--baseline-ref`` runs the same child with the ``pacsai``
 package of an earlier commit (same run, same store, interleaved), and records its stages next to these.
 
-Prints ``report_stages: R x <baseline>`` when a baseline ran (R = baseline wall / this tree's wall), and
+With ``--model-store`` the table goes to ``benchmarks/results/report_stages_model.json`` (no figure line: the
+model's end-to-end figure is ``benchmarks/report.py``'s). Otherwise prints ``report_stages: R x <baseline>`` when a
+baseline ran (R = baseline wall / this tree's wall), and
 otherwise ``report_stages: R x papermill_empty_notebook`` (the report's wall over an empty notebook's, the floor
 of a kernel), the top stages as ``# `` lines, and writes ``benchmarks/results/report_stages.json``.
 """
@@ -48,6 +54,7 @@ SHAPE = (96, 256, 256)
 SPACING = (1.8, 1.8, 3.0)
 SEED = 101
 CHILD_TIMEOUT_S = 240
+MODEL_URI = "models:/pacsai-thorax@champion"  # what `pacsai demo` registers (pacsai/templates/demo.yaml)
 
 
 # ------------------------------------------------------------------------------------------- child side
@@ -76,7 +83,7 @@ class Stamps:
 
 def _instrument(stamps: Stamps) -> None:
     from pacsai import notebooks
-    from pacsai.report import outputs, render, run
+    from pacsai.report import inputs, outputs, render, run
 
     stamps.wrap(render, "execute", "execute")
     stamps.wrap(render, "to_html", "html")
@@ -84,6 +91,9 @@ def _instrument(stamps: Stamps) -> None:
     stamps.wrap(outputs, "build_outputs", "dicom_outputs_build")
     stamps.wrap(outputs, "push_outputs", "dicom_outputs_store")
     stamps.wrap(run, "_track", "mlflow_track")
+    stamps.wrap(run, "_gather_for_kernel", "gather")
+    stamps.wrap(inputs, "_load_model", "model_load")
+    stamps.wrap(inputs, "_segment_into", "model_inference")
     make_class = notebooks._manager_class
 
     def manager_class(*args: Any, **kwargs: Any) -> type[Any]:
@@ -97,7 +107,7 @@ def _instrument(stamps: Stamps) -> None:
 
         return Stamped
 
-    notebooks._manager_class = manager_class  # type: ignore[assignment]
+    notebooks._manager_class = manager_class
 
 
 def _cell_name(cell: Any) -> str:
@@ -123,27 +133,40 @@ def _cells(notebook: Path) -> list[dict[str, Any]]:
     return cells
 
 
-def _child(patient_id: str, out: Path, push: bool, track: bool) -> dict[str, Any]:
+def _child(patient_id: str, out: Path, push: bool, track: bool, model_store: str | None) -> dict[str, Any]:
     from pacsai.report.params import validate_parameters
     from pacsai.report.run import run_report
 
     stamps = Stamps()
     _instrument(stamps)
-    params = validate_parameters(patient_id=patient_id, pacs_url=os.environ["PACSAI_PACS_URL"],
-                                 structures_from="pacs")
+    model = {"structures_from": "model", "model_uri": MODEL_URI} if model_store else {"structures_from": "pacs"}
+    params = validate_parameters(patient_id=patient_id, pacs_url=os.environ["PACSAI_PACS_URL"], **model)
     stamps.mark("report:start")
     start = time.perf_counter()
-    run_report(params, out_dir=out, push=push, track=track)
+    run_report(params, out_dir=out, push=push, track=track, mlflow_uri=model_store)
     seconds = time.perf_counter() - start
     stamps.mark("report:end")
     return {"seconds": seconds, "events": stamps.events, "cells": _cells(out / "report.ipynb")}
 
 
+def _spent(events: list[tuple[str, float]], name: str) -> float:
+    """Seconds inside every ``name:start`` … ``name:end`` pair (a stage called more than once is summed)."""
+    starts = [t for event, t in events if event == f"{name}:start"]
+    ends = [t for event, t in events if event == f"{name}:end"]
+    return sum(end - start for start, end in zip(starts, ends, strict=True))
+
+
 def stage_table(events: list[tuple[str, float]], cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The stages of one report from its stamps and its cells' times; the last row is what none covers."""
-    at = dict(events)  # one report: each event once
-    rows: list[tuple[str, float]] = [
-        ("before_kernel", at["execute:start"] - at["report:start"]),
+    at = dict(events)  # the last stamp of each event
+    before = at["execute:start"] - at["report:start"]
+    rows: list[tuple[str, float]] = []
+    if "gather:start" in at:
+        model = [(name, _spent(events, name)) for name in ("model_load", "model_inference")]
+        rows += [*model, ("gather_rest", _spent(events, "gather") - sum(s for _, s in model))]
+        before -= _spent(events, "gather")
+    rows += [
+        ("before_kernel", before),
         ("papermill_setup", at["kernel_process:start"] - at["execute:start"]),
         ("kernel_process_start", at["kernel_process:end"] - at["kernel_process:start"]),
     ]
@@ -170,7 +193,7 @@ def _importtime_child(patient_id: str, out: Path) -> dict[str, Any]:
     def environment(*args: Any, **kwargs: Any) -> dict[str, str]:
         return {**base(*args, **kwargs), "PYTHONPROFILEIMPORTTIME": "1"}
 
-    run.report_environment = environment  # type: ignore[assignment]
+    run.report_environment = environment
     params = validate_parameters(patient_id=patient_id, pacs_url=os.environ["PACSAI_PACS_URL"],
                                  structures_from="pacs")
     run.run_report(params, out_dir=out, push=False, track=False, pdf=False)
@@ -268,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         elif kind == "empty":
             found = _empty_child(out)
         else:
-            found = _child(patient, out, push="push" in kind, track="track" in kind)
+            found = _child(patient, out, push="push" in kind, track="track" in kind,
+                           model_store=argv[4] if len(argv) > 4 else None)
         print("\n" + json.dumps(found), flush=True)
         return 0
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
@@ -277,9 +301,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--track", action="store_true", help="also log the MLflow run")
     parser.add_argument("--importtime", action="store_true", help="also list the kernel's costliest imports")
     parser.add_argument("--baseline-ref", help="also run the report with the pacsai package of this git ref")
+    parser.add_argument("--model-store", type=Path,
+                        help=f"structures from {MODEL_URI} in this MLflow sqlite store (e.g. mlruns/mlflow.db)")
     args = parser.parse_args(argv)
     load = load_average()
-    kind = "report" + ("+push" if args.push else "") + ("+track" if args.track else "")
+    kind = ("model" if args.model_store else "report") + ("+push" if args.push else "") + \
+        ("+track" if args.track else "")
+    store = [f"sqlite:///{args.model_store.resolve()}"] if args.model_store else []
 
     work = Path(tempfile.mkdtemp(prefix="pacsai-bench-stages-"))
     try:
@@ -290,9 +318,9 @@ def main(argv: list[str] | None = None) -> int:
         empties: list[float] = []
         for k in range(max(1, args.repeats)):  # interleaved: drifting load hits both alike
             if baseline_tree is not None:
-                theirs.append(run_child(work, url, [kind, patient, str(work / f"base-{k}")],
+                theirs.append(run_child(work, url, [kind, patient, str(work / f"base-{k}"), *store],
                                         pythonpath=baseline_tree))
-            ours.append(run_child(work, url, [kind, patient, str(work / f"report-{k}")]))
+            ours.append(run_child(work, url, [kind, patient, str(work / f"report-{k}"), *store]))
             empties.append(run_child(work, url, ["empty", patient, str(work / f"empty-{k}")])["seconds"])
         imports = run_child(work, url, ["importtime", patient, str(work / "importtime")]) if args.importtime else {}
     finally:
@@ -320,7 +348,14 @@ def main(argv: list[str] | None = None) -> int:
                         f"one report ({kind}, HTML + PDF): {result['seconds']:.1f} s vs {min(empties):.1f} s; "
                         + ", ".join(f"{r['stage']} {r['seconds']:.1f} s"
                                     for r in sorted(result["stages"], key=lambda r: -r["seconds"])[:3]))
-    path = write_result("report_stages", [emit(figure)], data, started_load=load)
+    if args.model_store:
+        # The stage table only: the model's figure is benchmarks/report.py's report_model_end_to_end (one row in
+        # the README), and `make bench` does not run this variant, so it must not leave a row to go stale.
+        note(f"{figure.detail}; model {MODEL_URI} from {args.model_store}")
+        data["model"] = {"uri": MODEL_URI, "store": str(args.model_store)}
+        path = write_result("report_stages_model", [], data, started_load=load)
+    else:
+        path = write_result("report_stages", [emit(figure)], data, started_load=load)
     note(f"wrote {path}; load average {load} at start, {load_average()} at end")
     return 0
 

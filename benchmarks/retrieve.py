@@ -24,8 +24,8 @@ import tempfile
 from pathlib import Path
 
 import requests
-
 from common import CT_SHAPE, Figure, best_of, ct_series_bytes, emit, load_average, note, write_result
+
 from pacsai.pacs import DicomWebPacs, connect, start_orthanc
 from pacsai.pacs import multipart as multipart_module
 from pacsai.pacs import wado as wado_module

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from common import Figure, best_of, emit, load_average, note, test_data_root, write_result
 
 SYNTHETIC_SHAPE = (96, 256, 256)

@@ -29,6 +29,7 @@ BENCHMARKS: list[tuple[str, str, list[str]]] = [
     ("retrieve", "retrieve.py", ["--repeats", "2"]),
     ("rtstruct", "rtstruct.py", ["--repeats", "1"]),
     ("dvh", "dvh.py", ["--repeats", "1"]),
+    ("report_stages", "report_stages.py", ["--repeats", "1"]),
     ("report", "report.py", ["--repeats", "1"]),
     ("watch", "watch.py", ["--quick"]),
 ]
