@@ -23,8 +23,9 @@ wraps the report's steps and stamps each with the wall clock:
 * ``unaccounted``: the wall time the rows above do not cover (their sum plus it is the wall time).
 
 ``--importtime`` runs the kernel with ``PYTHONPROFILEIMPORTTIME=1`` (an extra run, not the timed one) and lists the
-modules whose imports cost most inside the kernel. ``--baseline-ref`` runs the same child with the ``pacsai``
-package of an earlier commit (same run, same store, interleaved), and records its stages next to these.
+top-level imports that cost most inside the kernel (``top_imports_s``, cumulative, inflated by the profiling).
+``--baseline-ref`` runs the same child with the ``pacsai`` package of an earlier commit (same run, same store,
+interleaved), and records its stages next to these.
 
 With ``--model-store`` the table goes to ``benchmarks/results/report_stages_model.json`` (no figure line: the
 model's end-to-end figure is ``benchmarks/report.py``'s). Otherwise prints ``report_stages: R x <baseline>`` when a
@@ -202,8 +203,8 @@ def _importtime_child(patient_id: str, out: Path) -> dict[str, Any]:
         if not line.startswith("import time:") or "|" not in line:
             continue
         _, cum, name = line[len("import time:"):].split("|")
-        # Imports made by the cells themselves (one leading space: not nested in another import), which is
-        # what the kernel pays for them; ipykernel's own start-up imports come before the first cell.
+        # Top-level imports of the kernel process (one leading space: not nested in another import), its
+        # start-up's (ipykernel) and its cells' alike, each with what it pulled in.
         if cum.strip().isdigit() and name.startswith(" ") and not name.startswith("  "):
             cumulative[name.strip()] = cumulative.get(name.strip(), 0) + int(cum)
     ranked = sorted(cumulative.items(), key=lambda kv: -kv[1])[:15]
