@@ -27,8 +27,9 @@ No UIDs, no dates
     What :func:`start_run` logs (parameters, tags, run name, manifest, dataset) holds no DICOM UID and no calendar
     date unless ``Settings.log_phi`` is true: UIDs become keyed hashes (:func:`pacsai.privacy.hash_uid`), dates days
     relative to the patient's first study (:func:`pacsai.privacy.scrub`). Whatever else a caller logs goes through
-    :meth:`RunContext.scrub`. The one exception is ``inputs/cohort.parquet`` of a training run: the validation
-    notebook re-pulls the held-out patients from the PACS by those UIDs.
+    :meth:`RunContext.scrub`. ``inputs/cohort.parquet`` holds the pseudonymised cohort too (UIDs as the same keyed
+    hashes); the validation notebook finds the held-out series again in the PACS by them
+    (:func:`pacsai.cohort.resolve_cohort`, under the same key).
 
 Pseudonyms
     No patient name or ID goes into MLflow unless ``Settings.log_phi`` is true. Patients are named by
@@ -467,8 +468,8 @@ def start_run(
     experiment
         MLflow experiment name; created with artifacts under ``mlruns/artifacts/`` when new.
     cohort
-        Input cohort: tag ``pacsai.cohort_hash`` and artifacts ``inputs/manifest.json`` (UIDs, pseudonyms)
-        and ``inputs/cohort.parquet``.
+        Input cohort: tag ``pacsai.cohort_hash`` and artifacts ``inputs/manifest.json`` and
+        ``inputs/cohort.parquet`` (pseudonyms, UIDs as keyed hashes unless ``log_phi``).
     params, tags
         Logged as given, after a check that they hold no identifier of the cohort's patients.
     run_name
@@ -544,11 +545,15 @@ def log_cohort(
     """Log the cohort to the active run: manifest, parquet table and an MLflow dataset.
 
     ``manifest.json`` and the dataset (name ``cohort``, digest = the first 20 hex digits of the content hash,
-    shown under the run's Datasets) name patients by pseudonym and UIDs by keyed hash. ``cohort.parquet`` keeps
-    the UIDs (pseudonymised patients): the validation notebook pulls the held-out patients by them.
+    shown under the run's Datasets) name patients by pseudonym and UIDs by keyed hash; so does ``cohort.parquet``
+    (:meth:`Cohort.pseudonymised`: the validation notebook resolves those hashes in the PACS again). With
+    ``log_phi`` everything keeps the real IDs and UIDs.
     """
     mlflow = _mlflow()
     import pandas as pd
+
+    if not ctx.log_phi:  # whoever calls with a real cohort: nothing identifying reaches the parquet
+        cohort = cohort.pseudonymised(ctx.key)
 
     manifest = ctx.scrub(cohort.manifest(patient_label=ctx.patient_label))
     with tempfile.TemporaryDirectory() as tmp:

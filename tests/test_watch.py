@@ -436,6 +436,8 @@ def test_failing_report_is_retried_with_backoff_then_given_up_with_its_reason(tm
     env = {**_env(), "PACSAI_MLFLOW_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     watch = Watch(tmp_path, url, env, "--rules", str(rules), "--stable-seconds", "1")
     try:
+        # The store does not exist yet: an empty baseline, so the study stored now is new (CI once saw it ignored).
+        assert "does not exist yet; its first study will be reported" in watch.log.read_text()
         assert pacs.store([*patient.ct, patient.rtstruct, patient.rtplan, patient.rtdose], progress=False).ok
         _wait("the first failure", lambda: (_rows(watch.state).get(uid) or {}).get("status") == "retry", 120,
               watch.proc, watch.log)

@@ -45,7 +45,8 @@ def wheel(tmp_path_factory) -> Path:
 
 def test_the_wheel_ships_the_templates(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"pacsai/templates/patient_plan.ipynb", "pacsai/templates/03_evaluate.ipynb"} <= names
+    assert {"pacsai/templates/patient_plan.ipynb", "pacsai/templates/03_evaluate.ipynb",
+            "pacsai/templates/demo.yaml"} <= names
     assert not any(n.startswith(("notebooks/", "tests/")) for n in names)
 
 

@@ -24,14 +24,6 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 
-def project_root() -> Path:
-    """The source tree this module sits in; only the demo uses it (its ``experiments/demo.yaml``).
-
-    Templates do not depend on it: they ship in the package (:func:`find_template`).
-    """
-    return Path(__file__).resolve().parents[2]
-
-
 def find_template(name: str = REPORT_TEMPLATE) -> Path:
     """Path of a notebook template shipped in the package (``pacsai/templates/<name>``)."""
     try:

@@ -267,6 +267,15 @@ class EmbeddedIndex(QidoPoll):
         return tuple(sig)
 
     def poll(self) -> list[Change]:
+        assert isinstance(self.pacs, EmbeddedPacs)
+        if not self.pacs.exists:
+            # A store not created yet holds no study: an empty poll (on a fresh state, an empty baseline), so that
+            # the first study stored into it is a new one, not taken for one that was there before the start.
+            if self._signature is None:
+                log.warning("the embedded store %s does not exist yet; its first study will be reported",
+                            self.pacs.path)
+                self._signature = ()
+            return []
         signature = self._current()
         if signature == self._signature:
             return []
