@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pacsai.export.core import FORMATS
+from pacsai.export.formats import FORMATS
 
 
 def _kv(text: str) -> tuple[str, str]:

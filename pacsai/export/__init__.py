@@ -6,9 +6,31 @@ from Python :func:`export_cohort` with a :class:`Deidentifier`. See docs/export.
 
 from __future__ import annotations
 
-from pacsai.export.core import FORMATS, ExportResult, export_cohort
-from pacsai.export.deid import Deidentifier, PatientEntry
-from pacsai.export.nifti import ExportError, nifti_affine
+import importlib
+from typing import Any
+
+from pacsai.export.formats import FORMATS
+
+# Re-exported on first use, so that `pacsai --help` (which lists the formats) loads no NumPy, pandas or pydicom.
+_LAZY = {
+    "ExportResult": "pacsai.export.core",
+    "export_cohort": "pacsai.export.core",
+    "Deidentifier": "pacsai.export.deid",
+    "PatientEntry": "pacsai.export.deid",
+    "ExportError": "pacsai.export.nifti",
+    "nifti_affine": "pacsai.export.nifti",
+}
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'pacsai.export' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = ["FORMATS", "Deidentifier", "ExportError", "ExportResult", "PatientEntry", "export_cohort",
            "nifti_affine"]

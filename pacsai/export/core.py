@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import pydicom
 
+from pacsai.export.formats import FORMATS
 from pacsai.export.nifti import ExportError, label_map, write_case
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -38,7 +39,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("nnunet", "monai", "nifti")
 #: where each layout puts a case's image and label, relative to the export folder
 _FILES = {
     "nnunet": ("imagesTr/{case}_0000.nii.gz", "labelsTr/{case}.nii.gz"),
