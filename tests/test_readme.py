@@ -68,3 +68,16 @@ def test_teams_section_commands_parse():
         args = build_parser(only=argv[0]).parse_args(argv)
         verbs.add(args.verb)
     assert {"train", "report", "export"} <= verbs
+
+
+def test_demo_figures_in_the_readme_are_generated_from_the_demo_summary():
+    """The README's demo paragraph and held-out table are the render of benchmarks/results/demo.json (a real
+    `make demo` on a fresh clone, its set-up included), never typed by hand."""
+    figures = _load(REPO / "scripts" / "readme_figures.py", "readme_figures")
+    doc = json.loads(figures.DEMO_RESULT.read_text())
+    assert doc.get("smoke") is False and "setup" in doc["stages_s"], "demo.json must come from a full `make demo`"
+    text = figures.README.read_text()
+    start, end = text.index(figures.START) + len(figures.START), text.index(figures.END)
+    assert text[start:end].strip() == figures.render_demo(doc).strip(), (
+        "README demo figures differ from benchmarks/results/demo.json: run "
+        "`python scripts/readme_figures.py --demo reports/demo_summary.json` after `make demo`")
