@@ -425,7 +425,8 @@ class TreePeak:
                 procs = [root, *root.children(recursive=True)]
             except psutil.Error:
                 return  # the root has exited
-            total, kept, names = 0, 0, {}
+            total, kept = 0, 0
+            names: dict[str, int] = {}
             for p in procs:
                 try:
                     rss = p.memory_info().rss

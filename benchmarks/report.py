@@ -1,21 +1,26 @@
-"""Per-patient planning report end to end, cohort reports on 2 workers, and a report's peak memory; same command.
+"""Per-patient planning report end to end (synthetic and real CT), cohort scaling, and a report's peak memory.
 
-Usage: ``python benchmarks/report.py [--repeats 2]``
+Usage: ``python benchmarks/report.py [--repeats 2] [--cohort-patients 4] [--model-store mlruns/mlflow.db]
+[--no-model]``; ``make bench`` runs it with ``--cohort-patients 2`` (the short form, see run_all.py).
 
-Seeds two synthetic patients (``pacsai.synthetic``, 96×256×256 CT with structures, dose and a prior study) into
-a temporary embedded store, then runs each measured step in its own child process (this script with
-``--child``), which times itself after its imports, so interpreter start-up is left out of every figure:
+Seeds ``--cohort-patients`` synthetic patients (``pacsai.synthetic``, 96×256×256 CT with structures, dose and a
+prior study) and, where ``PACSAI_TEST_DATA`` holds it, the real thoracic planning CT of set 9 (TCIA
+NSCLC-Radiomics, 134×512×512, CT only; read where it lies, stored only in the temporary store) into a temporary
+embedded store, then runs each measured step in its own child process (this script with ``--child``), which
+times itself after its imports, so interpreter start-up is left out of every figure:
 
 * ``report``: ``run_report`` (papermill template with the ``pacsai`` kernel, ``structures_from="pacs"``, HTML
   and, where Chromium exists, PDF; no push, no MLflow run), the cache already warm;
 * ``empty``: the same ``render.execute`` on a notebook with one empty cell and the same kernel: the floor
-  every report pays to start a kernel (the line's baseline);
+  every report pays to start a kernel (the baseline of every report line);
 * ``summary``: ``build_summary`` alone, the numbers without papermill (in the JSON);
-* ``cohort``: ``run_cohort`` over both patients with ``workers=1`` and ``workers=2``;
+* ``cohort``: ``run_cohort`` over all synthetic patients with ``workers=1``, ``2`` and ``4`` (the pool is capped
+  at the cores), and on a local Dask cluster of 2 single-threaded worker processes (started before the clock);
 * ``model``: ``run_report`` with ``structures_from="model"`` (inference in the report process before the kernel,
-  :mod:`pacsai.report.handoff`; HTML and PDF), once, with the demo's model ``models:/pacsai-thorax@champion``
-  from the MLflow store ``pacsai demo`` made (``--model-store``, default ``mlruns/mlflow.db`` of the repository).
-  Without that store or model the line says ``skipped`` and why (run ``pacsai demo`` first).
+  :mod:`pacsai.report.handoff`; HTML and PDF), once on the first synthetic patient and once on the real CT, with
+  the demo's model ``models:/pacsai-thorax@champion`` from the MLflow store ``pacsai demo`` made
+  (``--model-store``, default ``mlruns/mlflow.db`` of the repository). Without that store or model, or without
+  the real CT, the line says ``skipped`` and why.
 
 While a child runs, its process tree (papermill, the kernel, Chromium) is polled with psutil
 (``common.TreePeak``). The report's peak memory is the peak of its tree without Chromium (papermill and the
@@ -23,10 +28,11 @@ kernel, where the data lives) minus the empty notebook's tree peak (the harness 
 same way), over the bytes of the CT volume ``read_series`` returns. Chromium's processes, which only print the
 HTML to PDF and share most of their pages, go into the JSON and the line's details.
 
-Prints ``report_end_to_end: R x papermill_empty_notebook`` (R = report time / empty-notebook time),
-``report_model_end_to_end: R x papermill_empty_notebook`` (the same for the model's structures),
-``cohort_2_workers: R x 1_worker`` (a speed-up) and ``report_peak_memory: R x volume_bytes``, and writes
-``benchmarks/results/report.json``. Patients appear only as pseudonyms (``patient-1``...).
+Prints ``report_end_to_end``, ``report_model_end_to_end`` and ``report_model_real_ct`` as ``R x
+papermill_empty_notebook`` (R = report time / empty-notebook time; seconds in the details),
+``cohort_2_workers``, ``cohort_4_workers`` and ``cohort_dask_2_workers`` as ``R x 1_worker`` (speed-ups) and
+``report_peak_memory: R x volume_bytes``, and writes ``benchmarks/results/report.json``. Patients appear only
+as pseudonyms (``patient-1``...); the real CT only as "set 9".
 """
 
 from __future__ import annotations
@@ -43,12 +49,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import REPO, Figure, TreePeak, emit, load_average, mib, note, write_result
+from common import REPO, Figure, TreePeak, emit, load_average, mib, note, test_data_root, write_result
 
 SHAPE = (96, 256, 256)
 SPACING = (1.8, 1.8, 3.0)
-SEEDS = (101, 102)
+FIRST_SEED = 101
+COHORT_PATIENTS = 4  # the issue: 1, 2 and 4 workers on 4 patients
 CHILD_TIMEOUT_S = 240
+REAL_CT = "tcia_nsclc_lung1_001/ct"  # under PACSAI_TEST_DATA: TCIA LUNG1-001, 134×512×512 (SOURCES.md §9)
+REAL_CT_TIMEOUT_S = 400
 MODEL_NAME, MODEL_ALIAS = "pacsai-thorax", "champion"  # what `pacsai demo` registers (pacsai/templates/demo.yaml)
 DEMO_STORE = REPO / "mlruns" / "mlflow.db"
 
@@ -102,12 +111,30 @@ def _child(kind: str, args: list[str]) -> dict[str, Any]:
     if kind == "cohort":
         from pacsai.report.batch import run_cohort
 
-        workers, out = int(args[0]), Path(args[1])
+        how, out = args[0], Path(args[1])
         patients = [validate_parameters(patient_id=p, pacs_url=url) for p in args[2:]]
+        if how.startswith("dask"):
+            return _dask_cohort(int(how.removeprefix("dask")), patients, out)
         start = time.perf_counter()
-        table = run_cohort(patients, out_root=out, workers=workers, track=False)
+        table = run_cohort(patients, out_root=out, workers=int(how), track=False)
         return {"seconds": time.perf_counter() - start, "ok": int(table.ok.sum()), "patients": len(table)}
     raise SystemExit(f"unknown child step {kind!r}")
+
+
+def _dask_cohort(workers: int, patients: list[Any], out: Path) -> dict[str, Any]:
+    """``run_cohort`` on a local Dask cluster of ``workers`` single-threaded worker processes.
+
+    The cluster starts before the clock does (a cohort on Dask pays that once per cluster, not per cohort).
+    """
+    from dask.distributed import LocalCluster
+
+    from pacsai.report.batch import run_cohort
+
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        start = time.perf_counter()
+        table = run_cohort(patients, out_root=out, dask_address=cluster.scheduler_address, track=False)
+        seconds = time.perf_counter() - start
+    return {"seconds": seconds, "ok": int(table.ok.sum()), "patients": len(table)}
 
 
 # ------------------------------------------------------------------------------------------- parent side
@@ -127,7 +154,7 @@ class Runner:
         }
         self.count = 0
 
-    def __call__(self, kind: str, *args: str) -> dict[str, Any]:
+    def __call__(self, kind: str, *args: str, timeout_s: float = CHILD_TIMEOUT_S) -> dict[str, Any]:
         self.count += 1
         log = self.work / f"child-{self.count}-{kind}.log"
         with log.open("w") as err:
@@ -135,11 +162,11 @@ class Runner:
                                     env=self.env, stdout=subprocess.PIPE, stderr=err, text=True)
             with TreePeak(proc.pid, without=("chrom",)) as peak:
                 try:
-                    out, _ = proc.communicate(timeout=CHILD_TIMEOUT_S)
+                    out, _ = proc.communicate(timeout=timeout_s)
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.communicate()
-                    raise RuntimeError(f"step {kind} ran over {CHILD_TIMEOUT_S} s; see {log}") from None
+                    raise RuntimeError(f"step {kind} ran over {timeout_s:.0f} s; see {log}") from None
         if proc.returncode != 0:
             tail = log.read_text()[-1500:]
             raise RuntimeError(f"step {kind} failed (exit {proc.returncode}): {tail}")
@@ -150,8 +177,8 @@ class Runner:
         return found
 
 
-def seed(work: Path) -> tuple[str, list[str], int]:
-    """Store the synthetic patients; return the store URL, their IDs and the CT volume's bytes."""
+def seed(work: Path, patients: int) -> tuple[str, list[str], int]:
+    """Store ``patients`` synthetic patients; return the store URL, their IDs and one CT volume's bytes."""
     from pacsai.imaging import read_series
     from pacsai.pacs import connect
     from pacsai.synthetic import make_patient
@@ -159,7 +186,7 @@ def seed(work: Path) -> tuple[str, list[str], int]:
     url = f"file://{work / 'pacs'}"
     pacs = connect(url, cache_dir=work / "cache")
     ids, volume_bytes = [], 0
-    for seed_ in SEEDS:
+    for seed_ in range(FIRST_SEED, FIRST_SEED + patients):
         patient = make_patient(seed_, shape=SHAPE, spacing=SPACING)
         summary = pacs.store(list(patient.datasets()), progress=False)
         if not summary.ok:
@@ -170,6 +197,34 @@ def seed(work: Path) -> tuple[str, list[str], int]:
         for study_uid in set(pacs.search_studies(PatientID=patient.patient_id).StudyInstanceUID):
             pacs.retrieve_study(str(study_uid), progress=False)
     return url, ids, volume_bytes
+
+
+def seed_real_ct(url: str, work: Path) -> tuple[str | None, str, dict[str, Any]]:
+    """Store the real planning CT LUNG1-001 (CT only, no structures: the model makes them) in the store at ``url``.
+
+    Returns ``(PatientID, "", facts)`` or ``(None, why not, {})`` where the test data is absent. The files are
+    read where they lie (``PACSAI_TEST_DATA``) and stored in the temporary store; nothing is copied elsewhere.
+    """
+    import pydicom
+
+    from pacsai.imaging import read_series
+    from pacsai.pacs import connect
+
+    root = test_data_root()
+    folder = root / REAL_CT if root else None
+    if folder is None or not folder.is_dir():
+        return None, f"no real CT {REAL_CT} under PACSAI_TEST_DATA (see its SOURCES.md §9)", {}
+    datasets = [pydicom.dcmread(f) for f in sorted(folder.glob("*.dcm"))]
+    pacs = connect(url, cache_dir=work / "cache")
+    summary = pacs.store(datasets, progress=False)
+    if not summary.ok:
+        raise RuntimeError(f"seeding {folder} into the embedded store in {work} failed: {summary}")
+    volume = read_series(datasets)
+    patient_id = str(datasets[0].PatientID)
+    for study_uid in set(pacs.search_studies(PatientID=patient_id).StudyInstanceUID):
+        pacs.retrieve_study(str(study_uid), progress=False)
+    return patient_id, "", {"shape": list(volume.shape), "volume_bytes": int(volume.nbytes),
+                            "source": "PACSAI_TEST_DATA set 9 (SOURCES.md §9)"}
 
 
 def demo_model(db: Path) -> tuple[str | None, str]:
@@ -190,7 +245,46 @@ def demo_model(db: Path) -> tuple[str | None, str]:
     return f"sqlite:///{db.resolve()}", str(row[0])
 
 
-def main(argv: list[str] | None = None) -> int:
+def cohort_figures(runs: dict[str, dict[str, Any]], patients: int) -> list[Figure]:
+    """``cohort_2_workers``, ``cohort_4_workers`` and ``cohort_dask_2_workers``, each a speed-up over 1 worker."""
+    cores = os.cpu_count() or 1
+    one = runs["1"]["seconds"]
+    figures = []
+    for key, name, what in (("2", "cohort_2_workers", "2 worker processes"),
+                            ("4", "cohort_4_workers", "4 worker processes asked"),
+                            ("dask2", "cohort_dask_2_workers", "a local Dask cluster, 2 single-threaded workers")):
+        t = runs[key]["seconds"]
+        capped = f" (run_cohort caps the pool at {min(4, patients, cores)}: patients, cores)" if key == "4" else ""
+        figures.append(emit(Figure(name, one / t, "1_worker",
+                                   f"{patients} patients on {what}{capped}: {t:.1f} s vs {one:.1f} s on "
+                                   f"{cores} cores")))
+    return figures
+
+
+def model_figure(name: str, run: dict[str, Any] | None, t_empty: float, model_uri: str, version: str,
+                 what: str, extra: str = "") -> Figure:
+    """A report with the model's structures, as a multiple of the empty notebook; ``skipped`` where not run."""
+    if run is None:
+        return emit(Figure(name, None, "papermill_empty_notebook", version))
+    card = run["model"]
+    return emit(Figure(
+        name, run["seconds"] / t_empty, "papermill_empty_notebook",
+        f"{run['seconds']:.1f} s vs {t_empty:.1f} s; structures from the model {model_uri} (version "
+        f"{card.get('version', version)}, run {card.get('run_id', '?')}) on {what}, "
+        f"HTML{' + PDF' if run['pdf'] else ''}, warm cache, inference before the kernel{extra}",
+    ))
+
+
+def real_memory(run: dict[str, Any] | None, peak_empty: int, facts: dict[str, Any]) -> str:
+    """The real-CT report's tree peak (without Chromium) above the empty notebook's, for the figure's details."""
+    if run is None:
+        return ""
+    net = run["peak_tree_bytes_without_chromium"] - peak_empty
+    return (f"; peak {mib(net):.0f} MiB above an empty notebook's tree for its {mib(facts['volume_bytes']):.0f} MiB "
+            f"volume ({net / facts['volume_bytes']:.1f} x)")
+
+
+def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear sequence of measured steps
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
         print("\n" + json.dumps(_child(argv[1], argv[2:])), flush=True)
@@ -199,7 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--model-store", type=Path, default=DEMO_STORE,
                         help="MLflow sqlite store with the demo's model (default: the repository's mlruns/mlflow.db)")
-    parser.add_argument("--no-model", action="store_true", help="leave out the report with the model's structures")
+    parser.add_argument("--no-model", action="store_true", help="leave out the reports with the model's structures")
+    parser.add_argument("--cohort-patients", type=int, default=COHORT_PATIENTS,
+                        help=f"patients in each cohort run (default {COHORT_PATIENTS}; the issue's full form: 4)")
     args = parser.parse_args(argv)
     store, model_version = (None, "--no-model") if args.no_model else demo_model(args.model_store)
     model_uri = f"models:/{MODEL_NAME}@{MODEL_ALIAS}"
@@ -207,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="pacsai-bench-report-"))
     try:
-        url, ids, volume_bytes = seed(work)
+        url, ids, volume_bytes = seed(work, max(1, args.cohort_patients))
+        real_id, real_why, real_facts = seed_real_ct(url, work) if store else (None, model_version, {})
         pseudonym = {pid: f"patient-{k + 1}" for k, pid in enumerate(ids)}
         run = Runner(work, url)
         empties, reports, summaries = [], [], []
@@ -215,14 +312,15 @@ def main(argv: list[str] | None = None) -> int:
             empties.append(run("empty", str(work / f"empty-{k}")))
             reports.append(run("report", ids[0], str(work / f"report-{k}")))
             summaries.append(run("summary", ids[0]))
-        one = run("cohort", "1", str(work / "cohort-1"), *ids)
-        two = run("cohort", "2", str(work / "cohort-2"), *ids)
+        cohorts = {how: run("cohort", how, str(work / f"cohort-{how}"), *ids) for how in ("1", "2", "4", "dask2")}
         model = run("model", ids[0], str(work / "model"), store, model_uri) if store else None
+        real = (run("model", real_id, str(work / "model-real"), store, model_uri, timeout_s=REAL_CT_TIMEOUT_S)
+                if store and real_id else None)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    for result in (one, two):
+    for how, result in cohorts.items():
         if result["ok"] != len(ids):
-            raise SystemExit(f"cohort run failed for {len(ids) - result['ok']} of {len(ids)} patients")
+            raise SystemExit(f"cohort run {how} failed for {len(ids) - result['ok']} of {len(ids)} patients")
 
     t_empty = min(r["seconds"] for r in empties)
     t_report = min(r["seconds"] for r in reports)
@@ -233,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     net = peak_report - peak_empty
     pdf = all(r["pdf"] for r in reports)
     ct = "x".join(map(str, SHAPE))
+    real_ct = "x".join(map(str, real_facts.get("shape", ())))
     figures = [
         emit(Figure(
             "report_end_to_end", t_report / t_empty, "papermill_empty_notebook",
@@ -240,10 +339,11 @@ def main(argv: list[str] | None = None) -> int:
             f"({t_summary:.1f} s); synthetic {ct} CT, structures from the PACS, "
             f"HTML{' + PDF' if pdf else ''}, warm cache",
         )),
-        emit(Figure(
-            "cohort_2_workers", one["seconds"] / two["seconds"], "1_worker",
-            f"{len(ids)} patients: {two['seconds']:.1f} s vs {one['seconds']:.1f} s on {os.cpu_count()} cores",
-        )),
+        model_figure("report_model_end_to_end", model, t_empty, model_uri, model_version, f"the synthetic {ct} CT"),
+        model_figure("report_model_real_ct", real, t_empty, model_uri, real_why or model_version,
+                     f"the real {real_ct} thoracic planning CT of PACSAI_TEST_DATA set 9 (NSCLC-Radiomics; no dose)",
+                     real_memory(real, peak_empty, real_facts)),
+        *cohort_figures(cohorts, len(ids)),
         emit(Figure(
             "report_peak_memory", net / volume_bytes, "volume_bytes",
             f"{mib(net):.0f} MiB above an empty notebook's tree ({mib(peak_empty):.0f} MiB) for a "
@@ -252,17 +352,6 @@ def main(argv: list[str] | None = None) -> int:
             f"{mib(peak_report_all - peak_report):.0f} MiB RSS, mostly shared pages",
         )),
     ]
-    if model is not None:
-        card = model["model"]
-        figures.insert(1, emit(Figure(
-            "report_model_end_to_end", model["seconds"] / t_empty, "papermill_empty_notebook",
-            f"{model['seconds']:.1f} s vs {t_empty:.1f} s; structures from the model {model_uri} (version "
-            f"{card.get('version', model_version)}, run {card.get('run_id', '?')}) on the synthetic {ct} CT, "
-            f"HTML{' + PDF' if model['pdf'] else ''}, warm cache, inference before the kernel",
-        )))
-    else:
-        figures.insert(1, emit(Figure("report_model_end_to_end", None, "papermill_empty_notebook",
-                                      model_version)))
     path = write_result(
         "report",
         figures,
@@ -272,11 +361,16 @@ def main(argv: list[str] | None = None) -> int:
             "ct_spacing_mm": list(SPACING),
             "volume_bytes": volume_bytes,
             "repeats": args.repeats,
+            "cohort_patients": len(ids),
             "seconds": {"report": t_report, "papermill_empty_notebook": t_empty, "build_summary": t_summary,
-                        "cohort_1_worker": one["seconds"], "cohort_2_workers": two["seconds"],
-                        "report_structures_from_model": model["seconds"] if model else None},
+                        **{f"cohort_{how}": r["seconds"] for how, r in cohorts.items()},
+                        "report_structures_from_model": model["seconds"] if model else None,
+                        "report_model_real_ct": real["seconds"] if real else None},
             "model": {"uri": model_uri, "store": str(args.model_store), "version": model_version,
                       "card": model["model"] if model else None},
+            "real_ct": {**real_facts, "skipped": real_why or None,
+                        "peak_tree_bytes_without_chromium": real["peak_tree_bytes_without_chromium"] if real else None,
+                        "peak_tree_bytes": real["peak_tree_bytes"] if real else None},
             "report_vs_build_summary": t_report / t_summary,
             "pdf": pdf,
             "memory": {
@@ -288,8 +382,8 @@ def main(argv: list[str] | None = None) -> int:
                 "report_peak_by_process": reports[-1]["peak_by_process"],
                 "method": "psutil polling every 50 ms of the child and all its descendants, RSS summed",
             },
-            "runs": {"empty": empties, "report": reports, "summary": summaries, "cohort_1": one, "cohort_2": two,
-                     "model": model},
+            "runs": {"empty": empties, "report": reports, "summary": summaries,
+                     **{f"cohort_{how}": r for how, r in cohorts.items()}, "model": model, "model_real_ct": real},
         },
         started_load=load,
     )
