@@ -21,6 +21,7 @@ from pacsai.learning.evaluate import (
     surface,
 )
 from pacsai.planning.constraints import MAX_UNCOVERED_CC, MAX_UNCOVERED_PCT
+from pacsai.planning.dvh import DVH, dvh
 
 SPACING_ZYX = (3.0, 1.0, 2.0)  # deliberately anisotropic: z 3 mm, y 1 mm, x 2 mm
 
@@ -61,8 +62,8 @@ def test_shifted_box_matches_brute_force_and_hand_values():
 def test_spheres_on_anisotropic_grid_give_the_radius_difference():
     spacing = (2.0, 0.8, 1.2)
     shape = (40, 100, 70)
-    z, y, x = np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, spacing)], indexing="ij")
-    c = [n * s / 2 for n, s in zip(shape, spacing)]
+    z, y, x = np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, spacing, strict=True)], indexing="ij")
+    c = [n * s / 2 for n, s in zip(shape, spacing, strict=True)]
     r = np.sqrt((z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2)
     a, b = r <= 20.0, r <= 24.0
     got = agreement(a, b, spacing_zyx=spacing, tolerance_mm=2.0)
@@ -219,6 +220,37 @@ def test_dose_on_its_own_coarser_grid_and_partly_uncovered():
     assert row.dose_state == "unreliable" and row.dose_uncovered_ref_cc == pytest.approx(0.6)
     assert math.isnan(row.delta_dmean_gy) and "outside the dose grid" in row.reason
     assert row.dice == pytest.approx(0.75)  # the geometry is still measured
+
+
+def test_dvhs_already_computed_are_used_as_they_are():
+    """A report's analysis has the DVHs: passed in, they give the table computing them here gives, and are
+    really used (a made-up DVH shows in the figures), with their coverage."""
+    shape = (10, 20, 50)
+    ref_box = _box(shape, (2, 5, 10), (8, 15, 30))
+    pred_box = _box(shape, (2, 5, 15), (8, 15, 35))
+    coarse = _dose(np.broadcast_to(np.arange(25, dtype=float) * 2.0, (5, 10, 25)), (2.0, 2.0, 2.0))
+    pred, ref = {"H": _vol(pred_box)}, {"H": _vol(ref_box)}
+    plain = dose_aware_agreement(pred, ref, coarse)
+    computed = {("H", "pred"): dvh(coarse, pred["H"]), ("H", "ref"): dvh(coarse, ref["H"])}
+    pd.testing.assert_frame_equal(dose_aware_agreement(pred, ref, coarse, dvhs=computed), plain)
+    made_up = DVH.from_samples(np.full(10, 40.0), 0.12, name="H")  # 1.2 cm³ at 40 Gy
+    row = dose_aware_agreement(pred, ref, coarse, dvhs={("H", "ref"): made_up}).iloc[0]
+    assert row.dmean_ref_gy == pytest.approx(40.0) and row.v20_ref_pct == 100.0 and row.dose_uncovered_ref_cc == 0.0
+    assert row.dmean_pred_gy == pytest.approx(24.5, abs=1e-6)  # the other side computed here
+    # a DVH counting uncovered volume as 0 Gy is not what the comparison needs: computed again
+    zero = DVH.from_samples(np.full(10, 40.0), 0.12, name="H", method="...; 0.1 cm³ counted as 0 Gy")
+    row = dose_aware_agreement(pred, ref, coarse, dvhs={("H", "ref"): zero}).iloc[0]
+    assert row.dmean_ref_gy == plain.iloc[0].dmean_ref_gy
+
+
+def test_a_prediction_entirely_outside_the_dose_grid_is_unreliable_not_a_crash():
+    shape = (10, 20, 50)
+    ref_box = _box(shape, (2, 5, 2), (8, 15, 10))
+    pred_box = _box(shape, (2, 5, 30), (8, 15, 40))  # x 30..39 mm, the dose grid ends at 19.5 mm
+    half = _dose(np.broadcast_to(np.arange(20, dtype=float), shape[:2] + (20,)))
+    row = dose_aware_agreement({"H": _vol(pred_box)}, {"H": _vol(ref_box)}, half).iloc[0]
+    assert row.dose_state == "unreliable" and row.dose_uncovered_pred_cc == pytest.approx(0.6)
+    assert row.dose_uncovered_ref_cc == 0.0 and math.isnan(row.dmean_pred_gy)
 
 
 def test_only_a_total_plan_dose_is_compared():

@@ -13,7 +13,7 @@ import pytest
 from pacsai.errors import PacsaiWarning, PlanningError
 from pacsai.imaging.geometry import affine_from, make_volume, refined_grid
 from pacsai.planning import fractionation as fx
-from pacsai.planning.dvh import DVH, dose_coverage, dvh, homogeneity_index, plan_quality
+from pacsai.planning.dvh import DVH, coverage_of, dose_coverage, dvh, homogeneity_index, plan_quality
 
 FOR = "1.2.3.4"
 
@@ -287,3 +287,48 @@ def test_mask_on_an_oblique_grid_samples_dose_in_patient_coordinates():
     h = dvh(dose, mask)
     assert h.mean == pytest.approx(5 + 0.2 * centre_z, abs=1e-9)
     assert h.volume_cc == pytest.approx(64 * 1.5 * 1.0 * 2.0 / 1000)
+
+
+def test_a_structure_far_from_the_grid_origin_is_sampled_where_it_is():
+    """Sampling runs on the structure's bounding box: its points must keep their place on the grid. Dose = x + 10
+    Gy on a 2 mm grid, structure on a 1 mm grid: a 3×3×3 box on the far faces (its centre voxel the only interior
+    one) and a single voxel at the origin; a linear dose is interpolated exactly and the 2×2×2 sub-points of an
+    edge voxel average to its centre."""
+    x_mm = np.arange(4) * 2.0 - 0.5  # dose voxel centres -0.5, 1.5, 3.5, 5.5 mm: faces -1.5 … 6.5 mm
+    dose = grid(np.broadcast_to(x_mm + 10.0, (4, 4, 4)), spacing=(2.0, 2.0, 2.0), origin=(-0.5, -0.5, -0.5),
+                units="Gy")
+    mask = np.zeros((6, 6, 6), bool)
+    mask[3:6, 3:6, 3:6] = True
+    mask[0, 0, 0] = True
+    h = dvh(dose, grid(mask, spacing=(1.0, 1.0, 1.0)))
+    assert h.volume_cc == pytest.approx(0.028) and h.uncovered_cc == 0.0
+    assert h.mean == pytest.approx(10.0 + 9 * (3 + 4 + 5) / 28)
+    assert (h.min, h.max) == pytest.approx((10.0 - 0.25, 15.0 + 0.25))  # outer sub-points of edge voxels
+
+
+def test_coverage_of_a_dvh_is_dose_coverage_without_sampling_again():
+    dose = grid(np.full((4, 4, 4), 10.0), spacing=(1.0, 1.0, 1.0), units="Gy")
+    mask = np.zeros((4, 4, 12), bool)
+    mask[1:3, 1:3, 2:6] = True  # half of it beyond the dose grid (see the test above)
+    structure = grid(mask, spacing=(1.0, 1.0, 1.0))
+    with pytest.warns(PacsaiWarning, match="excluded"):
+        h = dvh(dose, structure)
+    assert coverage_of(h) == dose_coverage(dose, structure) == pytest.approx((0.008, 0.5))
+    assert h.sampled_cc == pytest.approx(0.016)
+    on_grid = dvh(dose, grid(np.ones((4, 4, 4), bool), spacing=(1.0, 1.0, 1.0)))
+    assert coverage_of(on_grid) == (0.0, 0.0) and on_grid.sampled_cc == on_grid.volume_cc
+
+
+def test_plan_quality_uses_a_given_body_dvh():
+    """The report passes BODY's DVH it already has: the isodose volumes come from it, equal to computing it here."""
+    dose = grid(np.arange(64, dtype=float).reshape(4, 4, 4), spacing=(1.0, 1.0, 1.0), units="Gy")
+    target = np.zeros((4, 4, 8), bool)
+    target[1:3, 1:3, 1:5] = True
+    spacing, origin = (0.5, 1.0, 1.0), (-0.25, 0.0, 0.0)  # x, y, z mm: 8 columns of cells on the dose's 4 mm
+    t = grid(target, spacing=spacing, origin=origin)
+    b = grid(np.ones((4, 4, 8), bool), spacing=spacing, origin=origin, name="BODY")
+    own = plan_quality(dose, t, prescription_gy=30.0, body=b)
+    assert own == plan_quality(dose, t, prescription_gy=30.0, body=b, body_dvh=dvh(dose, b, name="BODY"))
+    made_up = DVH.from_samples([40.0, 20.0, 10.0], 1.0, name="BODY")  # ≥ 30 Gy: 1 cm³, ≥ 15 Gy: 2 cm³
+    given = plan_quality(dose, t, prescription_gy=30.0, body=b, body_dvh=made_up)
+    assert (given.piv_cc, given.piv50_cc) == (1.0, 2.0) and given.gradient_index == 2.0

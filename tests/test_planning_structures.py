@@ -187,7 +187,7 @@ def test_anisotropic_margin_extents_on_a_sphere():
     margins = (8.0, 3.0, 12.5)
     got = st.expand(vol(ball(shape, centre, r)), margins).values
     kji = np.argwhere(got)
-    for axis, (m, sp, c) in enumerate(zip(margins, SPACING, centre)):
+    for axis, (m, sp, c) in enumerate(zip(margins, SPACING, centre, strict=True)):
         coords = kji[:, 2 - axis] * sp
         reach = coords.max() - c
         assert r + m - sp - 1e-9 <= reach <= r + m + sp / 2 + 1e-9
@@ -329,3 +329,27 @@ def test_components_above_a_volume_are_counted_largest_first():
         st.component_volumes_cc(vol(np.zeros((3, 3, 3)))) == []
         and st.components(vol(np.zeros((3, 3, 3)))) == []
     )
+
+
+@pytest.mark.parametrize("lo", [3, 2])  # the box on the grid's far faces, then one voxel inside them
+def test_structure_stats_of_two_pieces_far_apart_by_hand(lo):
+    """Every measure runs on the structure's bounding box: the crop must not move, cut or join anything."""
+    shape = (6, 6, 6)
+    mask = box(shape, (lo,) * 3, (lo + 3,) * 3)
+    mask[0, 0, 0] = True  # a single voxel in the opposite corner: a second 26-connected component
+    sx, sy, sz = SPACING
+    stats = st.structure_stats(vol(mask, origin=(10.0, -20.0, 5.0)))
+    assert stats.n_voxels == 28 and stats.n_components == 2
+    assert stats.volume_cc == pytest.approx(28 * sx * sy * sz / 1000.0)
+    assert stats.touches_edge  # the single voxel lies on the grid's first faces either way
+    mean_index = 9 * (3 * lo + 3) / 28  # 9 voxels at each of lo, lo + 1, lo + 2 and one at 0, on every axis
+    assert stats.centroid_lps == pytest.approx((10.0 + mean_index * sx, -20.0 + mean_index * sy,
+                                                5.0 + mean_index * sz))
+    span = lo + 3  # voxel cells from the corner voxel's outer corner to the box's far corner
+    assert stats.longest_diameter_mm == pytest.approx(math.sqrt((span * sx) ** 2 + (span * sy) ** 2 + (span * sz) ** 2))
+    assert stats.longest_axial_diameter_mm == pytest.approx(3 * math.hypot(sx, sy))
+    inner = box(shape, (lo,) * 3, (lo + 3,) * 3)
+    assert st.structure_stats(vol(inner)).touches_edge == (lo == 3)
+    diameters = st.axial_diameters(vol(mask))
+    assert diameters[0] == pytest.approx(math.hypot(sx, sy)) and diameters[lo + 3 :].sum() == 0.0
+    assert diameters[lo : lo + 3] == pytest.approx([3 * math.hypot(sx, sy)] * 3)

@@ -41,3 +41,20 @@ def test_a_ptv_the_plan_gives_no_dose_makes_coverage_not_evaluable_not_a_crash()
     (reason,) = [r for r in part.reasons if r.code == "PLAN_QUALITY_UNDEFINED"]
     assert (reason.level, reason.structure) == ("review", "PTV")
     assert part.dvh_rows["PTV"]["max_gy"] == 0.0  # the DVH itself is measured and stated: 0 Gy everywhere
+
+
+def test_masks_file_reads_back_with_numpy_load(tmp_path):
+    """structures.npz (read by the DICOM outputs with np.load) holds every mask bit for bit, names as given."""
+    import numpy as np
+
+    from pacsai.report.summary import _save_masks
+
+    rng = np.random.default_rng(3)
+    masks = {"Lung L": rng.random((7, 30, 31)) < 0.4, "Lungs-GTV": np.zeros((7, 30, 31), bool),
+             "PTV": np.ones((2, 3, 4), bool)}
+    masks["Lungs-GTV"][3, 4, 5] = True
+    _save_masks(tmp_path / "m.npz", masks)
+    with np.load(tmp_path / "m.npz") as data:
+        assert sorted(data.files) == sorted(masks)
+        for name, values in masks.items():
+            assert data[name].dtype == bool and np.array_equal(data[name], values)

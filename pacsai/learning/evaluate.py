@@ -42,11 +42,11 @@ import pandas as pd
 import xarray as xr
 from scipy import ndimage
 
-from pacsai.errors import ConfigError, PacsaiWarning, VolumeError
+from pacsai.errors import ConfigError, PacsaiWarning, PlanningError, VolumeError
 from pacsai.imaging.dose import check_plan_dose
 from pacsai.imaging.geometry import affine_of, same_grid, spacing_of, voxel_volume_cc
 from pacsai.planning.constraints import MAX_UNCOVERED_CC, MAX_UNCOVERED_PCT
-from pacsai.planning.dvh import dose_coverage, dvh
+from pacsai.planning.dvh import DVH, coverage_of, dose_coverage, dvh
 
 if TYPE_CHECKING:  # pragma: no cover
     from pacsai.pacs import Pacs
@@ -334,22 +334,37 @@ AGREEMENT_COLUMNS = (
 )
 
 
-def _dose_figures(dose: xr.DataArray, mask: xr.DataArray, name: str) -> tuple[float, float, float]:
-    """(Dmean, D0.03cc, V20Gy %) of ``mask`` under ``dose``, from :func:`pacsai.planning.dvh`."""
+def _histogram(dose: xr.DataArray, mask: xr.DataArray, cached: DVH | None) -> tuple[DVH | None, float, bool]:
+    """The structure's DVH under ``dose`` (``None`` when it lies entirely outside the grid), the volume outside
+    the dose grid (cm³), and whether that makes its dose figures unreliable: the planning rule
+    (:data:`pacsai.planning.constraints.MAX_UNCOVERED_PCT` or ``MAX_UNCOVERED_CC``), one rule for both.
+
+    The DVH and the coverage come from one sampling of the structure (:func:`pacsai.planning.dvh.coverage_of`
+    gives exactly what :func:`pacsai.planning.dose_coverage` would), or none where ``cached`` already holds its DVH.
+    """
+    histogram = cached if cached is not None and "counted as 0 Gy" not in cached.method else None
+    if histogram is None:
+        try:
+            with warnings.catch_warnings():
+                # what lies outside the dose grid (within the limits) is excluded and reported as dose_uncovered_*_cc
+                warnings.simplefilter("ignore", PacsaiWarning)
+                histogram = dvh(dose, mask, outside="exclude")  # named as the mask, as dose_coverage's errors
+        except PlanningError as err:
+            if "entirely outside" not in str(err):
+                raise
+            cc, _ = dose_coverage(dose, mask)
+            return None, cc, True
+    cc, fraction = coverage_of(histogram)
+    return histogram, cc, (cc > MAX_UNCOVERED_CC or 100.0 * fraction > MAX_UNCOVERED_PCT)
+
+
+def _dose_figures(histogram: DVH) -> tuple[float, float, float]:
+    """(Dmean, D0.03cc, V20Gy %) of a structure's DVH (:func:`pacsai.planning.dvh`)."""
     with warnings.catch_warnings():
-        # what lies outside the dose grid (within the limits) is excluded and reported as dose_uncovered_*_cc
-        warnings.simplefilter("ignore", PacsaiWarning)
-        histogram = dvh(dose, mask, name=name, outside="exclude")
+        warnings.simplefilter("ignore", PacsaiWarning)  # a structure under 0.03 cm³: D0.03cc is its minimum
         figures = histogram.to_dict()
         v20 = histogram.v(V_GY)
     return float(figures["mean_gy"]), float(figures["d0_03cc_gy"]), float(v20)
-
-
-def _uncovered(dose: xr.DataArray, mask: xr.DataArray) -> tuple[float, bool]:
-    """Volume outside the dose grid (cm³), and whether that makes the dose figures unreliable: the planning
-    rule (:data:`pacsai.planning.constraints.MAX_UNCOVERED_PCT` or ``MAX_UNCOVERED_CC``), one rule for both."""
-    cc, fraction = dose_coverage(dose, mask)
-    return cc, (cc > MAX_UNCOVERED_CC or 100.0 * fraction > MAX_UNCOVERED_PCT)
 
 
 def _geometry(
@@ -394,19 +409,24 @@ def _geometry(
 
 
 def _dose_difference(
-    name: str, p: xr.DataArray, r: xr.DataArray, dose: xr.DataArray
+    name: str,
+    p: xr.DataArray,
+    r: xr.DataArray,
+    dose: xr.DataArray,
+    cached: Mapping[tuple[str, str], DVH],
 ) -> tuple[dict[str, object], str]:
     """Dose figures under both contours of a present structure, unless too much of either lies off the grid."""
-    (out_ref, bad_ref), (out_pred, bad_pred) = _uncovered(dose, r), _uncovered(dose, p)
+    h_ref, out_ref, bad_ref = _histogram(dose, r, cached.get((name, "ref")))
+    h_pred, out_pred, bad_pred = _histogram(dose, p, cached.get((name, "pred")))
     row: dict[str, object] = {"dose_uncovered_ref_cc": out_ref, "dose_uncovered_pred_cc": out_pred}
-    if bad_ref or bad_pred:
+    if bad_ref or bad_pred or h_ref is None or h_pred is None:
         row["dose_state"] = "unreliable"
         return row, (
             f"{name} lies partly outside the dose grid (reference {out_ref:.2f} cm³, prediction "
             f"{out_pred:.2f} cm³; limit {MAX_UNCOVERED_PCT:g} % or {MAX_UNCOVERED_CC:g} cm³): no dose figures"
         )
-    dm_r, d03_r, v_r = _dose_figures(dose, r, name)
-    dm_p, d03_p, v_p = _dose_figures(dose, p, name)
+    dm_r, d03_r, v_r = _dose_figures(h_ref)
+    dm_p, d03_p, v_p = _dose_figures(h_pred)
     row.update(
         dose_state="evaluated",
         dmean_ref_gy=dm_r,
@@ -428,6 +448,7 @@ def _compare_one(
     r: xr.DataArray | None,
     dose: xr.DataArray | None,
     tolerance_mm: float,
+    cached: Mapping[tuple[str, str], DVH],
 ) -> dict[str, object]:
     row: dict[str, object] = {c: math.nan for c in (*CONTOUR_COLUMNS, *DOSE_COLUMNS)}
     row.update(structure=name, tolerance_mm=tolerance_mm)
@@ -439,7 +460,7 @@ def _compare_one(
     elif p is None or r is None or row["state"] != "present":
         row["dose_state"] = "not evaluable"
     else:
-        figures, why = _dose_difference(name, p, r, dose)
+        figures, why = _dose_difference(name, p, r, dose, cached)
         row.update(figures)
         reasons.append(why)
     row["reason"] = "; ".join(text for text in reasons if text)
@@ -454,6 +475,7 @@ def dose_aware_agreement(
     tolerance_mm: float = 2.0,
     structures: Iterable[str] | None = None,
     patient: str = "",
+    dvhs: Mapping[tuple[str, str], DVH] | None = None,
 ) -> pd.DataFrame:
     """Model contours against reference contours: geometry, editing effort and, with a plan dose, the dose.
 
@@ -471,6 +493,12 @@ def dose_aware_agreement(
         Names to compare; default every name of ``ref`` then those only in ``pred``.
     patient
         Label of the ``patient`` column (a pseudonym where the table goes to MLflow).
+    dvhs
+        DVHs already computed under this ``dose`` for these very masks, keyed by ``(structure, "pred")`` and
+        ``(structure, "ref")``, by :func:`pacsai.planning.dvh` with its default sampling and ``outside="exclude"``
+        (e.g. those of a planning report's analysis): used as they are, with their coverage
+        (:func:`pacsai.planning.dvh.coverage_of`), instead of sampling the structure again. The others (and a
+        DVH that counts uncovered volume as 0 Gy) are computed here.
 
     Returns
     -------
@@ -500,7 +528,7 @@ def dose_aware_agreement(
         check_plan_dose(dose)
     names = list(structures) if structures is not None else [*ref, *(n for n in pred if n not in ref)]
     rows = [
-        {"patient": patient, **_compare_one(n, pred.get(n), ref.get(n), dose, float(tolerance_mm))}
+        {"patient": patient, **_compare_one(n, pred.get(n), ref.get(n), dose, float(tolerance_mm), dvhs or {})}
         for n in names
     ]
     return pd.DataFrame(rows, columns=list(AGREEMENT_COLUMNS))

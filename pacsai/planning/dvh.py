@@ -76,10 +76,14 @@ class DVH:
     uncovered_cc
         Structure volume outside the dose grid (cm³): not in the histogram (``outside="exclude"``) or counted
         as 0 Gy (``outside="zero"``, then included in :attr:`volume_cc`). 0 for a fully covered structure.
+    sampled_cc
+        Volume of every sample point the structure was given, inside the dose grid or not (cm³): the
+        denominator of :func:`dose_coverage`'s fraction (see :func:`coverage_of`).
     """
 
     __slots__ = (
-        "_cum", "_q", "max", "mean", "method", "min", "name", "resolution", "uncovered_cc", "volume_cc",
+        "_cum", "_q", "max", "mean", "method", "min", "name", "resolution", "sampled_cc", "uncovered_cc",
+        "volume_cc",
     )  # fmt: skip
 
     def __init__(
@@ -106,6 +110,7 @@ class DVH:
         self.max = float(max)
         self.resolution = float(resolution)
         self.uncovered_cc = 0.0
+        self.sampled_cc = self.volume_cc
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -281,6 +286,15 @@ def _outside(shape: tuple[int, ...], kji: np.ndarray) -> np.ndarray:
     return np.any((kji < -0.5) | (kji > bounds - 0.5), axis=0)
 
 
+def _bounding_box(values: np.ndarray) -> tuple[slice, ...]:
+    """Tight bounding box (z, y, x slices) of a non-empty 3-D mask; each search runs within the previous one."""
+    z = np.flatnonzero(values.any(axis=(1, 2)))
+    slab = values[z[0] : z[-1] + 1]
+    y = np.flatnonzero(slab.any(axis=(0, 2)))
+    x = np.flatnonzero(slab[:, y[0] : y[-1] + 1].any(axis=(0, 1)))
+    return slice(int(z[0]), int(z[-1]) + 1), slice(int(y[0]), int(y[-1]) + 1), slice(int(x[0]), int(x[-1]) + 1)
+
+
 def _sample(dose: np.ndarray, kji: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Trilinear dose at fractional (k, j, i) points (3, N), and which points lie outside the grid.
 
@@ -345,16 +359,23 @@ def _sample_points(
     on a ``subsamples``³ lattice with equal shares of its volume.
     """
     voxel_cc = voxel_volume_cc(mask)
+    # Everything below happens inside the structure's bounding box: the erosion and the index search cost the
+    # structure's extent, not the grid's (a small organ on a 512² CT). The box is tight, so every neighbour the
+    # erosion looks at outside it is background, exactly as the grid's own padding; the indices come out in the
+    # same (k, j, i) order as on the whole grid, so the samples (and every sum over them) are unchanged.
+    box = _bounding_box(values)
+    origin = np.array([s.start for s in box], dtype=np.int64)
+    crop = values[box]
     if method == "supersample" and subsamples > 1:
-        padded = np.pad(values, 1)
+        padded = np.pad(crop, 1)
         interior = ndimage.binary_erosion(padded, structure=ndimage.generate_binary_structure(3, 1))[
             1:-1, 1:-1, 1:-1
         ]
-        edge = values & ~interior
-        core = values & interior
+        edge = crop & ~interior
+        core = crop & interior
     else:
-        edge = np.zeros_like(values)
-        core = values
+        edge = np.zeros_like(crop)
+        core = crop
     # mask (i, j, k) → dose (i, j, k), in the (k, j, i) order of the arrays, so no index columns need reversing.
     ijk_map = np.linalg.inv(dose.geo.affine) @ mask.geo.affine
     perm = np.eye(4)[[2, 1, 0, 3]]
@@ -369,10 +390,10 @@ def _sample_points(
             src = centres if len(offsets) == 1 else (centres[:, None, :] + steps[None, :, :]).reshape(-1, 3)
             yield src.T, weight
 
-    yield from run(np.argwhere(core), np.zeros((1, 3)), voxel_cc)
+    yield from run(np.argwhere(core) + origin, np.zeros((1, 3)), voxel_cc)
     if edge.any():
         offsets = _supersample_offsets(int(subsamples))
-        yield from run(np.argwhere(edge), offsets, voxel_cc / len(offsets))
+        yield from run(np.argwhere(edge) + origin, offsets, voxel_cc / len(offsets))
 
 
 def dose_coverage(
@@ -513,7 +534,18 @@ def dvh(
         np.concatenate(doses), np.concatenate(weights), name=label, method=text, resolution=resolution
     )
     out_dvh.uncovered_cc = uncovered
+    out_dvh.sampled_cc = total
     return out_dvh
+
+
+def coverage_of(histogram: DVH) -> tuple[float, float]:
+    """``(uncovered_cc, uncovered_fraction)`` of a structure from its DVH, as :func:`dose_coverage` measures it.
+
+    A DVH from :func:`dvh` was computed on the same sample points :func:`dose_coverage` counts, with the same
+    sums in the same order, so this is the same pair (to the bit) without sampling the structure again.
+    """
+    total = histogram.sampled_cc
+    return histogram.uncovered_cc, (histogram.uncovered_cc / total if total > 0 else 0.0)
 
 
 # --------------------------------------------------------------------------------------------- plan quality
@@ -585,6 +617,7 @@ def plan_quality(
     prescription_gy: float,
     body: xr.DataArray | None = None,
     target_dvh: DVH | None = None,
+    body_dvh: DVH | None = None,
     name: str | None = None,
 ) -> PlanQuality:
     """Coverage (V95%), homogeneity (ICRU 83 HI), conformity (RTOG, Paddick) and gradient index of a plan.
@@ -602,6 +635,8 @@ def plan_quality(
         dose mapping as :func:`dvh`. Without it they are measured over the whole dose grid.
     target_dvh
         The target's DVH when already computed (saves recomputing it).
+    body_dvh
+        ``body``'s DVH (by :func:`dvh`, default sampling) when already computed; ignored without ``body``.
     name
         Target name (default ``target.name``).
 
@@ -614,7 +649,7 @@ def plan_quality(
     label = name if name is not None else str(target.name or "PTV")
     tdvh = target_dvh if target_dvh is not None else dvh(dose, target, name=label)
     if body is not None:
-        bdvh = dvh(dose, body, name=str(body.name or "BODY"))
+        bdvh = body_dvh if body_dvh is not None else dvh(dose, body, name=str(body.name or "BODY"))
         piv, piv50 = bdvh.v_cc(prescription_gy), bdvh.v_cc(0.5 * prescription_gy)
         region = f"inside {bdvh.name!r} ({bdvh.method})"
     else:

@@ -159,8 +159,22 @@ def _orthogonal_spacing(volume: xr.DataArray) -> np.ndarray:
 
 
 def _bbox(mask: np.ndarray) -> tuple[slice, ...] | None:
-    objects = ndimage.find_objects(mask.astype(np.uint8))
-    return objects[0] if objects else None
+    """Tight bounding box (z, y, x slices) of a 3-D mask, ``None`` when empty; each search runs within the last."""
+    z = np.flatnonzero(mask.any(axis=(1, 2)))
+    if z.size == 0:
+        return None
+    slab = mask[z[0] : z[-1] + 1]
+    y = np.flatnonzero(slab.any(axis=(0, 2)))
+    x = np.flatnonzero(slab[:, y[0] : y[-1] + 1].any(axis=(0, 1)))
+    return slice(int(z[0]), int(z[-1]) + 1), slice(int(y[0]), int(y[-1]) + 1), slice(int(x[0]), int(x[-1]) + 1)
+
+
+def _cropped(values: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """The mask's bounding box and its (k, j, i) origin in the grid; an empty mask gives an empty crop at 0."""
+    box = _bbox(values)
+    if box is None:
+        return values[:0, :0, :0], (0, 0, 0)
+    return values[box], (box[0].start, box[1].start, box[2].start)
 
 
 def _padded(box: tuple[slice, ...], pad: Sequence[int], shape: Sequence[int]) -> tuple[slice, ...]:
@@ -194,28 +208,45 @@ def centroid(mask: xr.DataArray) -> tuple[float, float, float]:
     PlanningError
         When the mask is empty.
     """
-    values = _as_mask(mask)
-    kji = np.argwhere(values)
-    if kji.size == 0:
+    crop, origin = _cropped(_as_mask(mask))
+    if crop.size == 0 or not crop.any():
         raise PlanningError(f"structure {mask.name!r} is empty: it has no centroid")
-    a, b, c = (float(v) for v in mask.geo.world(kji.mean(axis=0)))
+    a, b, c = (float(v) for v in mask.geo.world(_mean_index(crop, origin)))
     return a, b, c
 
 
-def _row_extreme_corners(values: np.ndarray, *, through_slices: bool = True) -> np.ndarray:
+def _mean_index(crop: np.ndarray, origin: Sequence[int]) -> np.ndarray:
+    """Mean (k, j, i) grid index of the voxels of a crop at ``origin``, from per-axis voxel counts.
+
+    The index sums are exact integers, so this equals the mean of every voxel's index (``np.argwhere(...).mean``,
+    exact below 2⁵³) to the bit, without a (voxels × 3) index array.
+    """
+    n = int(np.count_nonzero(crop))
+    sums = []
+    for axis in range(3):
+        counts = crop.sum(axis=tuple(a for a in range(3) if a != axis), dtype=np.int64)
+        sums.append(int(np.dot(counts, np.arange(origin[axis], origin[axis] + crop.shape[axis], dtype=np.int64))))
+    return np.array([float(total) / n for total in sums])
+
+
+def _row_extreme_corners(
+    values: np.ndarray, *, through_slices: bool = True, origin: Sequence[int] = (0, 0, 0)
+) -> np.ndarray:
     """Corner points (index space, columns i, j, k) whose convex hull equals that of all voxel cells.
 
     Along each row (fixed k, j) only the first and the last voxel can contribute hull points, and of those only
     their outer corners, so the hull of these points is the hull of every cell of the mask — at a fraction of
     the points (2 × rows instead of 8 × surface voxels). With ``through_slices=False`` the corners stay in
-    each slice's plane (k integer): the pixel corners used for in-plane diameters.
+    each slice's plane (k integer): the pixel corners used for in-plane diameters. ``values`` may be a crop of
+    the grid at ``origin`` (k, j, i): the points are in the grid's index space either way, in the same order.
     """
     rows = values.any(axis=-1)
     k, j = np.nonzero(rows)
     if k.size == 0:
         return np.zeros((0, 3))
-    first = values[k, j].argmax(axis=-1)
-    last = values.shape[-1] - 1 - values[k, j, ::-1].argmax(axis=-1)
+    first = values[k, j].argmax(axis=-1) + origin[2]
+    last = origin[2] + values.shape[-1] - 1 - values[k, j, ::-1].argmax(axis=-1)
+    k, j = k + origin[0], j + origin[1]
     depths = (-0.5, 0.5) if through_slices else (0.0,)
     corners = [
         np.column_stack([i_edge, j + dj, k + dk])
@@ -266,11 +297,14 @@ def longest_diameter(mask: xr.DataArray) -> float:
     float
         mm; 0.0 for an empty mask.
     """
-    values = _as_mask(mask)
-    corners = _row_extreme_corners(values)
+    crop, origin = _cropped(_as_mask(mask))
+    return _longest_diameter(crop, origin, mask.geo.affine)
+
+
+def _longest_diameter(crop: np.ndarray, origin: Sequence[int], affine: np.ndarray) -> float:
+    corners = _row_extreme_corners(crop, origin=origin)
     if corners.size == 0:
         return 0.0
-    affine = mask.geo.affine
     return _max_pairwise(corners @ affine[:3, :3].T)  # translation does not change distances
 
 
@@ -281,12 +315,17 @@ def axial_diameters(mask: xr.DataArray) -> np.ndarray:
     :func:`longest_diameter` over the pixel corners of the slice (only the slice plane's two in-plane axes).
     """
     values = _as_mask(mask)
+    crop, origin = _cropped(values)
+    return _axial_diameters(crop, origin, mask.geo.affine, values.shape[0])
+
+
+def _axial_diameters(crop: np.ndarray, origin: Sequence[int], affine: np.ndarray, n_slices: int) -> np.ndarray:
     # i and j columns (pixel steps in mm) expressed in an orthonormal basis of the slice plane: 2-D points with
     # the same distances, which Qhull needs (3-D coplanar points make it fail).
     # numpy's stubs type qr() as the (Q, R) pair for every mode; mode="r" returns R alone.
-    in_plane = np.linalg.qr(np.asarray(mask.geo.affine, dtype=float)[:3, :2], mode="r")
-    out = np.zeros(values.shape[0])
-    corners = _row_extreme_corners(values, through_slices=False)
+    in_plane = np.linalg.qr(np.asarray(affine, dtype=float)[:3, :2], mode="r")
+    out = np.zeros(n_slices)
+    corners = _row_extreme_corners(crop, through_slices=False, origin=origin)
     if corners.size == 0:
         return out
     slice_of = corners[:, 2].astype(int)
@@ -321,8 +360,8 @@ def component_volumes_cc(mask: xr.DataArray) -> list[float]:
 
     Cheap on whole-body masks (one labelling, no per-component arrays): the QA gate's fragmentation check.
     """
-    values = _as_mask(mask)
-    labels, n = _labels(values)
+    crop, _ = _cropped(_as_mask(mask))  # components cannot join through the background around the box
+    labels, n = _labels(crop)
     if n == 0:
         return []
     sizes = np.bincount(labels.ravel())[1:]
@@ -390,16 +429,24 @@ def structure_stats(mask: xr.DataArray, *, name: str | None = None) -> Structure
         warnings.warn(f"structure {label!r} is empty", PacsaiWarning, stacklevel=2)
         nan = float("nan")
         return StructureStats(label, 0.0, 0, 0.0, 0.0, (nan, nan, nan), 0, False)
-    _, n_comp = _labels(values)
+    # Every measure below needs only the structure's bounding box: one crop, instead of a pass over the whole
+    # grid per measure (26-connected components cannot join through the background outside the box).
+    box = _bbox(values)
+    assert box is not None  # n > 0
+    crop = values[box]
+    origin = (box[0].start, box[1].start, box[2].start)
+    affine = mask.geo.affine
+    _, n_comp = _labels(crop)
+    a, b, c = (float(v) for v in mask.geo.world(_mean_index(crop, origin)))
     return StructureStats(
         name=label,
         volume_cc=n * voxel_volume_cc(mask),
         n_voxels=n,
-        longest_diameter_mm=longest_diameter(mask),
-        longest_axial_diameter_mm=longest_axial_diameter(mask),
-        centroid_lps=centroid(mask),
+        longest_diameter_mm=_longest_diameter(crop, origin, affine),
+        longest_axial_diameter_mm=float(_axial_diameters(crop, origin, affine, values.shape[0]).max()),
+        centroid_lps=(a, b, c),
         n_components=int(n_comp),
-        touches_edge=touches_edge(mask),
+        touches_edge=any(s.start == 0 or s.stop == size for s, size in zip(box, values.shape, strict=True)),
     )
 
 

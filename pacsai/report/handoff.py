@@ -6,16 +6,21 @@ With ``structures_from="model"``, ``pacsai report`` reads the patient's studies 
 start-up is the light one of the PACS path.
 
 The hand-off file is a pickle in the report's own output folder, written by this process for the kernel it starts
-and read by nothing else; it is removed once the kernel has finished (:func:`remove`).
+and read by nothing else; it is removed once the kernel has finished (:func:`remove`). Boolean masks travel
+bit-packed (1 bit a voxel instead of a byte) and an image held twice (the same pixels in two studies' records)
+once, so the file is about the size of the images (:class:`_Pickler`).
 """
 
 from __future__ import annotations
 
+import io
 import pickle
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from pacsai.errors import PacsaiWarning, ReportError
 from pacsai.report.params import ReportParameters
@@ -26,7 +31,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from pacsai.report.summary import PlanSummary
 
 INPUTS_FILE = ".inputs.pickle"
-_VERSION = 1
+_VERSION = 2
+_PACK_MIN_BYTES = 4096  # arrays below this travel as they are: packing a few bytes saves nothing
 
 
 @dataclass(frozen=True)
@@ -57,9 +63,58 @@ def gather_to_file(params: ReportParameters, pacs: Pacs, folder: Path) -> Path:
     path = folder / INPUTS_FILE
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as sink:
-        pickle.dump(gathered, sink, protocol=pickle.HIGHEST_PROTOCOL)
+        _Pickler(sink).dump(gathered)
     tmp.replace(path)
     return path
+
+
+def dumps(obj: object) -> bytes:
+    """``obj`` pickled as in a hand-off file (masks bit-packed, equal images once); :func:`pickle.loads` reads it."""
+    sink = io.BytesIO()
+    _Pickler(sink).dump(obj)
+    return sink.getvalue()
+
+
+def _unpack_mask(packed: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A boolean array from :func:`numpy.packbits` of its C-order voxels and its shape."""
+    count = int(np.prod(shape))
+    return np.unpackbits(packed, count=count).reshape(shape).view(bool)
+
+
+def _same(array: np.ndarray) -> np.ndarray:
+    """The array itself: how a second copy of equal pixels refers to the first in the pickle."""
+    return array
+
+
+def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bit-for-bit equal (NaN payloads and the sign of zero included) arrays of one shape and dtype."""
+    return bool(np.array_equal(np.ascontiguousarray(a).view(np.uint8), np.ascontiguousarray(b).view(np.uint8)))
+
+
+class _Pickler(pickle.Pickler):
+    """Pickles boolean arrays bit-packed and each set of equal large arrays once (highest protocol).
+
+    Equal non-boolean arrays (an image read twice, e.g. the planning CT in the model's and in the reference's
+    study record) become one array in the reader; the report only reads them. Boolean masks are never merged (a
+    reader may edit one mask); packing alone makes them 8× smaller.
+    """
+
+    def __init__(self, sink: io.BufferedIOBase | io.BytesIO) -> None:
+        super().__init__(sink, protocol=pickle.HIGHEST_PROTOCOL)
+        self._seen: dict[tuple[tuple[int, ...], str], list[np.ndarray]] = {}
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is not np.ndarray or obj.nbytes < _PACK_MIN_BYTES or obj.dtype.hasobject:
+            return NotImplemented
+        if obj.dtype == np.bool_:
+            return _unpack_mask, (np.packbits(obj, axis=None), obj.shape)
+        key = (obj.shape, obj.dtype.str)
+        earlier = self._seen.setdefault(key, [])
+        for first in earlier:
+            if first is not obj and _same_bytes(first, obj):
+                return _same, (first,)
+        earlier.append(obj)
+        return NotImplemented
 
 
 def summary_from_file(path: Path, params: ReportParameters) -> PlanSummary:
