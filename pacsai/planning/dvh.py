@@ -283,6 +283,8 @@ class DVH:
 def _outside(shape: tuple[int, ...], kji: np.ndarray) -> np.ndarray:
     """Points (3, N) beyond the outer voxel faces of a grid of ``shape`` (half a voxel past the last centre)."""
     bounds = np.asarray(shape, dtype=float)[:, None]
+    if np.all(kji.min(axis=1) >= -0.5) and np.all(kji.max(axis=1)[:, None] <= bounds - 0.5):
+        return np.zeros(kji.shape[1], dtype=bool)  # the common case: every point inside, found in two passes
     return np.any((kji < -0.5) | (kji > bounds - 0.5), axis=0)
 
 
@@ -293,6 +295,23 @@ def _bounding_box(values: np.ndarray) -> tuple[slice, ...]:
     y = np.flatnonzero(slab.any(axis=(0, 2)))
     x = np.flatnonzero(slab[:, y[0] : y[-1] + 1].any(axis=(0, 1)))
     return slice(int(z[0]), int(z[-1]) + 1), slice(int(y[0]), int(y[-1]) + 1), slice(int(x[0]), int(x[-1]) + 1)
+
+
+def _interior(values: np.ndarray) -> np.ndarray:
+    """Voxels of a 3-D mask whose six face-neighbours all belong to it (outside the array counts as outside).
+
+    The erosion by the 6-connected cross, as six shifted ANDs: the same voxels as ``ndimage.binary_erosion``
+    with a zero border, at a fraction of its cost.
+    """
+    padded = np.pad(values, 1)
+    inner = values.copy()
+    core = (slice(1, -1),) * 3
+    for axis in range(3):
+        for step in (-1, 1):
+            shifted = list(core)
+            shifted[axis] = slice(1 + step, padded.shape[axis] - 1 + step)
+            inner &= padded[tuple(shifted)]
+    return inner
 
 
 def _sample(dose: np.ndarray, kji: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -358,7 +377,8 @@ def _sample_points(
     ``"centre"``: every mask voxel centre; ``"supersample"``: interior voxel centres plus every surface voxel
     on a ``subsamples``³ lattice with equal shares of its volume.
     """
-    voxel_cc = voxel_volume_cc(mask)
+    mask_affine = mask.geo.affine  # each access re-checks the grid: read once
+    voxel_cc = float(abs(np.linalg.det(mask_affine[:3, :3])) / 1000.0)  # as voxel_volume_cc(mask)
     # Everything below happens inside the structure's bounding box: the erosion and the index search cost the
     # structure's extent, not the grid's (a small organ on a 512² CT). The box is tight, so every neighbour the
     # erosion looks at outside it is background, exactly as the grid's own padding; the indices come out in the
@@ -367,17 +387,14 @@ def _sample_points(
     origin = np.array([s.start for s in box], dtype=np.int64)
     crop = values[box]
     if method == "supersample" and subsamples > 1:
-        padded = np.pad(crop, 1)
-        interior = ndimage.binary_erosion(padded, structure=ndimage.generate_binary_structure(3, 1))[
-            1:-1, 1:-1, 1:-1
-        ]
+        interior = _interior(crop)
         edge = crop & ~interior
         core = crop & interior
     else:
         edge = np.zeros_like(crop)
         core = crop
     # mask (i, j, k) → dose (i, j, k), in the (k, j, i) order of the arrays, so no index columns need reversing.
-    ijk_map = np.linalg.inv(dose.geo.affine) @ mask.geo.affine
+    ijk_map = np.linalg.inv(dose.geo.affine) @ mask_affine
     perm = np.eye(4)[[2, 1, 0, 3]]
     kji_map = perm @ ijk_map @ perm
     lin, shift = kji_map[:3, :3], kji_map[:3, 3]

@@ -120,11 +120,16 @@ class TargetRelation:
 
 # --------------------------------------------------------------------------------------------- helpers
 def _as_mask(mask: xr.DataArray, *, what: str = "mask") -> np.ndarray:
+    return _mask_and_affine(mask, what=what)[0]
+
+
+def _mask_and_affine(mask: xr.DataArray, *, what: str = "mask") -> tuple[np.ndarray, np.ndarray]:
+    """The mask's boolean voxels and its affine (read once: every ``geo`` access re-checks the grid)."""
     if not isinstance(mask, xr.DataArray):
         raise PlanningError(
             f"{what} must be a pacsai volume (xarray.DataArray with attrs['affine']); got {type(mask).__name__}"
         )
-    mask.geo.check()  # raises VolumeError naming the array when the affine is missing or stale
+    affine = mask.geo.affine  # raises VolumeError naming the array when the affine is missing or stale
     values = np.asarray(mask.values)
     if values.ndim != 3:
         raise PlanningError(f"{what} {mask.name!r} must be 3-D (z, y, x); got shape {values.shape}")
@@ -135,7 +140,7 @@ def _as_mask(mask: xr.DataArray, *, what: str = "mask") -> np.ndarray:
                 f"{what} {mask.name!r} is not binary (values {uniq[:5].tolist()}...); threshold it first"
             )
         values = values.astype(bool)
-    return values
+    return values, affine
 
 
 def _require_same_grid(a: xr.DataArray, b: xr.DataArray) -> None:
@@ -422,7 +427,7 @@ def structure_stats(mask: xr.DataArray, *, name: str | None = None) -> Structure
     name
         Defaults to ``mask.name``.
     """
-    values = _as_mask(mask)
+    values, affine = _mask_and_affine(mask)
     label = name if name is not None else str(mask.name or "structure")
     n = int(np.count_nonzero(values))
     if n == 0:
@@ -435,12 +440,12 @@ def structure_stats(mask: xr.DataArray, *, name: str | None = None) -> Structure
     assert box is not None  # n > 0
     crop = values[box]
     origin = (box[0].start, box[1].start, box[2].start)
-    affine = mask.geo.affine
     _, n_comp = _labels(crop)
-    a, b, c = (float(v) for v in mask.geo.world(_mean_index(crop, origin)))
+    # geo.world and voxel_volume_cc, from the affine read above
+    a, b, c = (float(v) for v in _mean_index(crop, origin)[::-1] @ affine[:3, :3].T + affine[:3, 3])
     return StructureStats(
         name=label,
-        volume_cc=n * voxel_volume_cc(mask),
+        volume_cc=n * float(abs(np.linalg.det(affine[:3, :3])) / 1000.0),
         n_voxels=n,
         longest_diameter_mm=_longest_diameter(crop, origin, affine),
         longest_axial_diameter_mm=float(_axial_diameters(crop, origin, affine, values.shape[0]).max()),
