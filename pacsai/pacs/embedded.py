@@ -12,7 +12,8 @@ import io
 import logging
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,13 @@ from pacsai.pacs.base import Pacs
 from pacsai.pacs.cache import InstanceCache
 from pacsai.pacs.dicomjson import dicom_json_text, order_instances
 from pacsai.pacs.retrieve import OnInstance
-from pacsai.pacs.storeindex import TAGS, ensure_descriptions, lookup_descriptions, record_descriptions
+from pacsai.pacs.storeindex import (
+    INDEX_FILE,
+    TAGS,
+    ensure_descriptions,
+    lookup_descriptions,
+    record_descriptions,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -80,10 +87,9 @@ class EmbeddedPacs(Pacs):
                 f"or create it by storing data: `pacsai pacs push --pacs {self.url} FILES` or `pacsai seed`"
             )
         if self._client is None:
-            from dicomweb_client.api import DICOMfileClient
-
             try:
-                self._client = DICOMfileClient(url=self.url)
+                with _index_lock(self.path):
+                    self._client = _open_index(self.url, self.path)
                 ensure_descriptions(self.path)
             except Exception as err:  # sqlite3 / OS errors from the index
                 raise PacsError(f"cannot open the embedded store {self.path}: {err}") from err
@@ -253,6 +259,46 @@ class StoreSource:
             path = self.store.copy_instance(study_uid, series_uid, uid)
             done(uid, path, path.stat().st_size)
         return expected
+
+
+INDEX_LOCK = ".pacsai-index.lock"
+
+
+@contextmanager
+def _index_lock(folder: Path) -> Iterator[None]:
+    """Processes opening the store's index take turns (a watch and a push may create a fresh store together).
+
+    ``flock``, not ``fcntl``/``lockf`` record locks: dicomweb-client's folder scan opens and closes every file in
+    the folder, this one included, and closing any descriptor of a file drops the process's record locks on it.
+    """
+    import fcntl
+
+    with open(folder / INDEX_LOCK, "a+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _open_index(url: str, folder: Path) -> DICOMfileClient:
+    """dicomweb-client's client on ``folder``, without its folder scan unless the index must be rebuilt.
+
+    Without an index file, ``DICOMfileClient`` scans every file of the folder, reading the index's own SQLite files
+    (``-wal``, ``-shm``) as it goes; closing them drops this process's SQLite locks, so another process holding the
+    index open takes itself for the only one and resets the shared-memory file under this one (SIGBUS, seen when a
+    watch and a push created a store together). An empty index file makes it create its tables instead; the scan
+    runs only for a folder that holds files but no index (files copied in by hand), under the lock, when no other
+    pacsai process can have the index open.
+    """
+    from dicomweb_client.api import DICOMfileClient
+
+    index = folder / INDEX_FILE
+    rebuild = False
+    if not index.exists():
+        rebuild = any(p.is_file() and not p.name.startswith(".") for p in folder.rglob("*"))
+        index.touch()
+    return DICOMfileClient(url=url, update_db=rebuild)
 
 
 def _reset_sqlite(client: object) -> None:

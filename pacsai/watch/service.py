@@ -172,6 +172,13 @@ class Watcher:
         # Imported once here, so that every forked report starts with them loaded (seconds per report).
         import pacsai.report.params  # noqa: F401
         import pacsai.report.run  # noqa: F401
+
+        if self.rules.report.structures_from == "model":
+            # torch, MONAI and the inference code take 5-8 s to import on 2 cores (MONAI's package init alone ~5 s),
+            # a quarter of a model report: imported once here, every forked report starts with them. Only imports:
+            # no model is loaded and no MLflow store opened here (neither may cross fork(); the alias is resolved
+            # by each report, so a new champion still takes effect without a restart).
+            import pacsai.learning.infer  # noqa: F401
         recovered = self.state.recover()
         if recovered:
             log.warning("%d report(s) interrupted by an earlier stop or crash will run again", recovered)
