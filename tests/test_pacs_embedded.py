@@ -84,3 +84,18 @@ def test_plain_paths_name_the_same_store(seeded, tmp_path: Path, monkeypatch):
         other = connect(url, cache_dir=tmp_path / "cache")
         assert other.url == pacs.url, url
         assert list(other.search_studies().StudyInstanceUID) == [study]
+
+
+def test_a_folder_of_files_without_an_index_is_indexed(seeded, tmp_path: Path):
+    """A fresh store's index is created empty (no folder scan: it would read the index's own SQLite files and drop
+    this process's locks on them); a folder of DICOM files without an index is still indexed, once, under the lock."""
+    import shutil
+
+    pacs, study, series = seeded
+    copy = tmp_path / "copied"
+    shutil.copytree(pacs.path, copy, ignore=shutil.ignore_patterns(".*"))  # the files, not the index
+    assert not (copy / ".dicom-file-client.db").exists()
+    again = connect(str(copy), cache_dir=tmp_path / "cache2")
+    found = again.search_series(StudyInstanceUID=study)
+    assert sorted(found["SeriesInstanceUID"]) == sorted(series)
+    assert (copy / ".pacsai-index.lock").is_file() and (copy / ".dicom-file-client.db").is_file()
