@@ -36,3 +36,20 @@ def test_masks_travel_bit_packed_and_an_image_held_twice_once():
         assert back["masks"][name].dtype == bool and back["masks"][name].identical(mask)
     back["masks"]["copy"].values[:] = False  # a reader editing one mask edits no other
     assert back["masks"]["S0"].values.any()
+
+
+def test_a_ct_in_whole_hounsfield_units_travels_as_int16_and_arrives_as_it_was():
+    rng = np.random.default_rng(8)
+    hu = rng.integers(-1024, 3072, (20, 64, 64)).astype(np.float32)
+    almost = hu.copy()
+    almost[5, 5, 5] = 0.5  # one value that is no whole number: the image travels as it is
+    signed_zero = hu.copy()
+    signed_zero[1, 1, 1] = -0.0  # int16 has no -0: as it is
+    wide = hu.astype(np.float64)
+    wide[0, 0, 0] = 40000.0  # beyond int16: as it is
+    images = {"ct": hu, "almost": almost, "signed_zero": signed_zero, "wide": wide}
+    packed = dumps(images)
+    assert len(packed) < sum(a.nbytes for a in images.values()) - hu.nbytes // 2 + 4096
+    back = pickle.loads(packed)
+    for name, values in images.items():
+        assert back[name].dtype == values.dtype and back[name].tobytes() == values.tobytes(), name

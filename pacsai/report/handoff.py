@@ -7,8 +7,9 @@ start-up is the light one of the PACS path.
 
 The hand-off file is a pickle in the report's own output folder, written by this process for the kernel it starts
 and read by nothing else; it is removed once the kernel has finished (:func:`remove`). Boolean masks travel
-bit-packed (1 bit a voxel instead of a byte) and an image held twice (the same pixels in two studies' records)
-once, so the file is about the size of the images (:class:`_Pickler`).
+bit-packed (1 bit a voxel instead of a byte), a float image of whole numbers in the int16 range (a CT in HU) as
+int16, and an image held twice (the same pixels in two studies' records) once; every array arrives bit for bit
+(:class:`_Pickler`).
 """
 
 from __future__ import annotations
@@ -81,6 +82,20 @@ def _unpack_mask(packed: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return np.unpackbits(packed, count=count).reshape(shape).view(bool)
 
 
+def _widen(values: np.ndarray, dtype: str) -> np.ndarray:
+    """A float image stored as int16 (every value a whole number in range) back in its own dtype."""
+    return values.astype(np.dtype(dtype))
+
+
+def _as_int16(array: np.ndarray) -> np.ndarray | None:
+    """``array`` as int16 where that loses nothing (bit for bit on the way back: a CT in HU), else ``None``."""
+    if array.dtype.kind != "f":
+        return None
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN or out-of-range values: caught by the comparison
+        narrow = array.astype(np.int16)
+    return narrow if _same_bytes(narrow.astype(array.dtype), array) else None
+
+
 def _same(array: np.ndarray) -> np.ndarray:
     """The array itself: how a second copy of equal pixels refers to the first in the pickle."""
     return array
@@ -92,7 +107,8 @@ def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 class _Pickler(pickle.Pickler):
-    """Pickles boolean arrays bit-packed and each set of equal large arrays once (highest protocol).
+    """Pickles boolean arrays bit-packed, float images of whole numbers (a CT in HU) as int16, and each set of
+    equal large arrays once (highest protocol).
 
     Equal non-boolean arrays (an image read twice, e.g. the planning CT in the model's and in the reference's
     study record) become one array in the reader; the report only reads them. Boolean masks are never merged (a
@@ -114,6 +130,9 @@ class _Pickler(pickle.Pickler):
             if first is not obj and _same_bytes(first, obj):
                 return _same, (first,)
         earlier.append(obj)
+        narrow = _as_int16(obj)
+        if narrow is not None:  # the first copy; later ones refer to it (memoised by the pickler)
+            return _widen, (narrow, obj.dtype.str)
         return NotImplemented
 
 
