@@ -100,3 +100,22 @@ def test_attrs_affine_edit_is_followed_not_cached() -> None:
     vol.attrs["affine"] = vol.attrs["affine"].copy()
     vol.attrs["affine"][:3, 3] += 1.0
     np.testing.assert_allclose(vol.geo.origin, first + 1.0)
+
+
+def test_in_place_edits_after_a_remembered_answer_are_followed() -> None:
+    """The accessor remembers its answer only with the exact bytes it was computed from: an in-place edit of the
+    affine is followed, and one that contradicts the mm coordinates is refused (the check runs again). (Index
+    coordinates cannot be edited in place: xarray makes them read-only.)"""
+    vol = make_volume(np.zeros((3, 4, 5)), _oblique_flipped())
+    first = vol.geo.affine
+    np.testing.assert_array_equal(vol.geo.affine, first)  # remembered, same answer
+    vol.attrs["affine"][:3, 3] += 2.0  # the same array object, edited in place
+    np.testing.assert_allclose(vol.geo.affine[:3, 3], first[:3, 3] + 2.0)
+    axis_aligned = make_volume(np.zeros((3, 4, 5)), np.diag([0.7, 0.9, 2.5, 1.0]))
+    assert axis_aligned.geo.spacing.tolist() == [2.5, 0.9, 0.7]
+    axis_aligned.attrs["affine"][0, 3] += 10.0  # now the mm coordinates no longer match the affine
+    with pytest.raises(VolumeError, match="no longer match"):
+        _ = axis_aligned.geo.affine
+    returned = vol.geo.affine
+    returned[0, 0] = 99.0  # a caller's copy: the remembered affine is not changed through it
+    assert vol.geo.affine[0, 0] != 99.0

@@ -42,9 +42,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import xarray as xr
-from scipy import ndimage
 
-from pacsai.imaging.geometry import voxel_volume_cc
+from pacsai.planning.structures import component_volumes_cc  # one definition: the cropped labelling
 from pacsai.qa import Reason, gate_status
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -96,15 +95,6 @@ def mask_state(mask: xr.DataArray | None) -> str:
     if mask is None:
         return MISSING
     return PRESENT if bool(np.asarray(mask.values).any()) else EMPTY
-
-
-def component_volumes_cc(mask: xr.DataArray) -> list[float]:
-    """Volumes (cm³) of the 26-connected components of a mask, largest first."""
-    labels, n = ndimage.label(np.asarray(mask.values, dtype=bool), structure=np.ones((3, 3, 3), bool))
-    if n == 0:
-        return []
-    sizes = np.bincount(labels.ravel())[1:]
-    return sorted((float(s) * voxel_volume_cc(mask) for s in sizes), reverse=True)
 
 
 # ------------------------------------------------------------------------------------------------- reasons
