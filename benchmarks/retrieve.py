@@ -21,6 +21,7 @@ import argparse
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import requests
@@ -37,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--slices", type=int, default=CT_SHAPE[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one cold retrieval (cProfile) and keep its top functions in the JSON")
     args = parser.parse_args(argv)
     load = load_average()
     shape = (args.slices, *CT_SHAPE[1:])
@@ -99,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
             pacs.cache.mark_partial(series_uid)
 
         t_resume, c_resume, _ = best_of(cold, args.repeats, before=drop_half)
+        profile: list[dict[str, object]] = []
+        if args.profile:  # where a cold retrieval's CPU goes beyond reading the socket
+            profile = _profile(cold, before=empty_cache)
         # A second raw measurement: on shared machines the baseline drifts during a run; keep the faster.
         t_raw2, c_raw2, _ = best_of(raw_http, args.repeats)
         if t_raw2 < t_raw:
@@ -137,11 +143,33 @@ def main(argv: list[str] | None = None) -> int:
                                    "retrieve_resume_half": c_resume},
             "repeats": args.repeats,
             "cache_writer": writer,
+            **({"profile_cold": profile} if profile else {}),
         },
         started_load=load,
     )
     note(f"wrote {path}")
     return 0
+
+
+def _profile(run: Callable[[], None], *, before: Callable[[], None], top: int = 15) -> list[dict[str, object]]:
+    """One profiled call of ``run``: the functions with the most own time (seconds; cumulative beside it)."""
+    import cProfile
+    import pstats
+
+    before()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    run()
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    rows = sorted(stats.stats.items(), key=lambda item: item[1][2], reverse=True)[:top]  # type: ignore[attr-defined]
+    out = []
+    for (filename, line, name), (_, calls, own, cumulative, _) in rows:
+        where = f"{Path(filename).name}:{line}" if line else filename
+        out.append({"function": f"{name} ({where})", "calls": calls, "own_s": round(own, 4),
+                    "cumulative_s": round(cumulative, 4)})
+        note(f"profile: {own * 1000:7.1f} ms own, {cumulative * 1000:7.1f} ms cum, {calls:6d} calls  {name} ({where})")
+    return out
 
 
 if __name__ == "__main__":
