@@ -245,7 +245,7 @@ def demo_model(db: Path) -> tuple[str | None, str]:
     return f"sqlite:///{db.resolve()}", str(row[0])
 
 
-def cohort_configs(patients: int) -> tuple[str, ...]:
+def cohort_configs(patients: int, *, dask: bool = True) -> tuple[str, ...]:
     """The cohort runs: 1, 2, 4 workers and Dask with 2 workers.
 
     In the short form (fewer than 4 patients) the 4-worker run is left out where ``run_cohort`` would cap its pool
@@ -253,7 +253,8 @@ def cohort_configs(patients: int) -> tuple[str, ...]:
     """
     cores = os.cpu_count() or 1
     same_pool = min(4, patients, cores) == min(2, patients, cores)
-    return ("1", "2", "dask2") if patients < COHORT_PATIENTS and same_pool else ("1", "2", "4", "dask2")
+    configs = ("1", "2", "dask2") if patients < COHORT_PATIENTS and same_pool else ("1", "2", "4", "dask2")
+    return configs if dask else tuple(c for c in configs if c != "dask2")
 
 
 def cohort_figures(runs: dict[str, dict[str, Any]], patients: int) -> list[Figure]:
@@ -265,10 +266,11 @@ def cohort_figures(runs: dict[str, dict[str, Any]], patients: int) -> list[Figur
                             ("4", "cohort_4_workers", "4 worker processes asked"),
                             ("dask2", "cohort_dask_2_workers", "a local Dask cluster, 2 single-threaded workers")):
         if key not in runs:
+            why = ("the Dask cluster's run is left out" if key == "dask2" else
+                   f"run_cohort caps 4 workers at {min(4, patients, cores)}, the cohort_2_workers run")
             figures.append(emit(Figure(
                 name, None, "1_worker",
-                f"short form ({patients} patients, {cores} cores): run_cohort caps 4 workers at "
-                f"{min(4, patients, cores)}, the cohort_2_workers run; the full form runs it: "
+                f"short form ({patients} patients, {cores} cores): {why}; the full form runs it: "
                 f"benchmarks/run_all.py --full or benchmarks/report.py --cohort-patients {COHORT_PATIENTS}")))
             continue
         t = runs[key]["seconds"]
@@ -314,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear seque
     parser.add_argument("--no-model", action="store_true", help="leave out the reports with the model's structures")
     parser.add_argument("--cohort-patients", type=int, default=COHORT_PATIENTS,
                         help=f"patients in each cohort run (default {COHORT_PATIENTS}; the issue's full form: 4)")
+    parser.add_argument("--no-dask", action="store_true", help="leave out the cohort on a local Dask cluster")
     args = parser.parse_args(argv)
     store, model_version = (None, "--no-model") if args.no_model else demo_model(args.model_store)
     model_uri = f"models:/{MODEL_NAME}@{MODEL_ALIAS}"
@@ -330,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear seque
             empties.append(run("empty", str(work / f"empty-{k}")))
             reports.append(run("report", ids[0], str(work / f"report-{k}")))
             summaries.append(run("summary", ids[0]))
-        cohorts = {how: run("cohort", how, str(work / f"cohort-{how}"), *ids) for how in cohort_configs(len(ids))}
+        configs = cohort_configs(len(ids), dask=not args.no_dask)
+        cohorts = {how: run("cohort", how, str(work / f"cohort-{how}"), *ids) for how in configs}
         model = run("model", ids[0], str(work / "model"), store, model_uri) if store else None
         real = (run("model", real_id, str(work / "model-real"), store, model_uri, timeout_s=REAL_CT_TIMEOUT_S)
                 if store and real_id else None)

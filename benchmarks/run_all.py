@@ -8,7 +8,8 @@ the time left, and one that runs over is stopped (its process group only) and co
 already loaded past its core count the benchmarks run with fewer repeats (``--quick`` forces that), because
 the budget matters more than the last digit of a figure measured under someone else's load. Afterwards the
 README's table between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` is regenerated from every result
-file. ``make bench`` runs the short form (the report benchmark's steps once, its cohort rows on 2 patients);
+file. ``make bench`` runs the short form (the report benchmark's steps once, its cohort rows on 2 patients
+without the Dask cluster's run, the watch with 1 study per phase, no per-stage report table);
 ``--full`` runs the issue's full measurements (cohorts of 4 patients), which need more than the 5-minute budget
 on 2 cores.
 ``benchmarks/scale.py`` (the scale curve up to 400×512×512) is not part of it: it takes longer than the budget
@@ -34,13 +35,17 @@ BENCHMARKS: list[tuple[str, str, list[str]]] = [
     ("rtstruct", "rtstruct.py", ["--repeats", "1"]),
     ("dvh", "dvh.py", ["--repeats", "1"]),
     ("report_stages", "report_stages.py", ["--repeats", "1"]),
-    ("watch", "watch.py", ["--quick"]),
+    ("watch", "watch.py", []),
     # the longest last: stopped at the budget it loses only its own rows
     ("report", "report.py", ["--repeats", "1"]),
 ]
 # Arguments for the short form `make bench` runs; --full leaves them out (the full measurement, over the
 # 5-minute budget on 2 cores): the report benchmark once per step and its cohort rows on 2 patients instead of 4.
-SHORT: dict[str, list[str]] = {"report": ["--cohort-patients", "2", "--repeats", "1"]}
+SHORT: dict[str, list[str]] = {"report": ["--cohort-patients", "2", "--repeats", "1", "--no-dask"],
+                               "watch": ["--quick"]}
+#: only with --full: the per-stage table of one report (its own command, benchmarks/report_stages.py; the report
+#: benchmark's report_end_to_end row is the same report's wall time)
+FULL_ONLY = {"report_stages"}
 
 
 def run_one(script: Path, args: list[str], timeout_s: float) -> tuple[int | None, float]:
@@ -81,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     failed: list[str] = []
     for name, script, quick_args in BENCHMARKS:
         if args.only and name not in args.only:
+            continue
+        if name in FULL_ONLY and not (args.full or args.only):
+            note(f"{name}: left out of the short form (run_all.py --full, or --only {name})")
             continue
         left = args.budget_s - (time.perf_counter() - start)
         if left < 5:

@@ -125,7 +125,7 @@ def test_benchmark_results_carry_no_patient_identifiers(test_data: Path):
     import pydicom
 
     identifiers: set[str] = set()
-    for folder in ("tcia_sts001_mr_t2_rtstruct", "dicompyler_breast_rt"):
+    for folder in ("tcia_sts001_mr_t2_rtstruct", "dicompyler_breast_rt", "tcia_nsclc_lung1_001"):
         for path in sorted((test_data / folder).rglob("*.dcm")):
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientName", "PatientID", "PatientBirthDate"])
             for keyword in ("PatientName", "PatientID", "PatientBirthDate"):
@@ -134,6 +134,9 @@ def test_benchmark_results_carry_no_patient_identifiers(test_data: Path):
                     identifiers.add(value)
     assert identifiers, "no identifiers read: the check would prove nothing"
     texts = {p.name: p.read_text() for p in sorted((BENCH / "results").glob("*.json"))}
-    texts["README.md"] = (REPO / "README.md").read_text()
     leaks = sorted((name, ident) for name, text in texts.items() for ident in identifiers if ident in text)
+    # The README names the public NSCLC-Radiomics case by TCIA's own de-identified label on purpose (where the
+    # real-CT figures come from); the results never do ("set 9"), and no other identifier may appear anywhere.
+    readme = (REPO / "README.md").read_text()
+    leaks += sorted(("README.md", ident) for ident in identifiers - {"LUNG1-001"} if ident in readme)
     assert not leaks, leaks
