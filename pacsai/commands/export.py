@@ -6,14 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from pacsai.commands.report import key_value
 from pacsai.export.formats import FORMATS
-
-
-def _kv(text: str) -> tuple[str, str]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    return key, value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "date shifts and remapped UIDs; the pseudonym ↔ patient manifest goes only to --manifest. Research use only.",
     )
     p.add_argument("--cohort", action="store_true", required=True, help="export every series matching -f filters")
-    p.add_argument("-f", "--filter", type=_kv, action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("-f", "--filter", type=key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="study-level QIDO filter (e.g. PatientID='SYN*'); repeat for more")
     p.add_argument("--structures", required=True, help="comma-separated ROI names → labels 1, 2, ... in this "
                    "order (a later one wins where ROIs overlap: list BODY first)")

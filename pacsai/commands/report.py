@@ -13,7 +13,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from pacsai.report.params import ReportParameters
 
 
-def _kv(text: str) -> tuple[str, str]:
+def key_value(text: str) -> tuple[str, str]:
+    """argparse type of a ``-f KEY=VALUE`` QIDO filter (also the export verb's)."""
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     key, value = text.split("=", 1)
@@ -47,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-track", action="store_true", help="do not log an MLflow run")
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--cohort", action="store_true", help="report every patient matching -f filters")
-    p.add_argument("-f", "--filter", type=_kv, action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("-f", "--filter", type=key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="study-level QIDO filter for --cohort (e.g. PatientID='SYN*')")
     p.add_argument("--rerun-failed", type=Path, default=None, metavar="CSV",
                    help="re-run the patients that failed in this cohort_summary.csv (implies --cohort; the "
