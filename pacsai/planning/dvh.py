@@ -282,10 +282,23 @@ class DVH:
 # --------------------------------------------------------------------------------------------- sampling
 def _outside(shape: tuple[int, ...], kji: np.ndarray) -> np.ndarray:
     """Points (3, N) beyond the outer voxel faces of a grid of ``shape`` (half a voxel past the last centre)."""
-    bounds = np.asarray(shape, dtype=float)[:, None]
-    if np.all(kji.min(axis=1) >= -0.5) and np.all(kji.max(axis=1)[:, None] <= bounds - 0.5):
-        return np.zeros(kji.shape[1], dtype=bool)  # the common case: every point inside, found in two passes
-    return np.any((kji < -0.5) | (kji > bounds - 0.5), axis=0)
+    out = np.zeros(kji.shape[1], dtype=bool)
+    for axis, size in enumerate(shape):  # row by row: each a contiguous pass over one coordinate
+        row = kji[axis]
+        out |= row < -0.5
+        out |= row > float(size) - 0.5
+    return out
+
+
+def _surely_inside(shape: tuple[int, ...], low: np.ndarray, high: np.ndarray) -> bool:
+    """Whether every point whose exact coordinates lie in the box ``[low, high]`` (per axis) is inside the grid,
+    with a margin (1e-6 voxel) far beyond the rounding of the computed coordinates (about 1e-13 voxel).
+
+    ``False`` decides nothing: the caller then checks each point (:func:`_outside`).
+    """
+    slack = 1e-6
+    bounds = np.asarray(shape, dtype=float) - 0.5
+    return bool(np.all(low >= -0.5 + slack) and np.all(high <= bounds - slack))
 
 
 def _bounding_box(values: np.ndarray) -> tuple[slice, ...]:
@@ -314,14 +327,15 @@ def _interior(values: np.ndarray) -> np.ndarray:
     return inner
 
 
-def _sample(dose: np.ndarray, kji: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _sample(dose: np.ndarray, kji: np.ndarray, *, inside: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Trilinear dose at fractional (k, j, i) points (3, N), and which points lie outside the grid.
 
     Within the outer half voxel the nearest edge value is used (``mode="nearest"``), as a TPS does; the
-    values of outside points are meaningless and must be handled by the caller.
+    values of outside points are meaningless and must be handled by the caller. ``inside``: the caller knows
+    every point is inside (:func:`_surely_inside`), so none is looked at again.
     """
     values = ndimage.map_coordinates(dose, kji, order=1, mode="nearest", prefilter=False)
-    return values, _outside(dose.shape, kji)
+    return values, (np.zeros(kji.shape[1], dtype=bool) if inside else _outside(dose.shape, kji))
 
 
 def _supersample_offsets(s: int) -> np.ndarray:
@@ -371,8 +385,9 @@ def _resolve_method(dose: xr.DataArray, mask: xr.DataArray, method: str, subsamp
 
 def _sample_points(
     dose: xr.DataArray, mask: xr.DataArray, values: np.ndarray, method: str, subsamples: int
-) -> Iterator[tuple[np.ndarray, float]]:
-    """The structure's sample points in the dose grid's (k, j, i) index space, in chunks: (points (3, N), weight cc).
+) -> Iterator[tuple[np.ndarray, float, bool]]:
+    """The structure's sample points in the dose grid's (k, j, i) index space, in chunks: (points (3, N), weight
+    cc, whether every point of the chunk is surely inside the dose grid).
 
     ``"centre"``: every mask voxel centre; ``"supersample"``: interior voxel centres plus every surface voxel
     on a ``subsamples``³ lattice with equal shares of its volume.
@@ -398,19 +413,43 @@ def _sample_points(
     perm = np.eye(4)[[2, 1, 0, 3]]
     kji_map = perm @ ijk_map @ perm
     lin, shift = kji_map[:3, :3], kji_map[:3, 3]
+    # Axis-aligned grids (the usual CT and dose): each dose coordinate is one product and one sum of its own
+    # index, k·l + t, exactly what the matrix product computes there (the other terms are exact zeros), so the
+    # coordinates are built axis by axis without the (N, 3) index and coordinate arrays.
+    diagonal = not np.any(lin[~np.eye(3, dtype=bool)])
+    box_low = origin.astype(np.float64)
+    box_high = box_low + np.asarray(crop.shape, dtype=np.float64) - 1.0
 
-    def run(kji_idx: np.ndarray, offsets: np.ndarray, weight: float) -> Iterator[tuple[np.ndarray, float]]:
+    def bounds(k_low: float, k_high: float, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exact range of the dose coordinates of every index in the chunk's box and their sub-point steps."""
+        low, high = box_low.copy(), box_high.copy()
+        low[0], high[0] = k_low, k_high
+        ends = np.stack([lin * low[None, :], lin * high[None, :]])
+        return (shift + ends.min(axis=0).sum(axis=1) + steps.min(axis=0),
+                shift + ends.max(axis=0).sum(axis=1) + steps.max(axis=0))
+
+    def run(where: np.ndarray, offsets: np.ndarray, weight: float) -> Iterator[tuple[np.ndarray, float, bool]]:
+        index = [axis_index + origin[axis] for axis, axis_index in enumerate(np.nonzero(where))]
         steps = offsets @ lin.T  # sub-point offsets, already mapped into the dose grid's index space
         per = max(1, _CHUNK // len(offsets))
-        for start in range(0, len(kji_idx), per):
-            centres = kji_idx[start : start + per].astype(np.float64) @ lin.T + shift  # float: BLAS matmul
-            src = centres if len(offsets) == 1 else (centres[:, None, :] + steps[None, :, :]).reshape(-1, 3)
-            yield src.T, weight
+        for start in range(0, len(index[0]), per):
+            part = [axis_index[start : start + per] for axis_index in index]
+            if diagonal:
+                centres = [part[a].astype(np.float64) * lin[a, a] + shift[a] for a in range(3)]
+            else:
+                matrix = np.column_stack(part).astype(np.float64) @ lin.T + shift  # float: BLAS matmul
+                centres = [matrix[:, a] for a in range(3)]
+            if len(offsets) == 1:
+                src = np.stack(centres)
+            else:
+                src = np.stack([(centres[a][:, None] + steps[None, :, a]).ravel() for a in range(3)])
+            low, high = bounds(float(part[0][0]), float(part[0][-1]), steps)  # k ascends in C order
+            yield src, weight, _surely_inside(dose.shape, low, high)
 
-    yield from run(np.argwhere(core) + origin, np.zeros((1, 3)), voxel_cc)
+    yield from run(core, np.zeros((1, 3)), voxel_cc)
     if edge.any():
         offsets = _supersample_offsets(int(subsamples))
-        yield from run(np.argwhere(edge) + origin, offsets, voxel_cc / len(offsets))
+        yield from run(edge, offsets, voxel_cc / len(offsets))
 
 
 def dose_coverage(
@@ -439,8 +478,8 @@ def dose_coverage(
     if resolved == "voxel":
         return 0.0, 0.0
     total = uncovered = 0.0
-    for points, weight in _sample_points(dose, mask, values, resolved, subsamples):
-        outside = int(_outside(dose.shape, points).sum())
+    for points, weight, inside in _sample_points(dose, mask, values, resolved, subsamples):
+        outside = 0 if inside else int(_outside(dose.shape, points).sum())
         uncovered += outside * weight
         total += points.shape[1] * weight
     return uncovered, (uncovered / total if total > 0 else 0.0)
@@ -515,8 +554,8 @@ def dvh(
     doses: list[np.ndarray] = []
     weights: list[np.ndarray] = []
     uncovered = total = 0.0
-    for points, weight in _sample_points(dose, mask, values, resolved, subsamples):
-        sampled, out = _sample(dose_values, points)
+    for points, weight, inside in _sample_points(dose, mask, values, resolved, subsamples):
+        sampled, out = _sample(dose_values, points, inside=inside)
         n_out = int(out.sum())
         uncovered += n_out * weight
         total += sampled.size * weight
