@@ -7,6 +7,9 @@ training grid equals the input grid and up to the resampling where it does not, 
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -205,3 +208,11 @@ def test_segment_applies_the_recorded_rules(tmp_path, monkeypatch):
     np.testing.assert_array_equal(segment(volume, model=loaded)["BODY"].values, inside)
     plain = segment(volume, model=f"models:/rules-test/{versions['plain']}")["BODY"].values
     assert plain[speck] and plain.sum() == inside.sum() + 1
+
+
+def test_importing_the_networks_skips_the_iri_grammar_that_monai_would_compile():
+    """MONAI imports jsonschema; pacsai's import of it first leaves out rfc3987-syntax's grammar (~1.5 s of CPU)."""
+    code = ("import sys, pacsai.learning.networks, monai, jsonschema; "
+            "print('rfc3987_syntax' in sys.modules, 'monai.bundle' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.split() == ["False", "True"]  # MONAI's bundle code (and its jsonschema) loaded all the same

@@ -76,6 +76,44 @@ def test_rules_match_hand_built_studies():
     assert rules.retry.delay(1) == 30 and rules.retry.delay(3) == 120 and rules.retry.delay(20) == 900
 
 
+_PREWARM_CHECK = """
+import os, sys, threading
+before = set(os.listdir("/proc/self/fd"))
+from pacsai.watch.job import prewarm
+prewarm(model=False)
+after = set(os.listdir("/proc/self/fd"))
+from highdicom import _standard_utils as tables
+print({
+    "report_code": all(m in sys.modules for m in ("pacsai.report.run", "pacsai.report.outputs", "pacsai.report.sr",
+                                                  "papermill", "nbconvert.exporters.html")),
+    "tables": tables.get_module_attribute_map.cache_info().currsize,
+    "torch": "torch" in sys.modules,
+    "rfc3987_grammar": "rfc3987_syntax" in sys.modules,
+    "threads": threading.active_count(),
+    "new_fds": len(after - before),
+})
+"""
+
+
+def test_prewarm_loads_the_report_code_and_tables_and_opens_nothing():
+    """What the watch loads before forking reports: code and static tables only (nothing that may not cross fork)."""
+    out = subprocess.run([sys.executable, "-c", _PREWARM_CHECK], capture_output=True, text=True, timeout=120,
+                         check=True).stdout
+    facts = eval(out.strip().splitlines()[-1])  # noqa: S307 - our own dict literal, printed just above
+    assert facts == {"report_code": True, "tables": 1, "torch": False, "rfc3987_grammar": False, "threads": 1,
+                     "new_fds": 0}
+
+
+def test_reports_side_by_side_share_the_cpus():
+    from pacsai.watch.service import _threads_per_report
+
+    cpus = len(os.sched_getaffinity(0))
+    assert _threads_per_report(1) == cpus  # alone: all of them
+    assert _threads_per_report(2) == max(1, cpus // 2)
+    assert _threads_per_report(cpus * 4) == 1  # never 0
+    assert _threads_per_report(0) == cpus
+
+
 def test_state_waits_for_stability_recovers_and_locks(tmp_path):
     state = open_state(tmp_path / "s.sqlite")
     assert oct(os.stat(tmp_path / "s.sqlite").st_mode & 0o777) == "0o600"

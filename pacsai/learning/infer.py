@@ -135,6 +135,11 @@ def load_model(
     )
 
 
+def set_threads(threads: int) -> None:
+    """Compute threads of this process's inference (torch's intra-op pool); at least 1."""
+    torch.set_num_threads(max(1, int(threads)))
+
+
 def _device(net: torch.nn.Module) -> torch.device:
     return next(net.parameters()).device
 

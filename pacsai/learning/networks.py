@@ -11,9 +11,15 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from monai.networks.nets import DynUNet, SegResNet, UNet
 
 from pacsai.errors import ConfigError
+from pacsai.notebooks import import_jsonschema_without_iri_grammar
+
+# MONAI's package init imports jsonschema (monai.bundle), which then compiles rfc3987-syntax's IRI grammar: ~1.5 s of
+# CPU in every process that imports MONAI (training, every model report) for a format check pacsai never runs.
+import_jsonschema_without_iri_grammar()
+
+from monai.networks.nets import DynUNet, SegResNet, UNet  # noqa: E402  (after the line above, on purpose)
 
 logger = logging.getLogger(__name__)
 

@@ -44,11 +44,69 @@ def _abandon(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def prewarm(*, model: bool) -> None:
+    """Import, in the watch, what every report imports, and fill the read-only tables they read once per process.
+
+    Each report is forked from the watch, so whatever is loaded here is loaded for all of them: about 3 s of CPU
+    per report with a model (MONAI alone ~5 s more), which is what bounds a burst of studies on a small machine.
+    Only imports and static tables of the DICOM standard: no model is loaded, no MLflow store, PACS or file is
+    opened and no thread is started (none of those may cross ``fork()``; each report resolves ``@champion`` itself,
+    so a new champion still takes effect without a restart).
+    """
+    from pacsai import notebooks
+
+    notebooks.import_jsonschema_without_iri_grammar()  # before anything imports jsonschema (see there)
+    import nbconvert.exporters.html  # noqa: F401  (the report's HTML export)
+    import papermill  # noqa: F401
+
+    import pacsai.report.handoff  # noqa: F401
+    import pacsai.report.inputs  # noqa: F401
+    import pacsai.report.outputs  # noqa: F401  (SEG, RTSTRUCT, SR, PDF: highdicom and its code dictionaries)
+    import pacsai.report.params  # noqa: F401
+    import pacsai.report.pdf  # noqa: F401
+    import pacsai.report.run  # noqa: F401
+    import pacsai.report.sr  # noqa: F401
+
+    _read_dicom_standard_tables()
+    if model:
+        # torch, MONAI and the inference code; mlflow's SQL stores (each report opens its own store)
+        import mlflow.store.model_registry.sqlalchemy_store  # noqa: F401
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+
+        import pacsai.learning.infer  # noqa: F401
+
+
+def _read_dicom_standard_tables() -> None:
+    """highdicom's tables of the standard's IODs and modules: ~1 s of JSON parsing, cached per process.
+
+    They are read on a report's first SEG/SR; read here, every forked report has them. A highdicom without these
+    (private) readers just reads them in each report, as before.
+    """
+    try:
+        from highdicom import _standard_utils as tables
+    except ImportError:  # pragma: no cover - a highdicom that moved them
+        return
+    for name in ("get_sop_class_iod_map", "get_iod_module_map", "get_module_attribute_map"):
+        reader = getattr(tables, name, None)
+        if callable(reader):
+            reader()
+
+
+def _set_threads(threads: int | None) -> None:
+    """The report's compute threads (torch's intra-op pool), as the watch shared the CPUs out."""
+    if not threads or "pacsai.learning.infer" not in sys.modules:  # no model in this watch's reports
+        return
+    from pacsai.learning.infer import set_threads
+
+    set_threads(int(threads))
+
+
 def run_job(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one report as ``spec`` says; returns the result record (no identifiers besides what ``spec`` holds)."""
     from pacsai.report.params import ReportParameters
     from pacsai.report.run import run_report
 
+    _set_threads(spec.get("threads"))
     params = dict(spec["params"])
     model: dict[str, Any] = {}
     if params.get("structures_from") == "model" and params.get("model_uri"):

@@ -104,6 +104,16 @@ def _fork_job(spec_path: Path, result_path: Path, log_path: Path, *, close: tupl
         os._exit(code)
 
 
+def _threads_per_report(running: int) -> int:
+    """Inference threads for a report started with ``running`` reports (itself included) under way.
+
+    The CPUs shared out: a report alone gets them all (its latency); reports side by side get a share each, since
+    more compute threads than cores only adds switching and spin-waiting to the same work.
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // max(1, running))
+
+
 @dataclass
 class _Running:
     study_uid: str
@@ -169,16 +179,11 @@ class Watcher:
     # -- the loop ----------------------------------------------------------------------------------------------
     def run(self) -> int:
         """Watch until stopped (or, with ``once``, until everything noticed now is handled); returns 0."""
-        # Imported once here, so that every forked report starts with them loaded (seconds per report).
-        import pacsai.report.params  # noqa: F401
-        import pacsai.report.run  # noqa: F401
+        # Everything a report imports and reads once per process, done here once: every forked report starts
+        # with it (seconds of CPU per report, which is what bounds a burst of studies on a small machine).
+        from pacsai.watch import job
 
-        if self.rules.report.structures_from == "model":
-            # torch, MONAI and the inference code take 5-8 s to import on 2 cores (MONAI's package init alone ~5 s),
-            # a quarter of a model report: imported once here, every forked report starts with them. Only imports:
-            # no model is loaded and no MLflow store opened here (neither may cross fork(); the alias is resolved
-            # by each report, so a new champion still takes effect without a restart).
-            import pacsai.learning.infer  # noqa: F401
+        job.prewarm(model=self.rules.report.structures_from == "model")
         recovered = self.state.recover()
         if recovered:
             log.warning("%d report(s) interrupted by an earlier stop or crash will run again", recovered)
@@ -312,6 +317,7 @@ class Watcher:
             "track": settings.track,
             "pdf": settings.pdf,
             "watch_pid": os.getpid(),
+            "threads": _threads_per_report(len(self._running) + 1),
         }
         fd = os.open(str(spec_path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it names the patient
         with os.fdopen(fd, "w") as fh:
