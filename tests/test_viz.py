@@ -324,3 +324,113 @@ def test_auto_builds_the_widget_for_a_frontend_and_only_the_picture_for_papermil
     assert "backend niivue" in text and "application/vnd.jupyter.widget-view+json" in mimes
     text, mimes = _run_in_kernel(None)  # papermill / nbconvert --execute (nbclient) send none
     assert "backend static" in text and mimes == {"image/png", "text/plain"}
+
+
+def _coarse_dose(image):
+    """60 Gy at the cube on a 4 mm grid of the same frame of reference, falling off linearly: on another grid."""
+    coarse, _ = _grid(IDENTITY, shape=(20, 25, 30), spacing=(4.0, 4.0, 4.0))
+    k, j, i = np.meshgrid(*(np.arange(n) for n in coarse.shape), indexing="ij")
+    xyz = (np.stack([i, j, k, np.ones_like(i)], -1).astype(float) @ coarse.attrs["affine"].T)[..., :3]
+    return like(coarse, np.clip(60.0 - np.linalg.norm(xyz - CUBE_MM, axis=-1), 0, None))
+
+
+def _pixel_centres(image) -> tuple[np.ndarray, np.ndarray]:
+    """Horizontal and vertical mm of the pixel centres of an image drawn with an extent."""
+    left, right, bottom, top = image.get_extent()
+    ny, nx = image.get_array().shape
+    return (left + (np.arange(nx) + 0.5) * (right - left) / nx, bottom + (np.arange(ny) + 0.5) * (top - bottom) / ny)
+
+
+@pytest.mark.parametrize("direction", [IDENTITY, FLIPPED, PERMUTED], ids=["identity", "flipped", "permuted"])
+def test_dose_planes_are_the_dose_resampled_onto_the_whole_image_grid(direction):
+    # Only the three planes are resampled: each pixel must hold the value of the whole dose resampled onto the
+    # image grid at that pixel's patient position (planes through the cube centre, a voxel centre of every grid).
+    from pacsai.imaging.dose import resample
+    from pacsai.imaging.geometry import world_to_index
+
+    image, masks = _grid(direction)
+    dose = _coarse_dose(image)
+    whole = np.asarray(resample(dose, like=image, order=1).values)
+    fig = viz.plot_planes(image, masks, dose, prescription_gy=60.0)
+    x, y, z = CUBE_MM
+    for ax, to_xyz in zip(fig.axes[:3], (lambda h, v: (h, v, z + 0 * h), lambda h, v: (h, y + 0 * h, v),
+                                           lambda h, v: (x + 0 * h, h, v)), strict=True):
+        (wash,) = [im for im in ax.images if im.get_gid() == "dose-wash"]
+        hh, vv = np.meshgrid(*_pixel_centres(wash))
+        xyz = np.stack(to_xyz(hh.ravel(), vv.ravel()), axis=1)
+        i, j, k = np.rint(world_to_index(image.attrs["affine"], xyz)).astype(int).T
+        expected = whole[k, j, i].reshape(hh.shape)
+        np.testing.assert_allclose(np.ma.getdata(wash.get_array()), expected, atol=1e-9)
+
+
+def _vertex_set(paths) -> set[tuple[float, float]]:
+    return {(round(float(x), 6), round(float(y), 6)) for p in paths for x, y in p.vertices}
+
+
+def test_outlines_are_the_lines_axes_contour_draws():
+    # Outlines are computed on the box around each structure / dose level: the very lines of Axes.contour on the
+    # whole plane, vertex for vertex.
+    from matplotlib.figure import Figure
+
+    image, masks = _grid(IDENTITY)
+    ring = np.asarray(masks["BODY"].values) & ~np.asarray(masks["GTV"].values)  # a hole inside: two lines
+    dose = _coarse_dose(image)
+    fig = viz.plot_planes(image, {"Ring": like(image, ring)}, dose, center=CUBE_MM, prescription_gy=60.0)
+    axial = fig.axes[0]
+    (grey,) = [im for im in axial.images if im.get_gid() is None]
+    h, v = _pixel_centres(grey)
+    (wash,) = [im for im in axial.images if im.get_gid() == "dose-wash"]
+    ref_ax = Figure().subplots()
+    kz = int(np.argmin(np.abs(image.coords["z"].values - CUBE_MM[2])))
+    ours = next(c for c in axial.collections if c.get_gid() == "structure:Ring")
+    ref = ref_ax.contour(h, v, ring[kz].astype(np.float32), levels=[0.5])
+    assert len(ours.get_paths()) == 2
+    assert _vertex_set(ours.get_paths()) == _vertex_set(ref.get_paths())
+    dose_plane = np.ma.getdata(wash.get_array())
+    for gy in (57.0, 30.0):
+        ref = ref_ax.contour(h, v, dose_plane, levels=[gy])
+        ours = next(c for c in axial.collections if c.get_gid() == f"isodose:{gy:.2f}")
+        assert _vertex_set(ours.get_paths()) == _vertex_set(ref.get_paths())
+
+
+def test_a_figure_is_drawn_once_per_display_even_with_a_png_printer_for_figures(monkeypatch):
+    # The inline backend registers a PNG printer for every matplotlib figure (bbox "tight": two draws) once pyplot
+    # is imported, and IPython prefers it to _repr_png_: a PlotFigure publishes its own PNG, drawn once.
+    from IPython.core.formatters import DisplayFormatter
+    from matplotlib.figure import Figure
+
+    formatter = DisplayFormatter()
+    printed: list[Figure] = []
+    formatter.formatters["image/png"].for_type(Figure, lambda fig: printed.append(fig) or b"")
+    drawn: list[Figure] = []
+    real = viz.figure_png
+    monkeypatch.setattr(viz, "figure_png", lambda fig, **kw: drawn.append(fig) or real(fig, **kw))
+    published: list[tuple] = []
+    monkeypatch.setattr("IPython.display.display", lambda *objs, **kw: published.append((objs, kw)))
+    image, masks = _grid(IDENTITY)
+    fig = viz.plot_planes(image, masks)
+    assert formatter.format(fig) == ({}, {})  # nothing left for the formatters: the figure published itself
+    assert drawn == [fig] and not printed
+    ((bundle,), kw), = published
+    assert kw == {"raw": True} and set(bundle) == {"image/png", "text/plain"}
+    assert base64.b64decode(bundle["image/png"])[:8] == PNG_MAGIC
+
+
+def _overlap(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def test_fixed_layouts_keep_labels_and_legends_inside_the_figure_and_apart():
+    # The comparison and DVH figures have fixed margins (no layout engine): everything must still fit.
+    image, masks = _grid(IDENTITY)
+    dvhs = {"GTV": (np.array([0.0, 60.0, 62.0]), np.array([100.0, 98.0, 0.0])),
+            "Lung_L": (np.array([0.0, 20.0, 40.0]), np.array([100.0, 30.0, 0.0]))}
+    for fig in (viz.plot_comparison(image, masks, image, masks), viz.plot_dvh(dvhs, prescription_gy=60.0),
+                viz.plot_planes(image, masks, _coarse_dose(image), prescription_gy=60.0)):
+        viz.figure_png(fig)
+        renderer = fig.canvas.get_renderer()
+        boxes = [ax.get_tightbbox(renderer) for ax in fig.axes if ax.get_gid() != "dose-colorbar"]
+        boxes += [legend.get_window_extent(renderer) for legend in fig.legends]
+        for n, box in enumerate(boxes):
+            assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and fig.bbox.y0 <= box.y0 and box.y1 <= fig.bbox.y1
+            assert not any(_overlap(box, other) for other in boxes[n + 1:])

@@ -162,8 +162,7 @@ def key_images(s: PlanSummary) -> None:
 
     fig = viz.plot_planes(s.image, structures=s.masks, dose=s.dose, center=_target_center(s),
                           prescription_gy=s.params.prescription_gy)
-    display(fig)
-    _close(fig)
+    display(fig)  # a PlotFigure never enters pyplot's figure list: nothing to close (and no pyplot import)
     if s.dose is None:
         _note(f"No isodose overlay: {s.dvh_note or 'no RTDOSE in the planning study'}.")
 
@@ -220,7 +219,6 @@ def dvh(s: PlanSummary) -> None:
 
     fig = viz.plot_dvh(s.dvh_curves, prescription_gy=s.params.prescription_gy)
     display(fig)
-    _close(fig)
     rows = [
         {
             "Structure": name,
@@ -313,7 +311,6 @@ def response(s: PlanSummary) -> None:
         fig = viz.plot_comparison(s.prior_image, s.prior_masks, s.image, s.response_masks or s.masks,
                                   target=s.params.target)
         display(fig)
-        _close(fig)
 
 
 def agreement(s: PlanSummary) -> None:
@@ -376,12 +373,6 @@ def model_card(s: PlanSummary) -> None:
     from IPython.display import Markdown
 
     display(Markdown(card))
-
-
-def _close(fig: Any) -> None:
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
 
 
 def _first_uids(uids: list[str], shown: int = 3) -> str:
