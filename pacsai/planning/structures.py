@@ -757,11 +757,57 @@ def min_surface_distance(a: xr.DataArray, b: xr.DataArray) -> float:
         raise PlanningError(f"structure {empty!r} is empty: no distance can be measured")
     if (va & vb).any():
         return 0.0
-    # Every voxel of b lies in this crop, so the EDT inside it is the exact distance to b.
+    # Every voxel of b lies in this crop, so the EDT inside it is the exact distance to b; so does every voxel
+    # of a that can be the nearest. Where b's box is a small part of the box of both (a small target, a large
+    # or distant OAR), the crop shrinks to b and the part of a nearest to it (:func:`_nearest_region`).
     box = _bbox(va | vb)
-    assert box is not None
+    target = _bbox(vb)
+    assert box is not None and target is not None
+    if 4 * _box_size(target) < _box_size(box):
+        box = _nearest_region(va, vb, spacing)
     dist = ndimage.distance_transform_edt(~vb[box], sampling=spacing)
     return float(dist[va[box]].min())
+
+
+def _box_size(box: tuple[slice, ...]) -> int:
+    return math.prod(s.stop - s.start for s in box)
+
+
+def _surface_points(values: np.ndarray) -> np.ndarray:
+    """(k, j, i) grid indices of the voxels of a non-empty mask with a face-neighbour outside it (or the grid)."""
+    box = _bbox(values)
+    assert box is not None
+    crop = values[box]
+    padded = np.pad(crop, 1)
+    inner = crop.copy()
+    for axis in range(3):
+        for step in (-1, 1):
+            shifted = [slice(1, -1)] * 3
+            shifted[axis] = slice(1 + step, padded.shape[axis] - 1 + step)
+            inner &= padded[tuple(shifted)]
+    return np.argwhere(crop & ~inner) + np.array([s.start for s in box])
+
+
+def _nearest_region(va: np.ndarray, vb: np.ndarray, spacing: np.ndarray) -> tuple[slice, ...]:
+    """A box holding every voxel of b and every voxel of a that can lie nearest to b (disjoint, non-empty).
+
+    A voxel of a nearest to b has a face-neighbour outside a (one step towards b would otherwise be nearer, by
+    at least s²/2d ≫ 1e-9 mm), and so has a nearest voxel of b with a face-neighbour outside b. So the nearest
+    distance D between the two surfaces (k-d tree, in mm) is the EDT's minimum, to rounding (~1e-13 mm); the
+    box spans b and the surface voxels of a within D + 1e-9 of b's surface, and every other voxel of a is
+    farther than that.
+    """
+    from scipy.spatial import cKDTree  # only here: the module's other measures need no k-d tree
+
+    surface_a, surface_b = _surface_points(va), _surface_points(vb)
+    scale = np.asarray(spacing, dtype=float)
+    distance, _ = cKDTree(surface_b * scale).query(surface_a * scale, k=1)
+    near = surface_a[distance <= float(distance.min()) * (1 + 1e-9) + 1e-9]
+    box = _bbox(vb)
+    assert box is not None
+    low = np.minimum(near.min(axis=0), [s.start for s in box])
+    high = np.maximum(near.max(axis=0) + 1, [s.stop for s in box])
+    return tuple(slice(int(lo), int(hi)) for lo, hi in zip(low, high, strict=True))
 
 
 def overlap(oar: xr.DataArray, target: xr.DataArray) -> tuple[float, float]:
