@@ -266,12 +266,22 @@ def _max_pairwise(points: np.ndarray) -> float:
     """Largest distance between any two points (N, d), over their convex hull's vertices."""
     if len(points) < 2:
         return 0.0
-    candidates = points
+    return _farthest(points[_hull_candidates(points)])
+
+
+def _hull_candidates(points: np.ndarray) -> np.ndarray:
+    """Indices of the points (N ≥ 2, d) the largest distance is sought over: their convex hull's vertices, or
+    all of them for a degenerate (collinear/coplanar) set, where Qhull has no hull."""
     if len(points) > points.shape[1] + 1:
         try:
-            candidates = points[ConvexHull(points).vertices]
+            return np.asarray(ConvexHull(points).vertices)
         except QhullError:
-            candidates = points  # degenerate (collinear/coplanar) sets: brute force over all points below
+            pass
+    return np.arange(len(points))
+
+
+def _farthest(candidates: np.ndarray) -> float:
+    """Largest distance between any two of the points, by brute force."""
     best = 0.0
     chunk = max(1, 4_000_000 // max(len(candidates), 1))
     for start in range(0, len(candidates), chunk):
@@ -325,6 +335,14 @@ def axial_diameters(mask: xr.DataArray) -> np.ndarray:
 
 
 def _axial_diameters(crop: np.ndarray, origin: Sequence[int], affine: np.ndarray, n_slices: int) -> np.ndarray:
+    return _axial_hulls(crop, origin, affine, n_slices)[0]
+
+
+def _axial_hulls(
+    crop: np.ndarray, origin: Sequence[int], affine: np.ndarray, n_slices: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Longest in-plane diameter per slice, and the indices (into the in-plane corners of
+    :func:`_row_extreme_corners`) of every slice's candidate points: its convex hull's vertices."""
     # i and j columns (pixel steps in mm) expressed in an orthonormal basis of the slice plane: 2-D points with
     # the same distances, which Qhull needs (3-D coplanar points make it fail).
     # numpy's stubs type qr() as the (Q, R) pair for every mode; mode="r" returns R alone.
@@ -332,14 +350,47 @@ def _axial_diameters(crop: np.ndarray, origin: Sequence[int], affine: np.ndarray
     out = np.zeros(n_slices)
     corners = _row_extreme_corners(crop, through_slices=False, origin=origin)
     if corners.size == 0:
-        return out
+        return out, np.zeros(0, dtype=np.int64)
     slice_of = corners[:, 2].astype(int)
     order = np.argsort(slice_of, kind="stable")
     corners, slice_of = corners[order], slice_of[order]
     bounds = np.flatnonzero(np.diff(slice_of)) + 1
-    for block, ij in zip(np.split(slice_of, bounds), np.split(corners[:, :2], bounds), strict=True):
-        out[block[0]] = _max_pairwise(ij @ in_plane.T)  # type: ignore[attr-defined]  # R, see above
-    return out
+    kept = []
+    for block, ij, index in zip(
+        np.split(slice_of, bounds), np.split(corners[:, :2], bounds), np.split(order, bounds), strict=True
+    ):
+        points = ij @ in_plane.T  # type: ignore[attr-defined]  # R, see above
+        if len(points) < 2:
+            kept.append(index)
+            continue
+        candidates = _hull_candidates(points)
+        out[block[0]] = _farthest(points[candidates])  # as _max_pairwise(points)
+        kept.append(index[candidates])
+    return out, np.concatenate(kept)
+
+
+def _diameters(
+    crop: np.ndarray, origin: Sequence[int], affine: np.ndarray, n_slices: int
+) -> tuple[float, np.ndarray]:
+    """:func:`_longest_diameter` and :func:`_axial_diameters` together, the 3-D hull over far fewer points.
+
+    A vertex of the 3-D hull of the cell corners is a vertex of the hull of the corners in its plane
+    (k ± ½), so its in-plane position is a hull vertex of its slice's pixel corners, found for the axial
+    diameters. The 3-D search runs over those positions at both depths (the very points, with the very
+    coordinates, that :func:`_longest_diameter` maps), so its hull has the same vertices and the same
+    largest distance, over a fraction of the points.
+    """
+    axial, kept = _axial_hulls(crop, origin, affine, n_slices)
+    corners = _row_extreme_corners(crop, origin=origin)
+    if corners.size == 0:
+        return 0.0, axial
+    mapped = corners @ affine[:3, :3].T  # translation does not change distances
+    # In-plane corner t of row r lies at t = block·R + r (block: which end and which side of the row); the
+    # same corner at depth k − ½ and k + ½ is 3-D corner (2·block)·R + r and (2·block + 1)·R + r.
+    rows = len(corners) // 8
+    block, row = np.divmod(kept, rows)
+    index = np.unique(np.concatenate([2 * block * rows + row, (2 * block + 1) * rows + row]))
+    return _max_pairwise(mapped[index]), axial
 
 
 def longest_axial_diameter(mask: xr.DataArray) -> float:
@@ -441,14 +492,15 @@ def structure_stats(mask: xr.DataArray, *, name: str | None = None) -> Structure
     crop = values[box]
     origin = (box[0].start, box[1].start, box[2].start)
     _, n_comp = _labels(crop)
+    longest, axial = _diameters(crop, origin, affine, values.shape[0])
     # geo.world and voxel_volume_cc, from the affine read above
     a, b, c = (float(v) for v in _mean_index(crop, origin)[::-1] @ affine[:3, :3].T + affine[:3, 3])
     return StructureStats(
         name=label,
         volume_cc=n * float(abs(np.linalg.det(affine[:3, :3])) / 1000.0),
         n_voxels=n,
-        longest_diameter_mm=_longest_diameter(crop, origin, affine),
-        longest_axial_diameter_mm=float(_axial_diameters(crop, origin, affine, values.shape[0]).max()),
+        longest_diameter_mm=longest,
+        longest_axial_diameter_mm=float(axial.max()),
         centroid_lps=(a, b, c),
         n_components=int(n_comp),
         touches_edge=any(s.start == 0 or s.stop == size for s, size in zip(box, values.shape, strict=True)),
