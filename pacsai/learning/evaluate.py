@@ -72,7 +72,15 @@ class Agreement:
 def surface(mask: np.ndarray) -> np.ndarray:
     """Boolean surface of ``mask``: voxels of the mask with a face-neighbour outside it (or on the array edge)."""
     mask = np.asarray(mask, dtype=bool)
-    eroded = ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(3, 1), border_value=0)
+    # The erosion by the 6-connected cross with a zero border (ndimage.binary_erosion's voxels), as six shifted
+    # ANDs at a fraction of its cost.
+    padded = np.pad(mask, 1)
+    eroded = mask.copy()
+    for axis in range(mask.ndim):
+        for step in (-1, 1):
+            shifted = [slice(1, -1)] * mask.ndim
+            shifted[axis] = slice(1 + step, padded.shape[axis] - 1 + step)
+            eroded &= padded[tuple(shifted)]
     return mask & ~eroded
 
 
@@ -93,10 +101,17 @@ def _distances_to(
         edt = ndimage.distance_transform_edt(~target_surface, sampling=sampling)
         return np.asarray(edt[at], dtype=float)
     scale = np.asarray(sampling, dtype=np.float64)
-    _, nearest = cKDTree(targets * scale).query(points * scale, k=1)
-    offsets = (targets[nearest] - points).astype(np.float64) * scale
-    offsets *= offsets
-    return np.asarray(np.sqrt(offsets[:, 0] + offsets[:, 1] + offsets[:, 2]), dtype=float)
+    # A voxel on both surfaces is its own nearest target (the only one at 0 mm): 0.0, as the query would give.
+    # The others are queried alone; each query's answer does not depend on the rest of the batch.
+    distances = np.zeros(len(points))
+    away = ~target_surface[at]  # in the C order of np.argwhere(at)
+    if away.any():
+        points = points[away]
+        _, nearest = cKDTree(targets * scale).query(points * scale, k=1)
+        offsets = (targets[nearest] - points).astype(np.float64) * scale
+        offsets *= offsets
+        distances[away] = np.sqrt(offsets[:, 0] + offsets[:, 1] + offsets[:, 2])
+    return distances
 
 
 def surface_distances(
