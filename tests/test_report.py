@@ -774,3 +774,14 @@ def test_a_fraction_dose_is_refused_by_name(tmp_path):
     assert s.constraints and {c["status"] for c in s.constraints} == {"not evaluable"}
     assert s.coverage["state"] == "not evaluable" and s.dvh == {}
     assert all(c["reason"].startswith("not evaluable — ") for c in s.constraints)
+
+
+def test_report_kernel_blas_is_single_threaded_unless_the_user_chose(monkeypatch):
+    from pacsai.report.run import BLAS_THREAD_VARIABLES, report_environment
+
+    for name in BLAS_THREAD_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    env = report_environment(mlflow_uri="sqlite:///x.db")
+    assert {name: env[name] for name in BLAS_THREAD_VARIABLES} == dict.fromkeys(BLAS_THREAD_VARIABLES, "1")
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "4")
+    assert report_environment(mlflow_uri="sqlite:///x.db")["OPENBLAS_NUM_THREADS"] == "4"
