@@ -785,3 +785,21 @@ def test_report_kernel_blas_is_single_threaded_unless_the_user_chose(monkeypatch
     assert {name: env[name] for name in BLAS_THREAD_VARIABLES} == dict.fromkeys(BLAS_THREAD_VARIABLES, "1")
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "4")
     assert report_environment(mlflow_uri="sqlite:///x.db")["OPENBLAS_NUM_THREADS"] == "4"
+
+
+def test_model_path_gather_error_is_the_reports_error_even_with_the_kernel_already_started(smoke, store, patient,
+                                                                                          tmp_path, monkeypatch):
+    """The kernel starts while the inputs are gathered; when gathering fails (here: no such model), the report
+    fails with the gatherer's error, not the kernel's echo of it, and leaves no hand-off file or marker behind."""
+    from pacsai.errors import PacsaiError
+    from pacsai.report.run import run_report
+
+    monkeypatch.chdir(smoke["work"])
+    _, root = store
+    params = validate_parameters(patient_id=patient.patient_id, pacs_url=f"file://{root / 'pacs'}",
+                                 structures_from="model", model_uri="models:/no-such-model@champion")
+    out = tmp_path / "out"
+    with pytest.raises(PacsaiError, match="no-such-model") as caught:
+        run_report(params, out_dir=out, track=False, pdf=False)
+    assert "report notebook failed" not in str(caught.value)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".inputs")) == []

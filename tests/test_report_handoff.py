@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import pickle
+import threading
+import time
 
 import numpy as np
+import pytest
 
+from pacsai.errors import PacsConnectionError, ReportError
 from pacsai.imaging.geometry import affine_from, make_volume
+from pacsai.report import handoff
 from pacsai.report.handoff import dumps
+from pacsai.report.params import validate_parameters
 
 
 def _volume(values, name):
@@ -53,3 +59,44 @@ def test_a_ct_in_whole_hounsfield_units_travels_as_int16_and_arrives_as_it_was()
     back = pickle.loads(packed)
     for name, values in images.items():
         assert back[name].dtype == values.dtype and back[name].tobytes() == values.tobytes(), name
+
+
+def test_a_kernel_waits_for_announced_inputs_and_stops_on_the_gatherers_error(tmp_path):
+    """The kernel starts while `pacsai report` still gathers: it waits for the announced file, and a failed
+    gathering ends the wait with that error; a file never announced is an error at once, as before."""
+    params = validate_parameters(patient_id="SYN-00001", structures_from="model", model_uri="models:/m/1")
+    path = handoff.announce(tmp_path)
+    assert path.with_name(path.name + ".pending").exists()
+
+    def write_late() -> None:
+        time.sleep(0.5)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(pickle.dumps({"not": "a hand-off"}))
+        tmp.replace(path)  # as gather_to_file writes it
+        path.with_name(path.name + ".pending").unlink()
+
+    writer = threading.Thread(target=write_late)
+    started = time.monotonic()
+    writer.start()
+    with pytest.raises(ReportError, match="is not a hand-off file"):  # it read the file written 0.5 s later
+        handoff.summary_from_file(path, params)
+    assert time.monotonic() - started >= 0.5
+    writer.join()
+    handoff.remove(tmp_path)
+
+    class UnreachablePacs:  # fault injection: the PACS connection fails as a real one would (PacsConnectionError)
+        url = "http://127.0.0.1:9/dicom-web"
+
+        def __getattr__(self, name):
+            raise PacsConnectionError(f"{self.url} cannot be reached (connection refused); is the PACS running?")
+
+    path = handoff.announce(tmp_path)
+    with pytest.raises(PacsConnectionError):
+        handoff.gather_to_file(params, UnreachablePacs(), tmp_path)
+    assert not path.with_name(path.name + ".pending").exists()
+    with pytest.raises(ReportError, match="could not gather this report's inputs: PacsConnectionError: .*refused"):
+        handoff.summary_from_file(path, params)
+    handoff.remove(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ReportError, match="cannot read the report's gathered inputs"):  # never announced
+        handoff.summary_from_file(path, params)

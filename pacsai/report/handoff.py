@@ -1,4 +1,4 @@
-"""Gather a report's inputs (and run its model) before the kernel starts, and hand them to the template.
+"""Gather a report's inputs (and run its model) while the kernel starts, and hand them to the template.
 
 With ``structures_from="model"``, ``pacsai report`` reads the patient's studies and segments them in its own process
 (:func:`gather_to_file`), so the notebook kernel never imports torch or MONAI: it loads what was gathered
@@ -6,16 +6,22 @@ With ``structures_from="model"``, ``pacsai report`` reads the patient's studies 
 start-up is the light one of the PACS path.
 
 The hand-off file is a pickle in the report's own output folder, written by this process for the kernel it starts
-and read by nothing else; it is removed once the kernel has finished (:func:`remove`). Boolean masks travel
-bit-packed (1 bit a voxel instead of a byte), a float image of whole numbers in the int16 range (a CT in HU) as
-int16, and an image held twice (the same pixels in two studies' records) once; every array arrives bit for bit
-(:class:`_Pickler`).
+and read by nothing else; it is removed once the kernel has finished (:func:`remove`). The kernel is started while
+the inputs are still being gathered (:func:`announce`): its start-up and imports, seconds on a small machine,
+overlap the model's inference. :func:`summary_from_file` waits for the file while a ``.pending`` marker says it is
+on its way; a ``.failed`` marker, written by :func:`gather_to_file` on an error, ends the wait with that error.
+
+Boolean masks travel bit-packed (1 bit a voxel instead of a byte), a float image of whole numbers in the int16
+range (a CT in HU) as int16, and an image held twice (the same pixels in two studies' records) once; every array
+arrives bit for bit (:class:`_Pickler`).
 """
 
 from __future__ import annotations
 
 import io
+import os
 import pickle
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,8 +52,19 @@ class Gathered:
     version: int = _VERSION
 
 
+def announce(folder: Path) -> Path:
+    """Say that ``folder``'s hand-off file is being gathered (a kernel started now waits for it); returns its path."""
+    path = folder / INPUTS_FILE
+    for stale in (path, _marker(path, FAILED)):
+        stale.unlink(missing_ok=True)
+    _marker(path, PENDING).write_bytes(b"")
+    return path
+
+
 def gather_to_file(params: ReportParameters, pacs: Pacs, folder: Path) -> Path:
     """Read the patient's inputs from ``pacs`` (segmenting with the model where asked) into ``folder``.
+
+    An error is also left for a kernel waiting on the file (after :func:`announce`), which then stops with it.
 
     Returns
     -------
@@ -57,16 +74,55 @@ def gather_to_file(params: ReportParameters, pacs: Pacs, folder: Path) -> Path:
     from pacsai.report.inputs import gather
     from pacsai.report.summary import data_notes
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", PacsaiWarning)
-        data = gather(params, pacs=pacs)
-    gathered = Gathered(data=data, notes=tuple(data_notes(caught)), pacs_url=params.pacs_url)
     path = folder / INPUTS_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as sink:
-        _Pickler(sink).dump(gathered)
-    tmp.replace(path)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", PacsaiWarning)
+            data = gather(params, pacs=pacs)
+        gathered = Gathered(data=data, notes=tuple(data_notes(caught)), pacs_url=params.pacs_url)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as sink:
+            _Pickler(sink).dump(gathered)
+        tmp.replace(path)
+    except BaseException as err:
+        fail(folder, err)
+        raise
+    finally:
+        _marker(path, PENDING).unlink(missing_ok=True)
     return path
+
+
+def fail(folder: Path, err: BaseException) -> None:
+    """Leave ``err`` for a kernel waiting on ``folder``'s announced inputs (it stops with it); idempotent."""
+    path = folder / INPUTS_FILE
+    failed = _marker(path, FAILED)
+    if not failed.exists():
+        tmp = failed.with_name(failed.name + ".tmp")
+        tmp.write_text(f"{type(err).__name__}: {err}")
+        tmp.replace(failed)
+    _marker(path, PENDING).unlink(missing_ok=True)
+
+
+PENDING, FAILED = ".pending", ".failed"
+
+
+def _marker(path: Path, suffix: str) -> Path:
+    return path.with_name(path.name + suffix)
+
+
+def _wait_for(path: Path, *, poll_s: float = 0.05) -> None:
+    """Wait while ``path`` is announced but not written yet; raise the gatherer's error if it failed.
+
+    The wait also ends when the process that started this kernel (and gathers its inputs) is gone.
+    """
+    parent = os.getppid()
+    while not path.exists() and _marker(path, PENDING).exists():
+        if _marker(path, FAILED).exists() or os.getppid() != parent:
+            break
+        time.sleep(poll_s)
+    failed = _marker(path, FAILED)
+    if not path.exists() and failed.exists():
+        raise ReportError(f"pacsai report could not gather this report's inputs: {failed.read_text()}")
 
 
 def dumps(obj: object) -> bytes:
@@ -140,6 +196,7 @@ def summary_from_file(path: Path, params: ReportParameters) -> PlanSummary:
     """The summary of the inputs in a hand-off file (in the kernel: no PACS reads, no model)."""
     from pacsai.report.summary import summarize
 
+    _wait_for(path)
     try:
         with open(path, "rb") as source:
             gathered = pickle.load(source)  # noqa: S301 - written by pacsai report for this kernel, in its folder
@@ -153,5 +210,7 @@ def summary_from_file(path: Path, params: ReportParameters) -> PlanSummary:
 
 
 def remove(folder: Path) -> None:
-    """Delete the hand-off file of ``folder`` (it holds the images; the report's outputs do not need it)."""
-    (folder / INPUTS_FILE).unlink(missing_ok=True)
+    """Delete the hand-off file of ``folder`` and its markers (it holds the images; the outputs do not need it)."""
+    path = folder / INPUTS_FILE
+    for leftover in (path, _marker(path, PENDING), _marker(path, FAILED), path.with_name(path.name + ".tmp")):
+        leftover.unlink(missing_ok=True)

@@ -118,7 +118,8 @@ def run_report(
     # This process connects with the URL as given. The kernel, the notebook, metrics.json and MLflow get it without
     # ``user:password@`` (the kernel gets those in its own environment, see pacsai.notebooks), and absolute: the
     # notebook runs in the output folder, where a relative file:// store would resolve elsewhere.
-    pacs = connect(params.pacs_url or None)
+    url = params.pacs_url or None  # as given: the gathering thread connects with it too
+    pacs = connect(url)
     secrets = credentials_to_environment(params.pacs_url)[1]
     params = params.model_copy(update={"pacs_url": redact_url(str(pacs.url))})
     # Fail in a second, not after starting a kernel, when the patient is not there.
@@ -134,10 +135,13 @@ def run_report(
     # The kernel runs in the output folder, so "." is that folder: the executed notebook (and its provenance)
     # stays right when a cohort run renames its staging folder into place.
     values["out_dir"] = "."
-    if params.structures_from == "model":
-        # Read and segment here, so the kernel never imports torch/MONAI (its start is the PACS path's).
-        values["inputs_file"] = _gather_for_kernel(params, pacs, staging, mlflow_uri=mlflow_uri).name
     env = report_environment(secrets, mlflow_uri=mlflow_uri)
+    gathering: _Gathering | None = None
+    if params.structures_from == "model":
+        # Read and segment here, so the kernel never imports torch/MONAI (its start is the PACS path's): in a
+        # thread, while the kernel starts and imports (seconds); the kernel waits for the file (handoff.announce).
+        values["inputs_file"] = handoff.announce(staging).name
+        gathering = _Gathering(params, url, staging, mlflow_uri=mlflow_uri)
     # papermill (and nbformat, jsonschema) first in this thread, so that the exporter's thread imports only
     # nbconvert's own modules while this one waits for the kernel.
     notebooks.import_jsonschema_without_iri_grammar()
@@ -146,6 +150,10 @@ def run_report(
     exporter = render.prepare_html_exporter()
     try:
         render.execute(render.find_template(), notebook, values, cwd=staging, env=env)
+    except Exception:
+        if gathering is not None:
+            gathering.raise_error()  # the gatherer's own error (PACS, model, input), not the kernel's echo of it
+        raise
     finally:
         handoff.remove(staging)
     metrics_path = staging / METRICS_FILE
@@ -169,6 +177,40 @@ def run_report(
         mlflow_run_id=run_id,
         seconds=time.perf_counter() - start,
     )
+
+
+class _Gathering:
+    """:func:`_gather_for_kernel` in a thread of its own (started at once), and its error, if it failed.
+
+    The thread opens its own connection to the PACS (``url`` as the user gave it): a connection is not shared
+    between threads (the embedded store's SQLite index refuses it).
+    """
+
+    def __init__(self, params: ReportParameters, url: str | None, folder: Path, *, mlflow_uri: str | None) -> None:
+        from pacsai.pacs import connect
+
+        self.error: BaseException | None = None
+
+        def gather() -> None:
+            try:
+                pacs = connect(url)
+                try:
+                    _gather_for_kernel(params, pacs, folder, mlflow_uri=mlflow_uri)
+                finally:
+                    pacs.close()
+            except BaseException as err:  # handed to the report's thread; the waiting kernel gets it too
+                self.error = err
+                handoff.fail(folder, err)
+
+        # A daemon: a report abandoned (Ctrl-C, the watch's SIGTERM) does not wait for its inference to end.
+        self._thread = threading.Thread(target=gather, name="pacsai-report-gather", daemon=True)
+        self._thread.start()
+
+    def raise_error(self, timeout_s: float = 10.0) -> None:
+        """Raise the gatherer's error, if it failed (waiting a little: the kernel may have stopped on it first)."""
+        self._thread.join(timeout_s)
+        if self.error is not None:
+            raise self.error
 
 
 def _gather_for_kernel(params: ReportParameters, pacs: Pacs, folder: Path, *, mlflow_uri: str | None) -> Path:
