@@ -25,9 +25,9 @@ import xarray as xr
 from scipy import ndimage
 
 from pacsai.errors import TrackingError, VolumeError
-from pacsai.imaging.geometry import affine_of, like, voxel_volume_cc
+from pacsai.imaging.geometry import affine_of, like, spacing_of, voxel_volume_cc
 from pacsai.learning.dataset import PreprocessSpec, match_structures, preprocess_image, sample
-from pacsai.learning.postprocess import Rule, apply_rule
+from pacsai.learning.postprocess import Rule, apply_rule, grow_below_hu
 from pacsai.learning.train import Head, predict_probabilities, tta_probabilities
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -201,16 +201,25 @@ def segment(
         )
     src, dst = affine_of(image), affine_of(volume)
     voxel_cc = float(voxel_volume_cc(volume))
-    masks: dict[str, xr.DataArray] = {}
-    uncertainty: dict[str, xr.DataArray] = {}
-    for name in wanted:
+    rules = {name: loaded.rule(name) for name in names}
+    growing = any(rules[name].grow_below_hu is not None for name in wanted)
+    # a structure that grows into the air needs every other structure (what it may not take) and the BODY
+    computed = names if growing else wanted
+    raw: dict[str, np.ndarray] = {}
+    for name in computed:
         c = names.index(name)
         # only where the structure can be: interpolated values below the threshold everywhere around stay below
         # it, so the block holding the voxels ≥ threshold (plus one voxel) gives the same mask for less work
         box = _support(probs[c] >= min(threshold, 0.5))
         prob = _to_input_grid(probs[c], src, dst, volume.shape, box=box)
-        mask = apply_rule(prob >= threshold, loaded.rule(name), voxel_cc=voxel_cc)
-        masks[name] = like(volume, mask, name=name, source_model=loaded.uri)
+        raw[name] = apply_rule(prob >= threshold, rules[name], voxel_cc=voxel_cc)
+    if growing:
+        raw = grow_below_hu(raw, np.asarray(volume.values), rules, spacing_zyx=_spacing_zyx(volume))
+    masks: dict[str, xr.DataArray] = {}
+    uncertainty: dict[str, xr.DataArray] = {}
+    for name in wanted:
+        c = names.index(name)
+        masks[name] = like(volume, raw[name], name=name, source_model=loaded.uri)
         if spread is not None:
             # the spread is kept where it is at least 1 % (0 farther away, where no prediction was in doubt)
             ubox = _support(spread[c] >= 0.01)
@@ -219,6 +228,11 @@ def segment(
     if return_uncertainty:
         return masks, uncertainty
     return masks
+
+
+def _spacing_zyx(volume: xr.DataArray) -> tuple[float, float, float]:
+    sx, sy, sz = (float(v) for v in spacing_of(volume))
+    return (sz, sy, sx)
 
 
 def _support(region: np.ndarray) -> tuple[slice, slice, slice] | None:

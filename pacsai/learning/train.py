@@ -45,7 +45,7 @@ from pacsai.learning import distributed as ddp
 from pacsai.learning.dataset import Augment, Case, PatchSampler, PreprocessSpec, load_cases
 from pacsai.learning.modelio import load_state_dict, save_state_dict
 from pacsai.learning.networks import build_network, divisor
-from pacsai.learning.postprocess import Rule, apply_rules, parse_rules, rules_to_dict
+from pacsai.learning.postprocess import Rule, apply_rules, grow_below_hu, parse_rules, rules_to_dict
 
 if TYPE_CHECKING:  # pragma: no cover
     from pacsai.cohort import Cohort
@@ -605,19 +605,25 @@ def review_held_out(
     rows: dict[str, list[tuple[float, float]]] = {s: [] for s in spec.structures}
     per_case = []
     raw = []
+    lo, hi = spec.window
     for case in cases:
         stack = tta_stack(net, case.image, patch_size=patch_size, device=device, overlap=overlap, head=head)
         raw.append(dice_per_channel(stack[0] >= 0.5, case.label.astype(bool)))
-        plain = apply_rules(
+        # HU back from the windowed input (exact for any grow_below_hu threshold inside the window)
+        hu = case.image[0] * np.float32(hi - lo) + np.float32(lo)
+        plain = grow_below_hu(apply_rules(
             {s: stack[0][k] >= 0.5 for k, s in enumerate(spec.structures)}, rules, voxel_cc=voxel_cc
-        )
+        ), hu, rules, spacing_zyx=spacing_zyx)
         for k, s in enumerate(spec.structures):
             ref = case.label[k].astype(bool)
             if ref.any():
                 a = agreement(plain[s], ref, spacing_zyx=spacing_zyx)
                 rows[s].append((a.dice, a.hd95))
         mean, std = stack.mean(axis=0), stack.std(axis=0)
-        masks = apply_rules({s: mean[k] >= 0.5 for k, s in enumerate(spec.structures)}, rules, voxel_cc=voxel_cc)
+        masks = grow_below_hu(
+            apply_rules({s: mean[k] >= 0.5 for k, s in enumerate(spec.structures)}, rules, voxel_cc=voxel_cc),
+            hu, rules, spacing_zyx=spacing_zyx,
+        )
         per_case.append({
             s: summarize_uncertainty(make_volume(np.asarray(masks[s]), case.affine), std[k])
             for k, s in enumerate(spec.structures)
