@@ -84,6 +84,21 @@ def test_masks_equal_the_known_answer_on_the_same_grid(threshold_models, monkeyp
     assert body.attrs["source_model"] == "models:/threshold-test@champion"
 
 
+def test_segment_applies_the_growth_rule_on_the_input_grid(threshold_models, monkeypatch):
+    """A model whose rule grows its structure into the tissue below -500 HU: ``segment`` grows the mask on the
+    input grid from the input's own HU (here the whole air around the phantom is connected to it)."""
+    import dataclasses
+
+    from pacsai.learning.infer import load_model, segment
+
+    monkeypatch.chdir(threshold_models["work"])
+    volume = make_volume(threshold_models["hu"], threshold_models["affine"])
+    loaded = load_model("models:/threshold-test@champion")
+    grown = dataclasses.replace(loaded, postprocess={"BODY": {"grow_below_hu": -500.0}})
+    assert segment(volume, model=grown)["BODY"].values.all()
+    np.testing.assert_array_equal(segment(volume, model=loaded)["BODY"].values, threshold_models["hu"] > -500)
+
+
 def test_masks_come_back_on_the_input_grid_from_a_coarser_training_grid(threshold_models, monkeypatch):
     from pacsai.learning.infer import segment
 
