@@ -15,7 +15,7 @@ PACKAGE = Path(pacsai.__file__).parent
 #: Units (a top-level module, or a subpackage as a whole) from the lowest layer up; a unit may import units of
 #: lower layers only. Keep in step with docs/architecture.md; a new top-level module or subpackage goes here.
 LAYERS: list[set[str]] = [
-    {"__init__", "errors", "uids", "privacy", "qa", "mlstore"},
+    {"__init__", "errors", "uids", "privacy", "qa", "mlstore", "lazy"},
     {"config", "structure_sets"},
     {"pacs"},
     {"imaging"},

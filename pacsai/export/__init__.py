@@ -6,9 +6,9 @@ from Python :func:`export_cohort` with a :class:`Deidentifier`. See docs/export.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
+from pacsai import lazy
 from pacsai.export.formats import FORMATS
 
 # Re-exported on first use, so that `pacsai --help` (which lists the formats) loads no NumPy, pandas or pydicom.
@@ -23,13 +23,7 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
-    try:
-        module = _LAZY[name]
-    except KeyError:
-        raise AttributeError(f"module 'pacsai.export' has no attribute {name!r}") from None
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+    return lazy.attribute(__name__, _LAZY, name, globals())
 
 
 __all__ = ["FORMATS", "Deidentifier", "ExportError", "ExportResult", "PatientEntry", "export_cohort",

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
+from pacsai import lazy
 from pacsai.imaging.geometry import (
     affine_from,
     affine_of,
@@ -31,13 +31,7 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
-    try:
-        module = _LAZY[name]
-    except KeyError:
-        raise AttributeError(f"module 'pacsai.imaging' has no attribute {name!r}") from None
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+    return lazy.attribute(__name__, _LAZY, name, globals())
 
 
 __all__ = [

@@ -9,8 +9,9 @@ lazy name ``train`` would clash with the submodule), :func:`segment` (:mod:`.inf
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
+
+from pacsai import lazy
 
 _LAZY = {
     "load_experiment": "pacsai.learning.train",
@@ -26,11 +27,7 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
-    try:
-        module = _LAZY[name]
-    except KeyError:
-        raise AttributeError(f"module 'pacsai.learning' has no attribute {name!r}") from None
-    return getattr(importlib.import_module(module), name)
+    return lazy.attribute(__name__, _LAZY, name, globals())
 
 
 def __dir__() -> list[str]:

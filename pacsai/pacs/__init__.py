@@ -22,9 +22,9 @@ Names other than ``connect`` and ``Pacs`` are imported on first use, so that ``p
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
+from pacsai import lazy
 from pacsai.pacs.base import Pacs
 from pacsai.pacs.factory import connect
 
@@ -48,13 +48,7 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> object:
-    try:
-        module = _LAZY[name]
-    except KeyError:
-        raise AttributeError(f"module 'pacsai.pacs' has no attribute {name!r}") from None
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+    return lazy.attribute(__name__, _LAZY, name, globals())
 
 
 __all__ = [
