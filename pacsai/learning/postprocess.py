@@ -61,7 +61,7 @@ class Rule:
         if cc < 0:
             raise ConfigError(f"postprocess min_component_cc for {structure!r} must be ≥ 0, not {cc}")
         grow = d.get("grow_below_hu")
-        if grow is not None and not isinstance(grow, (int, float)) or isinstance(grow, bool):
+        if grow is not None and (isinstance(grow, bool) or not isinstance(grow, (int, float))):
             raise ConfigError(f"postprocess grow_below_hu for {structure!r} must be a number of HU, not {grow!r}")
         return cls(
             fill_holes=bool(d.get("fill_holes", False)),

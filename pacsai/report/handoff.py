@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from pacsai.report.summary import PlanSummary
 
 INPUTS_FILE = ".inputs.pickle"
+PENDING, FAILED = ".pending", ".failed"  # markers beside it: being gathered / gathering failed
 _VERSION = 2
 _PACK_MIN_BYTES = 4096  # arrays below this travel as they are: packing a few bytes saves nothing
 
@@ -102,8 +103,6 @@ def fail(folder: Path, err: BaseException) -> None:
         tmp.replace(failed)
     _marker(path, PENDING).unlink(missing_ok=True)
 
-
-PENDING, FAILED = ".pending", ".failed"
 
 
 def _marker(path: Path, suffix: str) -> Path:

@@ -51,7 +51,7 @@ params = validate_parameters(
 )
 
 # %%
-# `pacsai report` with a model reads and segments before starting this kernel (no torch here); run by hand, or with
+# `pacsai report` with a model segments in its own process (no torch here; this cell waits for it); run by hand, or with
 # structures from the PACS, the kernel reads the PACS itself.
 summary = summary_from_file(Path(inputs_file), params) if inputs_file else build_summary(params)
 # Run by hand (plain papermill), the outputs go to reports/<PatientID>/ like `pacsai report`'s, not into the
